@@ -1,0 +1,223 @@
+#include "engine/model/config.h"
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "nlohmann/json.hpp"
+
+namespace kiln {
+namespace {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+absl::StatusOr<json> ReadJson(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat(path.string(), ": file not found"));
+  std::stringstream buf;
+  buf << in.rdbuf();
+  json j = json::parse(buf.str(), /*cb=*/nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not valid JSON"));
+  if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not a JSON object"));
+  return j;
+}
+
+// Reads a positive integer field; `fallback` < 0 means the field is required.
+absl::StatusOr<int> IntField(const json& j, const std::string& file, const char* key,
+                             int fallback = -1) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) {
+    if (fallback >= 0) return fallback;
+    return absl::InvalidArgumentError(absl::StrCat(file, ": missing field '", key, "'"));
+  }
+  if (!it->is_number_integer() || it->get<int64_t>() <= 0 || it->get<int64_t>() > (1 << 24)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": field '", key, "' must be a positive integer, got ", it->dump()));
+  }
+  return it->get<int>();
+}
+
+absl::StatusOr<EncoderConfig> ParseEncoderConfig(const json& j, const std::string& file) {
+  EncoderConfig c;
+  c.model_type = j.value("model_type", "");
+  if (c.model_type != "bert") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        file, ": model_type '", c.model_type, "' is not supported (supported: bert)"));
+  }
+  if (auto it = j.find("position_embedding_type");
+      it != j.end() && !(it->is_string() && it->get<std::string>() == "absolute")) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        file, ": position_embedding_type ", it->dump(), " is not supported (supported: absolute)"));
+  }
+  if (j.value("is_decoder", false)) {
+    return absl::InvalidArgumentError(absl::StrCat(file, ": is_decoder=true is not supported"));
+  }
+  ASSIGN_OR_RETURN(c.vocab_size, IntField(j, file, "vocab_size"));
+  ASSIGN_OR_RETURN(c.hidden_size, IntField(j, file, "hidden_size"));
+  ASSIGN_OR_RETURN(c.num_layers, IntField(j, file, "num_hidden_layers"));
+  ASSIGN_OR_RETURN(c.num_heads, IntField(j, file, "num_attention_heads"));
+  ASSIGN_OR_RETURN(c.intermediate_size, IntField(j, file, "intermediate_size"));
+  ASSIGN_OR_RETURN(c.max_position_embeddings, IntField(j, file, "max_position_embeddings"));
+  ASSIGN_OR_RETURN(c.type_vocab_size, IntField(j, file, "type_vocab_size", 2));
+  if (c.hidden_size % c.num_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(file, ": hidden_size ", c.hidden_size,
+                                                   " is not a multiple of num_attention_heads ",
+                                                   c.num_heads));
+  }
+  if (auto it = j.find("layer_norm_eps"); it != j.end()) {
+    if (!it->is_number() || it->get<double>() <= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(file, ": layer_norm_eps must be a positive number, got ", it->dump()));
+    }
+    c.layer_norm_eps = it->get<float>();
+  }
+  const std::string act = j.value("hidden_act", "gelu");
+  if (act == "gelu") {
+    c.hidden_act = Activation::kGelu;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": hidden_act '", act, "' is not supported (supported: gelu)"));
+  }
+  return c;
+}
+
+absl::StatusOr<PoolingConfig> ParsePoolingConfig(const json& j, const std::string& file) {
+  struct Mode {
+    const char* key;
+    PoolingMode mode;
+    bool supported;
+  };
+  static constexpr Mode kModes[] = {
+      {"pooling_mode_mean_tokens", PoolingMode::kMean, true},
+      {"pooling_mode_cls_token", PoolingMode::kCls, true},
+      {"pooling_mode_max_tokens", PoolingMode::kMax, true},
+      {"pooling_mode_mean_sqrt_len_tokens", PoolingMode::kMean, false},
+      {"pooling_mode_weightedmean_tokens", PoolingMode::kMean, false},
+      {"pooling_mode_lasttoken", PoolingMode::kMean, false},
+  };
+  std::vector<std::string> on;
+  PoolingConfig p;
+  for (const Mode& m : kModes) {
+    auto it = j.find(m.key);
+    if (it == j.end() || !it->is_boolean() || !it->get<bool>()) continue;
+    if (!m.supported) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(file, ": ", m.key, " is not supported (supported: mean, cls, max)"));
+    }
+    on.push_back(m.key);
+    p.mode = m.mode;
+  }
+  if (on.size() != 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": exactly one pooling mode must be true, got ",
+                     on.empty() ? "none" : absl::StrJoin(on, ", ")));
+  }
+  return p;
+}
+
+// Reads modules.json (sentence-transformers). Sets pooling and normalize.
+absl::Status ParseModules(const fs::path& dir, ModelConfig& config) {
+  const fs::path modules_path = dir / "modules.json";
+  const std::string file = modules_path.string();
+  std::ifstream in(modules_path, std::ios::binary);
+  std::stringstream buf;
+  buf << in.rdbuf();
+  json modules = json::parse(buf.str(), nullptr, false);
+  if (modules.is_discarded() || !modules.is_array()) {
+    return absl::InvalidArgumentError(absl::StrCat(file, ": not a JSON array"));
+  }
+  bool saw_transformer = false, saw_pooling = false;
+  for (const json& m : modules) {
+    if (!m.is_object() || !m.contains("type") || !m["type"].is_string()) {
+      return absl::InvalidArgumentError(absl::StrCat(file, ": every module needs a string 'type'"));
+    }
+    const std::string type = m["type"].get<std::string>();
+    const std::string path = m.value("path", "");
+    if (type == "sentence_transformers.models.Transformer") {
+      saw_transformer = true;
+    } else if (type == "sentence_transformers.models.Pooling") {
+      const fs::path pooling_file = dir / path / "config.json";
+      ASSIGN_OR_RETURN(json pj, ReadJson(pooling_file));
+      ASSIGN_OR_RETURN(config.pooling, ParsePoolingConfig(pj, pooling_file.string()));
+      if (auto it = pj.find("word_embedding_dimension");
+          it != pj.end() && it->is_number_integer() &&
+          it->get<int>() != config.encoder.hidden_size) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            pooling_file.string(), ": word_embedding_dimension ", it->get<int>(),
+            " does not match hidden_size ", config.encoder.hidden_size));
+      }
+      saw_pooling = true;
+    } else if (type == "sentence_transformers.models.Normalize") {
+      config.pooling.normalize = true;
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat(file, ": module type '", type,
+                       "' is not supported (supported: Transformer, Pooling, Normalize)"));
+    }
+  }
+  if (!saw_transformer) {
+    return absl::InvalidArgumentError(absl::StrCat(file, ": no Transformer module"));
+  }
+  if (!saw_pooling) {
+    return absl::InvalidArgumentError(absl::StrCat(file, ": no Pooling module"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::string_view PoolingModeName(PoolingMode mode) {
+  switch (mode) {
+    case PoolingMode::kMean:
+      return "mean";
+    case PoolingMode::kCls:
+      return "cls";
+    case PoolingMode::kMax:
+      return "max";
+  }
+  return "unknown";
+}
+
+absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& dir_name) {
+  const fs::path dir(dir_name);
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) {
+    return absl::NotFoundError(absl::StrCat("model folder ", dir_name, " not found"));
+  }
+  ModelConfig config;
+  config.dir = dir_name;
+  config.model_id = fs::weakly_canonical(dir, ec).filename().string();
+  if (config.model_id.empty()) config.model_id = dir.filename().string();
+
+  const fs::path config_path = dir / "config.json";
+  ASSIGN_OR_RETURN(json cj, ReadJson(config_path));
+  ASSIGN_OR_RETURN(config.encoder, ParseEncoderConfig(cj, config_path.string()));
+
+  if (fs::exists(dir / "modules.json", ec)) {
+    RETURN_IF_ERROR(ParseModules(dir, config));
+  } else {
+    KLOG(INFO) << dir_name << ": no modules.json; using mean pooling without normalisation";
+  }
+
+  config.max_seq_length = config.encoder.max_position_embeddings;
+  const fs::path sbert_path = dir / "sentence_bert_config.json";
+  if (fs::exists(sbert_path, ec)) {
+    ASSIGN_OR_RETURN(json sj, ReadJson(sbert_path));
+    ASSIGN_OR_RETURN(config.max_seq_length,
+                     IntField(sj, sbert_path.string(), "max_seq_length",
+                              config.encoder.max_position_embeddings));
+    if (config.max_seq_length > config.encoder.max_position_embeddings) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          sbert_path.string(), ": max_seq_length ", config.max_seq_length,
+          " exceeds max_position_embeddings ", config.encoder.max_position_embeddings));
+    }
+  }
+  return config;
+}
+
+}  // namespace kiln

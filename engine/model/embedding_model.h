@@ -1,0 +1,54 @@
+// EmbeddingModel: one Hugging Face model folder made ready to embed — its
+// configuration, tokenizer and encoder weights on a backend.
+//
+// Load() reads everything up front and fails with a Status naming the file at
+// fault. Tokenize() is const and thread-safe (request threads call it);
+// Forward() is not (one engine worker drives a model).
+#ifndef KILN_ENGINE_MODEL_EMBEDDING_MODEL_H_
+#define KILN_ENGINE_MODEL_EMBEDDING_MODEL_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "engine/backend.h"
+#include "engine/model/config.h"
+#include "engine/model/encoder.h"
+#include "engine/tokenizer/wordpiece.h"
+
+namespace kiln {
+
+class EmbeddingModel {
+ public:
+  // `backend` must outlive the model.
+  static absl::StatusOr<std::unique_ptr<EmbeddingModel>> Load(const std::string& dir,
+                                                              Backend* backend);
+
+  // Tokenizes one text as the model sees it: [CLS] ... [SEP], truncated to
+  // max_seq_length. INVALID_ARGUMENT for invalid UTF-8.
+  absl::StatusOr<Encoding> Tokenize(absl::string_view text) const {
+    return tokenizer_->Encode(text, config_.max_seq_length);
+  }
+
+  // See Encoder::Forward. out has seqs.size() * dim() floats.
+  absl::Status Forward(absl::Span<const SequenceInput> seqs, float* out) {
+    return encoder_->Forward(seqs, out);
+  }
+
+  const ModelConfig& config() const { return config_; }
+  const WordPieceTokenizer& tokenizer() const { return *tokenizer_; }
+  int dim() const { return config_.encoder.hidden_size; }
+  int num_layers() const { return config_.encoder.num_layers; }
+  Backend* backend() const { return encoder_->backend(); }
+  size_t weight_bytes() const { return encoder_->weight_bytes(); }
+
+ private:
+  EmbeddingModel() = default;
+  ModelConfig config_;
+  std::unique_ptr<WordPieceTokenizer> tokenizer_;
+  std::unique_ptr<Encoder> encoder_;
+};
+
+}  // namespace kiln
+
+#endif  // KILN_ENGINE_MODEL_EMBEDDING_MODEL_H_

@@ -1,0 +1,193 @@
+#include "engine/model/encoder.h"
+
+#include <algorithm>
+#include <numeric>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+
+namespace kiln {
+namespace {
+
+// Reads a float tensor of the given shape, trying the name with and without
+// the "bert." prefix that BertFor* checkpoints use.
+class WeightReader {
+ public:
+  WeightReader(const SafetensorsFile& file, Backend* backend) : file_(file), backend_(backend) {
+    if (file.Find("embeddings.word_embeddings.weight") == nullptr &&
+        file.Find("bert.embeddings.word_embeddings.weight") != nullptr) {
+      prefix_ = "bert.";
+    }
+  }
+
+  absl::StatusOr<std::vector<float>> Host(const std::string& name,
+                                          std::initializer_list<int64_t> shape) {
+    return file_.ReadFloat32(prefix_ + name, absl::Span<const int64_t>(shape.begin(), shape.size()));
+  }
+
+  absl::StatusOr<DeviceArray> Device(const std::string& name,
+                                     std::initializer_list<int64_t> shape) {
+    ASSIGN_OR_RETURN(std::vector<float> host, Host(name, shape));
+    bytes_ += host.size() * sizeof(float);
+    return backend_->Upload(host);
+  }
+
+  size_t bytes() const { return bytes_; }
+
+ private:
+  const SafetensorsFile& file_;
+  Backend* backend_;
+  std::string prefix_;
+  size_t bytes_ = 0;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Encoder>> Encoder::Load(const EncoderConfig& config,
+                                                       const PoolingConfig& pooling,
+                                                       const SafetensorsFile& weights,
+                                                       Backend* backend) {
+  std::unique_ptr<Encoder> enc(new Encoder(config, pooling, backend));
+  WeightReader r(weights, backend);
+  const int64_t h = config.hidden_size, ff = config.intermediate_size;
+  ASSIGN_OR_RETURN(enc->word_emb_, r.Device("embeddings.word_embeddings.weight", {config.vocab_size, h}));
+  ASSIGN_OR_RETURN(enc->pos_emb_, r.Device("embeddings.position_embeddings.weight",
+                                           {config.max_position_embeddings, h}));
+  ASSIGN_OR_RETURN(enc->type_emb_, r.Device("embeddings.token_type_embeddings.weight",
+                                            {config.type_vocab_size, h}));
+  ASSIGN_OR_RETURN(enc->emb_ln_g_, r.Device("embeddings.LayerNorm.weight", {h}));
+  ASSIGN_OR_RETURN(enc->emb_ln_b_, r.Device("embeddings.LayerNorm.bias", {h}));
+  for (int i = 0; i < config.num_layers; ++i) {
+    const std::string p = absl::StrCat("encoder.layer.", i, ".");
+    Layer layer;
+    // Q, K and V are fused into one [3H, H] matrix so one GEMM produces all three.
+    std::vector<float> qkv_w, qkv_b;
+    qkv_w.reserve(3 * h * h);
+    qkv_b.reserve(3 * h);
+    for (const char* name : {"query", "key", "value"}) {
+      ASSIGN_OR_RETURN(std::vector<float> w, r.Host(absl::StrCat(p, "attention.self.", name, ".weight"), {h, h}));
+      ASSIGN_OR_RETURN(std::vector<float> b, r.Host(absl::StrCat(p, "attention.self.", name, ".bias"), {h}));
+      qkv_w.insert(qkv_w.end(), w.begin(), w.end());
+      qkv_b.insert(qkv_b.end(), b.begin(), b.end());
+    }
+    ASSIGN_OR_RETURN(layer.qkv_w, backend->Upload(qkv_w));
+    ASSIGN_OR_RETURN(layer.qkv_b, backend->Upload(qkv_b));
+    enc->weight_bytes_ += (qkv_w.size() + qkv_b.size()) * sizeof(float);
+    ASSIGN_OR_RETURN(layer.attn_out_w, r.Device(p + "attention.output.dense.weight", {h, h}));
+    ASSIGN_OR_RETURN(layer.attn_out_b, r.Device(p + "attention.output.dense.bias", {h}));
+    ASSIGN_OR_RETURN(layer.ln1_g, r.Device(p + "attention.output.LayerNorm.weight", {h}));
+    ASSIGN_OR_RETURN(layer.ln1_b, r.Device(p + "attention.output.LayerNorm.bias", {h}));
+    ASSIGN_OR_RETURN(layer.ffn_in_w, r.Device(p + "intermediate.dense.weight", {ff, h}));
+    ASSIGN_OR_RETURN(layer.ffn_in_b, r.Device(p + "intermediate.dense.bias", {ff}));
+    ASSIGN_OR_RETURN(layer.ffn_out_w, r.Device(p + "output.dense.weight", {h, ff}));
+    ASSIGN_OR_RETURN(layer.ffn_out_b, r.Device(p + "output.dense.bias", {h}));
+    ASSIGN_OR_RETURN(layer.ln2_g, r.Device(p + "output.LayerNorm.weight", {h}));
+    ASSIGN_OR_RETURN(layer.ln2_b, r.Device(p + "output.LayerNorm.bias", {h}));
+    enc->layers_.push_back(std::move(layer));
+  }
+  enc->weight_bytes_ += r.bytes();
+  return enc;
+}
+
+absl::Status Encoder::EnsureWorkspace(size_t tokens) {
+  if (tokens <= ws_.capacity_tokens) return absl::OkStatus();
+  // Grow geometrically so a stream of slightly larger batches does not
+  // reallocate every time.
+  const size_t cap = std::max(tokens, ws_.capacity_tokens * 3 / 2);
+  const size_t h = config_.hidden_size;
+  ws_ = Workspace();
+  ASSIGN_OR_RETURN(ws_.hidden, backend_->Allocate(cap * h));
+  ASSIGN_OR_RETURN(ws_.qkv, backend_->Allocate(cap * 3 * h));
+  ASSIGN_OR_RETURN(ws_.ctx, backend_->Allocate(cap * h));
+  ASSIGN_OR_RETURN(ws_.attn, backend_->Allocate(cap * h));
+  ASSIGN_OR_RETURN(ws_.ffn, backend_->Allocate(cap * config_.intermediate_size));
+  ws_.capacity_tokens = cap;
+  return absl::OkStatus();
+}
+
+absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out) {
+  const int n = static_cast<int>(seqs.size());
+  if (n == 0) return absl::OkStatus();
+  const int num_layers = config_.num_layers;
+  std::vector<int> exits(n);
+  for (int i = 0; i < n; ++i) {
+    const SequenceInput& s = seqs[i];
+    const int exit = s.exit == 0 ? num_layers : s.exit;
+    if (exit < 1 || exit > num_layers) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": exit ", s.exit,
+                                                     " is out of range 1..", num_layers));
+    }
+    if (s.ids.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": no tokens"));
+    }
+    if (static_cast<int>(s.ids.size()) > config_.max_position_embeddings) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", i, ": ", s.ids.size(), " tokens exceed the model's ",
+                       config_.max_position_embeddings, " positions"));
+    }
+    for (int32_t id : s.ids) {
+      if (id < 0 || id >= config_.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": token id ", id,
+                                                       " is outside the vocabulary of ",
+                                                       config_.vocab_size));
+      }
+    }
+    exits[i] = exit;
+  }
+
+  // Deepest exit first (stable, so equal exits keep input order): the
+  // sequences still running after any layer are then a prefix of the batch.
+  std::vector<int> order(n);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return exits[a] > exits[b]; });
+
+  std::vector<int32_t> starts(n + 1, 0), ids, positions;
+  for (int k = 0; k < n; ++k) {
+    const SequenceInput& s = seqs[order[k]];
+    starts[k + 1] = starts[k] + static_cast<int32_t>(s.ids.size());
+    ids.insert(ids.end(), s.ids.begin(), s.ids.end());
+    for (int32_t p = 0; p < static_cast<int32_t>(s.ids.size()); ++p) positions.push_back(p);
+  }
+  const int total = starts[n];
+  std::vector<int32_t> type_ids(total, 0);
+  RETURN_IF_ERROR(EnsureWorkspace(total));
+
+  const int h = config_.hidden_size, ff = config_.intermediate_size;
+  const float eps = config_.layer_norm_eps;
+  float* x = ws_.hidden.get();
+  backend_->EmbeddingSum(word_emb_.get(), pos_emb_.get(), type_emb_.get(), ids, positions,
+                         type_ids, h, x);
+  backend_->AddLayerNorm(x, nullptr, emb_ln_g_.get(), emb_ln_b_.get(), total, h, eps);
+
+  int live = n;  // sequences [0, live) run the next layer
+  for (int l = 0; l < num_layers; ++l) {
+    while (live > 0 && exits[order[live - 1]] <= l) --live;
+    if (live == 0) break;
+    const int rows = starts[live];
+    const Layer& L = layers_[l];
+    backend_->Linear(x, rows, h, L.qkv_w.get(), L.qkv_b.get(), 3 * h, Activation::kNone,
+                     ws_.qkv.get());
+    backend_->Attention(ws_.qkv.get(), absl::MakeConstSpan(starts.data(), live + 1),
+                        config_.num_heads, config_.head_dim(), ws_.ctx.get());
+    backend_->Linear(ws_.ctx.get(), rows, h, L.attn_out_w.get(), L.attn_out_b.get(), h,
+                     Activation::kNone, ws_.attn.get());
+    backend_->AddLayerNorm(ws_.attn.get(), x, L.ln1_g.get(), L.ln1_b.get(), rows, h, eps);
+    backend_->Linear(ws_.attn.get(), rows, h, L.ffn_in_w.get(), L.ffn_in_b.get(), ff,
+                     config_.hidden_act, ws_.ffn.get());
+    // The FFN output lands in x (the layer input is no longer needed) and the
+    // residual is the attention block's output.
+    backend_->Linear(ws_.ffn.get(), rows, ff, L.ffn_out_w.get(), L.ffn_out_b.get(), h,
+                     Activation::kNone, x);
+    backend_->AddLayerNorm(x, ws_.attn.get(), L.ln2_g.get(), L.ln2_b.get(), rows, h, eps);
+  }
+
+  std::vector<float> pooled(static_cast<size_t>(n) * h);
+  backend_->Pool(x, starts, h, pooling_.mode, pooling_.normalize, pooled.data());
+  for (int k = 0; k < n; ++k) {
+    std::copy_n(pooled.data() + static_cast<size_t>(k) * h, h, out + static_cast<size_t>(order[k]) * h);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace kiln

@@ -1,0 +1,82 @@
+// The BERT encoder forward pass on packed ragged batches with per-sequence
+// exits.
+//
+// A batch is a list of sequences (token ids with specials, and an exit layer
+// 1..num_layers). Internally the sequences are ordered by exit, deepest first,
+// and packed back to back with no padding; after layer K the sequences whose
+// exit is K simply drop off the end of the packed buffer, so every later layer
+// runs on a shorter prefix and a batch costs the sum over its sequences of
+// tokens x layers actually run. Exited rows are left untouched in the buffer
+// and pooled once at the end.
+//
+// Threading: Forward() is not thread-safe — one engine worker drives an
+// Encoder (it reuses its activation buffers between calls). Weights are
+// immutable after Load.
+#ifndef KILN_ENGINE_MODEL_ENCODER_H_
+#define KILN_ENGINE_MODEL_ENCODER_H_
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/backend.h"
+#include "engine/model/config.h"
+#include "engine/safetensors.h"
+
+namespace kiln {
+
+struct SequenceInput {
+  absl::Span<const int32_t> ids;  // [CLS] ... [SEP], at most max_position_embeddings
+  int exit = 0;                   // 1..num_layers; 0 means full depth
+};
+
+class Encoder {
+ public:
+  // Uploads the weights from `weights` to `backend` (which must outlive the
+  // Encoder). Accepts tensor names with or without a "bert." prefix. Errors
+  // name the missing or mis-shaped tensor and the file.
+  static absl::StatusOr<std::unique_ptr<Encoder>> Load(const EncoderConfig& config,
+                                                       const PoolingConfig& pooling,
+                                                       const SafetensorsFile& weights,
+                                                       Backend* backend);
+
+  // Runs the batch and writes one pooled (and, per config, normalised)
+  // embedding per sequence, in input order, to out[seqs.size() * hidden]
+  // (host memory). INVALID_ARGUMENT names the sequence at fault (bad exit,
+  // empty, too long, token id out of range).
+  absl::Status Forward(absl::Span<const SequenceInput> seqs, float* out);
+
+  const EncoderConfig& config() const { return config_; }
+  Backend* backend() const { return backend_; }
+  // Bytes of weights held on the backend.
+  size_t weight_bytes() const { return weight_bytes_; }
+
+ private:
+  struct Layer {
+    DeviceArray qkv_w, qkv_b;  // Q, K, V fused: [3H, H], [3H]
+    DeviceArray attn_out_w, attn_out_b, ln1_g, ln1_b;
+    DeviceArray ffn_in_w, ffn_in_b, ffn_out_w, ffn_out_b, ln2_g, ln2_b;
+  };
+  struct Workspace {
+    size_t capacity_tokens = 0;
+    DeviceArray hidden, qkv, ctx, attn, ffn;
+  };
+
+  Encoder(const EncoderConfig& config, const PoolingConfig& pooling, Backend* backend)
+      : config_(config), pooling_(pooling), backend_(backend) {}
+  absl::Status EnsureWorkspace(size_t tokens);
+
+  EncoderConfig config_;
+  PoolingConfig pooling_;
+  Backend* backend_;
+  size_t weight_bytes_ = 0;
+  DeviceArray word_emb_, pos_emb_, type_emb_, emb_ln_g_, emb_ln_b_;
+  std::vector<Layer> layers_;
+  Workspace ws_;
+};
+
+}  // namespace kiln
+
+#endif  // KILN_ENGINE_MODEL_ENCODER_H_

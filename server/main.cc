@@ -1,0 +1,171 @@
+// The `kiln` binary.
+//
+//   kiln embed --model=DIR [--exit=K] [--threads=N] [--batch_lines=N] < texts.txt
+//
+// `embed` reads one UTF-8 text per line on stdin (a trailing \r is dropped)
+// and writes one JSON object per line on stdout, in input order:
+//   {"embedding":[...],"tokens":N,"exit":K,"truncated":false}
+// A line that cannot be embedded prints {"error":"line N: ..."} and the next
+// line is still processed. Exit status: 0 all lines embedded, 1 some line
+// failed, 2 bad flags or a bad model folder (the message names the file).
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/logging.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/model/embedding_model.h"
+#include "nlohmann/json.hpp"
+
+ABSL_FLAG(std::string, model, "models/all-MiniLM-L6-v2",
+          "Hugging Face model folder (config.json, model.safetensors, tokenizer.json / vocab.txt, "
+          "and for sentence-transformers models modules.json + pooling config)");
+ABSL_FLAG(int, exit, 0, "Exit layer 1..N to pool at; 0 = full depth");
+ABSL_FLAG(int, threads, 0, "Compute threads; 0 = all cores");
+ABSL_FLAG(int, batch_lines, 0,
+          "embed: lines per engine batch; 0 = 64 when stdin is a file or pipe, 1 when a terminal");
+
+namespace kiln {
+namespace {
+
+constexpr char kUsage[] =
+    "kiln: serving for configurable foundation models.\n"
+    "\n"
+    "Usage:\n"
+    "  kiln embed --model=DIR [--exit=K] [--threads=N]   embed stdin, one text per line\n"
+    "  kiln version                                      print the version\n"
+    "\n"
+    "Run `kiln --help` for every flag.";
+
+std::string ErrorLine(const std::string& message) {
+  return nlohmann::json{{"error", message}}.dump();
+}
+
+// Embeds the buffered lines as one batch and prints their results in order.
+// Returns false if any line failed.
+bool FlushBatch(EmbeddingModel& model, int exit, std::vector<std::string>& lines,
+                int64_t first_line_no) {
+  struct Item {
+    Encoding enc;
+    std::string error;
+  };
+  std::vector<Item> items(lines.size());
+  std::vector<SequenceInput> seqs;
+  std::vector<size_t> seq_item;
+  for (size_t i = 0; i < lines.size(); ++i) {
+    absl::StatusOr<Encoding> enc = model.Tokenize(lines[i]);
+    if (!enc.ok()) {
+      items[i].error = absl::StrCat("line ", first_line_no + i, ": ", enc.status().message());
+      continue;
+    }
+    items[i].enc = *std::move(enc);
+  }
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (!items[i].error.empty()) continue;
+    seqs.push_back({items[i].enc.ids, exit});
+    seq_item.push_back(i);
+  }
+  const int dim = model.dim();
+  std::vector<float> out(seqs.size() * dim);
+  absl::Status st = model.Forward(seqs, out.data());
+  bool ok = true;
+  std::string buf;
+  size_t k = 0;
+  const int exit_used = exit == 0 ? model.num_layers() : exit;
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (!items[i].error.empty() || !st.ok()) {
+      ok = false;
+      buf += ErrorLine(!items[i].error.empty()
+                           ? items[i].error
+                           : absl::StrCat("line ", first_line_no + i, ": ", st.message()));
+      buf += '\n';
+      if (items[i].error.empty()) ++k;
+      continue;
+    }
+    buf += "{\"embedding\":[";
+    const float* e = out.data() + k * dim;
+    for (int c = 0; c < dim; ++c) {
+      if (c) buf += ',';
+      // 9 significant digits round-trip a float exactly.
+      absl::StrAppendFormat(&buf, "%.9g", e[c]);
+    }
+    absl::StrAppendFormat(&buf, "],\"tokens\":%d,\"exit\":%d,\"truncated\":%s}\n",
+                          items[i].enc.ids.size(), exit_used,
+                          items[i].enc.truncated ? "true" : "false");
+    ++k;
+  }
+  std::fwrite(buf.data(), 1, buf.size(), stdout);
+  std::fflush(stdout);
+  lines.clear();
+  return ok;
+}
+
+int RunEmbed() {
+  auto backend = CpuBackend::Create({.threads = absl::GetFlag(FLAGS_threads)});
+  absl::StatusOr<std::unique_ptr<EmbeddingModel>> model =
+      EmbeddingModel::Load(absl::GetFlag(FLAGS_model), backend.get());
+  if (!model.ok()) {
+    std::cerr << "kiln embed: cannot load model: " << model.status().message() << "\n";
+    return 2;
+  }
+  const int exit = absl::GetFlag(FLAGS_exit);
+  if (exit < 0 || exit > (*model)->num_layers()) {
+    std::cerr << "kiln embed: --exit=" << exit << " is out of range 0.." << (*model)->num_layers()
+              << " (0 = full depth)\n";
+    return 2;
+  }
+  int batch_lines = absl::GetFlag(FLAGS_batch_lines);
+  if (batch_lines < 0) {
+    std::cerr << "kiln embed: --batch_lines must be >= 0\n";
+    return 2;
+  }
+  if (batch_lines == 0) batch_lines = isatty(STDIN_FILENO) ? 1 : 64;
+
+  bool all_ok = true;
+  std::vector<std::string> lines;
+  int64_t line_no = 0, first = 1;
+  std::string line;
+  while (std::getline(std::cin, line)) {
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (lines.empty()) first = line_no + 1;
+    lines.push_back(std::move(line));
+    ++line_no;
+    if (static_cast<int>(lines.size()) >= batch_lines) {
+      all_ok &= FlushBatch(**model, exit, lines, first);
+    }
+  }
+  if (!lines.empty()) all_ok &= FlushBatch(**model, exit, lines, first);
+  return all_ok ? 0 : 1;
+}
+
+}  // namespace
+}  // namespace kiln
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(kiln::kUsage);
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  if (args.size() < 2) {
+    std::cerr << kiln::kUsage << "\n";
+    return 2;
+  }
+  const std::string cmd = args[1];
+  if (args.size() > 2) {
+    std::cerr << "kiln " << cmd << ": unexpected argument '" << args[2] << "'\n";
+    return 2;
+  }
+  if (cmd == "embed") return kiln::RunEmbed();
+  if (cmd == "version") {
+    std::cout << "kiln 0.1.0\n";
+    return 0;
+  }
+  std::cerr << "kiln: unknown subcommand '" << cmd << "'\n\n" << kiln::kUsage << "\n";
+  return 2;
+}

@@ -1,0 +1,203 @@
+// Conformance of every Backend op against a plain-loop reference written
+// here, instantiated per available device (CPU now; the CUDA backend joins
+// the same suite with its own issue).
+#include <cmath>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "engine/backend.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/cpu/vec_math.h"
+#include "gtest/gtest.h"
+
+namespace kiln {
+namespace {
+
+std::vector<float> RandomVector(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+void ExpectNear(const std::vector<float>& got, const std::vector<float>& want, float tol) {
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_NEAR(got[i], want[i], tol * (1.0f + std::fabs(want[i]))) << "at index " << i;
+  }
+}
+
+// Runs ops on the backend under test, moving data through device memory.
+class BackendOpsTest : public ::testing::TestWithParam<DeviceKind> {
+ protected:
+  void SetUp() override {
+    switch (GetParam()) {
+      case DeviceKind::kCpu:
+        backend_ = CpuBackend::Create({.threads = 2});
+        break;
+      case DeviceKind::kCuda:
+        GTEST_SKIP() << "no CUDA backend in this build";
+    }
+  }
+  DeviceArray Up(const std::vector<float>& v) { return *backend_->Upload(v); }
+  DeviceArray Zeros(size_t n) { return Up(std::vector<float>(n, 0.0f)); }
+  std::vector<float> Down(const DeviceArray& d, size_t n) {
+    std::vector<float> v(n);
+    backend_->CopyToHost(d.get(), n, v.data());
+    return v;
+  }
+  std::unique_ptr<Backend> backend_;
+};
+
+TEST_P(BackendOpsTest, LinearMatchesReferenceWithBiasAndGelu) {
+  const int rows = 37, in = 48, out = 80;
+  const auto x = RandomVector(rows * in, 1), w = RandomVector(out * in, 2, 0.2f),
+             b = RandomVector(out, 3);
+  for (Activation act : {Activation::kNone, Activation::kGelu}) {
+    std::vector<float> want(rows * out);
+    for (int r = 0; r < rows; ++r) {
+      for (int o = 0; o < out; ++o) {
+        double acc = b[o];
+        for (int k = 0; k < in; ++k) acc += double(x[r * in + k]) * w[o * in + k];
+        if (act == Activation::kGelu) acc = 0.5 * acc * (1.0 + std::erf(acc / std::sqrt(2.0)));
+        want[r * out + o] = static_cast<float>(acc);
+      }
+    }
+    auto dx = Up(x), dw = Up(w), db = Up(b), dy = Zeros(rows * out);
+    backend_->Linear(dx.get(), rows, in, dw.get(), db.get(), out, act, dy.get());
+    ExpectNear(Down(dy, rows * out), want, 2e-5f);
+  }
+}
+
+TEST_P(BackendOpsTest, LinearWithZeroRowsIsANoOp) {
+  auto dw = Up(RandomVector(4 * 4, 1)), dy = Up({7.0f});
+  backend_->Linear(nullptr, 0, 4, dw.get(), nullptr, 4, Activation::kNone, dy.get());
+  EXPECT_EQ(Down(dy, 1)[0], 7.0f);
+}
+
+TEST_P(BackendOpsTest, AddLayerNormMatchesReference) {
+  const int rows = 9, cols = 384;
+  const auto x = RandomVector(rows * cols, 4, 3.0f), res = RandomVector(rows * cols, 5),
+             g = RandomVector(cols, 6), b = RandomVector(cols, 7);
+  const float eps = 1e-12f;
+  std::vector<float> want(rows * cols);
+  for (int r = 0; r < rows; ++r) {
+    double mean = 0, var = 0;
+    for (int c = 0; c < cols; ++c) mean += x[r * cols + c] + res[r * cols + c];
+    mean /= cols;
+    for (int c = 0; c < cols; ++c) {
+      const double d = x[r * cols + c] + res[r * cols + c] - mean;
+      var += d * d;
+    }
+    var /= cols;
+    for (int c = 0; c < cols; ++c) {
+      want[r * cols + c] = static_cast<float>((x[r * cols + c] + res[r * cols + c] - mean) /
+                                                  std::sqrt(var + eps) * g[c] + b[c]);
+    }
+  }
+  auto dx = Up(x), dres = Up(res), dg = Up(g), db = Up(b);
+  backend_->AddLayerNorm(dx.get(), dres.get(), dg.get(), db.get(), rows, cols, eps);
+  ExpectNear(Down(dx, rows * cols), want, 1e-5f);
+}
+
+TEST_P(BackendOpsTest, AttentionStaysWithinEachPackedSequence) {
+  const int heads = 3, d = 8, hidden = heads * d;
+  const std::vector<int32_t> starts = {0, 5, 6, 19};  // lengths 5, 1, 13
+  const int total = starts.back();
+  const auto qkv = RandomVector(total * 3 * hidden, 8);
+  std::vector<float> want(total * hidden, 0.0f);
+  for (size_t s = 0; s + 1 < starts.size(); ++s) {
+    for (int h = 0; h < heads; ++h) {
+      for (int i = starts[s]; i < starts[s + 1]; ++i) {
+        std::vector<double> p;
+        double mx = -1e30, sum = 0;
+        for (int j = starts[s]; j < starts[s + 1]; ++j) {
+          double dot = 0;
+          for (int c = 0; c < d; ++c) {
+            dot += double(qkv[i * 3 * hidden + h * d + c]) * qkv[j * 3 * hidden + hidden + h * d + c];
+          }
+          p.push_back(dot / std::sqrt(double(d)));
+          mx = std::max(mx, p.back());
+        }
+        for (double& v : p) sum += (v = std::exp(v - mx));
+        for (int c = 0; c < d; ++c) {
+          double acc = 0;
+          for (int j = starts[s]; j < starts[s + 1]; ++j) {
+            acc += p[j - starts[s]] / sum * qkv[j * 3 * hidden + 2 * hidden + h * d + c];
+          }
+          want[i * hidden + h * d + c] = static_cast<float>(acc);
+        }
+      }
+    }
+  }
+  auto dqkv = Up(qkv), dout = Zeros(total * hidden);
+  backend_->Attention(dqkv.get(), starts, heads, d, dout.get());
+  ExpectNear(Down(dout, total * hidden), want, 1e-5f);
+}
+
+TEST_P(BackendOpsTest, EmbeddingSumGathersAndAdds) {
+  const int hidden = 16;
+  const auto word = RandomVector(10 * hidden, 9), pos = RandomVector(6 * hidden, 10),
+             type = RandomVector(2 * hidden, 11);
+  const std::vector<int32_t> ids = {3, 9, 0, 3}, positions = {0, 1, 2, 5}, types = {0, 1, 0, 0};
+  std::vector<float> want(ids.size() * hidden);
+  for (size_t t = 0; t < ids.size(); ++t) {
+    for (int c = 0; c < hidden; ++c) {
+      want[t * hidden + c] =
+          word[ids[t] * hidden + c] + pos[positions[t] * hidden + c] + type[types[t] * hidden + c];
+    }
+  }
+  auto dw = Up(word), dp = Up(pos), dt = Up(type), dout = Zeros(want.size());
+  backend_->EmbeddingSum(dw.get(), dp.get(), dt.get(), ids, positions, types, hidden, dout.get());
+  ExpectNear(Down(dout, want.size()), want, 1e-6f);
+}
+
+TEST_P(BackendOpsTest, PoolMeanClsMaxAndNormalize) {
+  const int hidden = 4;
+  const std::vector<float> x = {1, 2, 3, 4,  //
+                                3, 2, 1, 0,  //
+                                -5, 0, 0, 0};
+  const std::vector<int32_t> starts = {0, 2, 3};
+  auto dx = Up(x);
+  std::vector<float> out(2 * hidden);
+  backend_->Pool(dx.get(), starts, hidden, PoolingMode::kMean, false, out.data());
+  EXPECT_EQ(out, (std::vector<float>{2, 2, 2, 2, -5, 0, 0, 0}));
+  backend_->Pool(dx.get(), starts, hidden, PoolingMode::kCls, false, out.data());
+  EXPECT_EQ(out, (std::vector<float>{1, 2, 3, 4, -5, 0, 0, 0}));
+  backend_->Pool(dx.get(), starts, hidden, PoolingMode::kMax, false, out.data());
+  EXPECT_EQ(out, (std::vector<float>{3, 2, 3, 4, -5, 0, 0, 0}));
+  backend_->Pool(dx.get(), starts, hidden, PoolingMode::kMean, true, out.data());
+  ExpectNear(out, {0.5f, 0.5f, 0.5f, 0.5f, -1, 0, 0, 0}, 1e-7f);
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, BackendOpsTest,
+                         ::testing::Values(DeviceKind::kCpu, DeviceKind::kCuda),
+                         [](const auto& info) {
+                           return std::string(info.param == DeviceKind::kCpu ? "cpu" : "cuda");
+                         });
+
+TEST(VecMathTest, ExpApproxIsAccurateOverTheSoftmaxRange) {
+  double worst = 0;
+  for (float x = -87.0f; x <= 88.0f; x += 0.01f) {
+    const double want = std::exp(double(x));
+    worst = std::max(worst, std::fabs(cpu::ExpApprox(x) - want) / want);
+  }
+  EXPECT_LT(worst, 5e-7);
+  EXPECT_EQ(cpu::ExpApprox(-1000.0f) < 1e-37f, true);  // clamped, not NaN or negative
+  EXPECT_GE(cpu::ExpApprox(-1000.0f), 0.0f);
+}
+
+TEST(VecMathTest, ErfApproxIsAccurate) {
+  double worst = 0;
+  for (float x = -8.0f; x <= 8.0f; x += 0.001f) {
+    worst = std::max(worst, std::fabs(cpu::ErfApprox(x) - std::erf(double(x))));
+  }
+  EXPECT_LT(worst, 5e-7);
+  EXPECT_EQ(cpu::ErfApprox(100.0f), 1.0f);
+  EXPECT_EQ(cpu::ErfApprox(-100.0f), -1.0f);
+}
+
+}  // namespace
+}  // namespace kiln

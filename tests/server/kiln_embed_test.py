@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Drives `kiln embed` as a user would: texts on stdin, JSON lines out.
+
+Run by ctest as: kiln_embed_test.py KILN_BINARY MODEL_DIR
+Standard library only, so it runs on a machine without the tools/ venv.
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import unittest
+
+KILN = MODEL = None
+
+
+def run(stdin: bytes, *flags: str):
+    p = subprocess.run([KILN, "embed", f"--model={MODEL}", "--threads=2", *flags],
+                       input=stdin, capture_output=True, timeout=300)
+    lines = [json.loads(l) for l in p.stdout.decode().splitlines()]
+    return p.returncode, lines, p.stderr.decode()
+
+
+class KilnEmbedTest(unittest.TestCase):
+    def test_one_json_object_per_line_at_full_depth(self):
+        rc, out, err = run(b"hello world\nKiln serves bricks.\n")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(len(out), 2)
+        self.assertEqual(out[0]["exit"], 6)
+        self.assertEqual(out[0]["tokens"], 4)  # [CLS] hello world [SEP]
+        self.assertFalse(out[0]["truncated"])
+        self.assertEqual(len(out[0]["embedding"]), 384)
+        self.assertAlmostEqual(math.sqrt(sum(x * x for x in out[0]["embedding"])), 1.0, places=5)
+        self.assertNotEqual(out[0]["embedding"], out[1]["embedding"])
+
+    def test_exit_flag_changes_the_embedding(self):
+        _, full, _ = run(b"hello world\n")
+        rc, early, err = run(b"hello world\n", "--exit=2")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(early[0]["exit"], 2)
+        cos = sum(a * b for a, b in zip(full[0]["embedding"], early[0]["embedding"]))
+        self.assertLess(cos, 0.999)
+
+    def test_batching_does_not_change_results(self):
+        text = b"a short one\n" + b"a much longer line of text that has more tokens in it\n" * 3
+        _, batched, _ = run(text, "--batch_lines=64")
+        _, single, _ = run(text, "--batch_lines=1")
+        for a, b in zip(batched, single):
+            self.assertLess(max(abs(x - y) for x, y in zip(a["embedding"], b["embedding"])), 1e-5)
+
+    def test_bad_line_gives_error_and_the_next_line_is_still_embedded(self):
+        rc, out, _ = run(b"first\n\xff\xfe broken\nthird\n")
+        self.assertEqual(rc, 1)
+        self.assertEqual(len(out), 3)
+        self.assertIn("embedding", out[0])
+        self.assertIn("error", out[1])
+        self.assertIn("line 2", out[1]["error"])
+        self.assertIn("UTF-8", out[1]["error"])
+        self.assertIn("embedding", out[2])
+
+    def test_long_input_is_truncated_to_max_seq_length(self):
+        rc, out, err = run(("word " * 600).encode() + b"\n")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out[0]["tokens"], 256)
+        self.assertTrue(out[0]["truncated"])
+
+    def test_empty_line_embeds_the_empty_text(self):
+        rc, out, err = run(b"\n")
+        self.assertEqual(rc, 0, err)
+        self.assertEqual(out[0]["tokens"], 2)
+
+    def test_exit_out_of_range_is_a_usage_error(self):
+        rc, out, err = run(b"x\n", "--exit=7")
+        self.assertEqual(rc, 2)
+        self.assertEqual(out, [])
+        self.assertIn("--exit=7 is out of range", err)
+
+    def test_bad_model_folder_names_the_missing_file(self):
+        with tempfile.TemporaryDirectory() as d:
+            for f in ("config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                      "modules.json", "sentence_bert_config.json"):
+                shutil.copy(os.path.join(MODEL, f), d)
+            shutil.copytree(os.path.join(MODEL, "1_Pooling"), os.path.join(d, "1_Pooling"))
+            p = subprocess.run([KILN, "embed", f"--model={d}"], input=b"x\n",
+                               capture_output=True, timeout=60)
+            self.assertEqual(p.returncode, 2)
+            self.assertIn("model.safetensors", p.stderr.decode())
+
+    def test_unknown_subcommand_is_a_usage_error(self):
+        p = subprocess.run([KILN, "frobnicate"], capture_output=True, timeout=60)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("unknown subcommand 'frobnicate'", p.stderr.decode())
+
+
+if __name__ == "__main__":
+    KILN, MODEL = sys.argv[1], sys.argv[2]
+    del sys.argv[1:3]
+    unittest.main(verbosity=2)
