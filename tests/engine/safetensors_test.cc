@@ -1,0 +1,526 @@
+#include "engine/safetensors.h"
+
+#include <unistd.h>
+
+#include <bit>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace kiln {
+namespace {
+
+using ::testing::AllOf;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+
+// Little-endian bytes of trivially copyable values.
+template <typename T>
+std::string BytesOf(const std::vector<T>& values) {
+  std::string out(values.size() * sizeof(T), '\0');
+  if (!values.empty()) std::memcpy(out.data(), values.data(), out.size());
+  return out;
+}
+
+std::string LengthPrefix(uint64_t n) {
+  std::string out(8, '\0');
+  std::memcpy(out.data(), &n, 8);
+  return out;
+}
+
+// A whole safetensors file: the 8-byte length of `header`, `header`, then `data`.
+std::string MakeSafetensors(const std::string& header, const std::string& data) {
+  return LengthPrefix(header.size()) + header + data;
+}
+
+class SafetensorsTest : public ::testing::Test {
+ protected:
+  // Writes `bytes` to a fresh file under the test temp dir; remembers and returns its path.
+  std::string WriteTemp(const std::string& bytes) {
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    path_ = absl::StrCat(::testing::TempDir(), "/kiln_safetensors_", info->name(), "_", getpid(),
+                         "_", counter_++, ".safetensors");
+    std::ofstream(path_, std::ios::binary) << bytes;
+    written_.push_back(path_);
+    return path_;
+  }
+
+  void TearDown() override {
+    for (const std::string& p : written_) std::filesystem::remove(p);
+  }
+
+  // Opens a file made of `header` and `data`, which must fail; returns the failure.
+  absl::Status OpenExpectingError(const std::string& header, const std::string& data) {
+    auto file = SafetensorsFile::Open(WriteTemp(MakeSafetensors(header, data)));
+    EXPECT_FALSE(file.ok()) << "opened a corrupt file with header " << header;
+    return file.ok() ? absl::OkStatus() : file.status();
+  }
+
+  // Checks `status` is INVALID_ARGUMENT naming the last file written and `fragment`.
+  void ExpectCorrupt(const absl::Status& status, const std::string& fragment) {
+    EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument) << status;
+    EXPECT_THAT(std::string(status.message()), AllOf(HasSubstr(path_), HasSubstr(fragment)));
+  }
+
+  std::string path_;
+  std::vector<std::string> written_;
+  int counter_ = 0;
+};
+
+// ------------------------------------------------------------------ corrupt files
+
+TEST_F(SafetensorsTest, MissingFileIsNotFoundNamingPath) {
+  const std::string path = ::testing::TempDir() + "/kiln_no_such_file.safetensors";
+  auto file = SafetensorsFile::Open(path);
+  EXPECT_EQ(file.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(file.status().message()), HasSubstr(path));
+}
+
+TEST_F(SafetensorsTest, RejectsFileShorterThanLengthPrefix) {
+  auto file = SafetensorsFile::Open(WriteTemp("\x02\x00\x00"));
+  ExpectCorrupt(file.status(), "shorter than the 8-byte header length prefix");
+}
+
+TEST_F(SafetensorsTest, RejectsEmptyFile) {
+  auto file = SafetensorsFile::Open(WriteTemp(""));
+  ExpectCorrupt(file.status(), "file is 0 bytes");
+}
+
+TEST_F(SafetensorsTest, RejectsHeaderLengthPastEndOfFile) {
+  auto file = SafetensorsFile::Open(WriteTemp(LengthPrefix(100) + "{}"));
+  ExpectCorrupt(file.status(), "header length 100 runs past the end of the file");
+}
+
+TEST_F(SafetensorsTest, RejectsAbsurdHeaderLength) {
+  auto file = SafetensorsFile::Open(WriteTemp(LengthPrefix(uint64_t{1} << 62) + "{}"));
+  ExpectCorrupt(file.status(), "exceeds the limit");
+}
+
+TEST_F(SafetensorsTest, RejectsHeaderThatIsNotJson) {
+  ExpectCorrupt(OpenExpectingError(R"({"w": {"dtype": )", ""), "header is not valid JSON");
+}
+
+TEST_F(SafetensorsTest, RejectsHeaderThatIsNotAnObject) {
+  ExpectCorrupt(OpenExpectingError("[1, 2]", ""), "header must be a JSON object, got array");
+}
+
+TEST_F(SafetensorsTest, RejectsTensorEntryThatIsNotAnObject) {
+  ExpectCorrupt(OpenExpectingError(R"({"w": [1, 2]})", ""), "tensor 'w': entry must be an object");
+}
+
+TEST_F(SafetensorsTest, RejectsMissingDtype) {
+  ExpectCorrupt(
+      OpenExpectingError(R"({"w": {"shape": [1], "data_offsets": [0, 4]}})", std::string(4, '\0')),
+      "tensor 'w': missing \"dtype\"");
+}
+
+TEST_F(SafetensorsTest, RejectsMissingShape) {
+  ExpectCorrupt(OpenExpectingError(R"({"w": {"dtype": "F32", "data_offsets": [0, 4]}})",
+                                   std::string(4, '\0')),
+                "tensor 'w': missing \"shape\"");
+}
+
+TEST_F(SafetensorsTest, RejectsMissingDataOffsets) {
+  ExpectCorrupt(
+      OpenExpectingError(R"({"w": {"dtype": "F32", "shape": [1]}})", std::string(4, '\0')),
+      "tensor 'w': missing \"data_offsets\"");
+}
+
+TEST_F(SafetensorsTest, RejectsDtypeThatIsNotAString) {
+  ExpectCorrupt(OpenExpectingError(R"({"w": {"dtype": 4, "shape": [1], "data_offsets": [0, 4]}})",
+                                   std::string(4, '\0')),
+                "tensor 'w': \"dtype\" must be a string, got number");
+}
+
+TEST_F(SafetensorsTest, RejectsUnknownDtype) {
+  ExpectCorrupt(
+      OpenExpectingError(R"({"w": {"dtype": "F12", "shape": [1], "data_offsets": [0, 4]}})",
+                         std::string(4, '\0')),
+      "tensor 'w': unknown dtype \"F12\"");
+}
+
+TEST_F(SafetensorsTest, RejectsShapeThatIsNotAnArray) {
+  ExpectCorrupt(OpenExpectingError(R"({"w": {"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}})",
+                                   std::string(4, '\0')),
+                "tensor 'w': \"shape\" must be an array of integers");
+}
+
+TEST_F(SafetensorsTest, RejectsNonIntegerDimension) {
+  ExpectCorrupt(
+      OpenExpectingError(R"({"w": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}})",
+                         std::string(4, '\0')),
+      "tensor 'w': \"shape\" must be an array of integers");
+}
+
+TEST_F(SafetensorsTest, RejectsNegativeDimension) {
+  ExpectCorrupt(
+      OpenExpectingError(R"({"w": {"dtype": "F32", "shape": [2, -2], "data_offsets": [0, 16]}})",
+                         std::string(16, '\0')),
+      "tensor 'w': negative dimension -2");
+}
+
+TEST_F(SafetensorsTest, RejectsShapeProductOverflow) {
+  // 2^32 x 2^32 elements wraps a uint64 to 0, which would match the empty byte range.
+  ExpectCorrupt(OpenExpectingError(R"({"w": {"dtype": "F32", "shape": [4294967296, 4294967296],
+                                          "data_offsets": [0, 0]}})",
+                                   ""),
+                "tensor 'w': shape [4294967296, 4294967296] of F32 overflows");
+}
+
+TEST_F(SafetensorsTest, RejectsDataOffsetsThatAreNotAPair) {
+  ExpectCorrupt(OpenExpectingError(R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [0]}})",
+                                   std::string(4, '\0')),
+                "tensor 'w': \"data_offsets\" must be [begin, end]");
+}
+
+TEST_F(SafetensorsTest, RejectsNegativeDataOffset) {
+  ExpectCorrupt(
+      OpenExpectingError(R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}})",
+                         std::string(4, '\0')),
+      "tensor 'w': \"data_offsets\" must be [begin, end] with non-negative integers");
+}
+
+TEST_F(SafetensorsTest, RejectsDataOffsetsWithBeginAfterEnd) {
+  ExpectCorrupt(
+      OpenExpectingError(R"({"w": {"dtype": "F32", "shape": [1], "data_offsets": [8, 4]}})",
+                         std::string(8, '\0')),
+      "tensor 'w': data_offsets [8,4] have begin > end");
+}
+
+TEST_F(SafetensorsTest, RejectsDataOffsetsPastEndOfData) {
+  ExpectCorrupt(
+      OpenExpectingError(R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})",
+                         std::string(4, '\0')),
+      "tensor 'w': data_offsets [0,8] end past the end of the data section (4 bytes)");
+}
+
+TEST_F(SafetensorsTest, RejectsByteCountThatDoesNotMatchShape) {
+  ExpectCorrupt(
+      OpenExpectingError(R"({"w": {"dtype": "F16", "shape": [3], "data_offsets": [0, 8]}})",
+                         std::string(8, '\0')),
+      "tensor 'w': data_offsets [0,8] span 8 bytes, but shape [3] of F16 needs 6");
+}
+
+TEST_F(SafetensorsTest, RejectsOverlappingRanges) {
+  ExpectCorrupt(OpenExpectingError(R"({"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+                                      "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}})",
+                                   std::string(12, '\0')),
+                "tensors 'a' [0, 8) and 'b' [4, 12) have overlapping data ranges");
+}
+
+TEST_F(SafetensorsTest, RejectsRangeNestedInsideAnEarlierOne) {
+  // The nested range begins after the middle one ends but before the outer one does.
+  ExpectCorrupt(
+      OpenExpectingError(R"({"outer": {"dtype": "U8", "shape": [16], "data_offsets": [0, 16]},
+                             "mid": {"dtype": "U8", "shape": [4], "data_offsets": [2, 6]},
+                             "inner": {"dtype": "U8", "shape": [2], "data_offsets": [8, 10]}})",
+                         std::string(16, '\0')),
+      "overlapping");
+}
+
+TEST_F(SafetensorsTest, RejectsDuplicateTensorNames) {
+  ExpectCorrupt(OpenExpectingError(R"({"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                                      "w": {"dtype": "U8", "shape": [1], "data_offsets": [1, 2]}})",
+                                   std::string(2, '\0')),
+                "tensor 'w' appears more than once");
+}
+
+TEST_F(SafetensorsTest, RejectsMetadataThatIsNotAnObject) {
+  ExpectCorrupt(OpenExpectingError(R"({"__metadata__": ["pt"]})", ""),
+                "\"__metadata__\" must be an object of strings, got array");
+}
+
+TEST_F(SafetensorsTest, RejectsNonStringMetadataValue) {
+  ExpectCorrupt(OpenExpectingError(R"({"__metadata__": {"format": "pt", "step": 7}})", ""),
+                "\"__metadata__\" value for key 'step' must be a string, got number");
+}
+
+TEST_F(SafetensorsTest, RejectsDirectory) {
+  auto file = SafetensorsFile::Open(::testing::TempDir());
+  EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(file.status().message()), HasSubstr("not a regular file"));
+}
+
+TEST_F(SafetensorsTest, EveryTruncationOfAValidFileIsRejectedCleanly) {
+  const std::string whole = MakeSafetensors(
+      R"({"__metadata__": {"k": "v"}, "a": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]},
+          "b": {"dtype": "I32", "shape": [1, 1], "data_offsets": [4, 8]}})",
+      std::string(8, '\x7f'));
+  ASSERT_TRUE(SafetensorsFile::Open(WriteTemp(whole)).ok());
+  for (size_t len = 0; len < whole.size(); ++len) {
+    auto file = SafetensorsFile::Open(WriteTemp(whole.substr(0, len)));
+    EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument) << "length " << len;
+  }
+}
+
+// ------------------------------------------------------------------ valid files
+
+// Three float tensors of two elements each plus an I64 one; the header lists them out of
+// file order, padded with trailing spaces as writers do to align the data section.
+class ValidFileTest : public SafetensorsTest {
+ protected:
+  void SetUp() override {
+    const std::string header =
+        R"({"__metadata__": {"format": "pt", "note": "unit test"},
+            "half": {"dtype": "F16", "shape": [2, 3], "data_offsets": [16, 28]},
+            "ids": {"dtype": "I64", "shape": [2], "data_offsets": [36, 52]},
+            "brain": {"dtype": "BF16", "shape": [4], "data_offsets": [28, 36]},
+            "full": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})"
+        "      ";
+    header_len_ = header.size();
+    const std::string data = BytesOf<float>({1.5f, -2.25f, 3e-30f, 65504.0f}) +
+                             BytesOf<uint16_t>({0x3c00, 0x7c00, 0xfc00, 0x0001, 0x03ff, 0x8000}) +
+                             BytesOf<uint16_t>({0x3f80, 0xc040, 0x7f80, 0x0001}) +
+                             BytesOf<int64_t>({7, -9});
+    auto file = SafetensorsFile::Open(WriteTemp(MakeSafetensors(header, data)));
+    ASSERT_TRUE(file.ok()) << file.status();
+    file_ = *std::move(file);
+  }
+
+  size_t header_len_ = 0;
+  std::unique_ptr<SafetensorsFile> file_;
+};
+
+TEST_F(ValidFileTest, ListsTensorsInFileOrderWithAbsoluteOffsets) {
+  EXPECT_EQ(file_->path(), path_);
+  const std::vector<TensorInfo>& t = file_->tensors();
+  ASSERT_EQ(t.size(), 4u);
+  EXPECT_EQ(t[0].name, "full");
+  EXPECT_EQ(t[1].name, "half");
+  EXPECT_EQ(t[2].name, "brain");
+  EXPECT_EQ(t[3].name, "ids");
+  EXPECT_EQ(t[1].dtype, DType::kF16);
+  EXPECT_THAT(t[1].shape, ElementsAre(2, 3));
+  EXPECT_EQ(t[1].num_elements(), 6);
+  EXPECT_EQ(t[1].offset, 8 + header_len_ + 16);
+  EXPECT_EQ(t[1].nbytes, 12u);
+}
+
+TEST_F(ValidFileTest, ReadsF32Exactly) {
+  auto v = file_->ReadFloat32("full");
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_THAT(*v, ElementsAre(1.5f, -2.25f, 3e-30f, 65504.0f));
+}
+
+TEST_F(ValidFileTest, WidensF16IncludingInfinityAndSubnormals) {
+  auto v = file_->ReadFloat32("half", {2, 3});
+  ASSERT_TRUE(v.ok()) << v.status();
+  ASSERT_EQ(v->size(), 6u);
+  EXPECT_EQ((*v)[0], 1.0f);
+  EXPECT_EQ((*v)[1], std::numeric_limits<float>::infinity());
+  EXPECT_EQ((*v)[2], -std::numeric_limits<float>::infinity());
+  EXPECT_EQ((*v)[3], std::ldexp(1.0f, -24));              // Smallest subnormal half.
+  EXPECT_EQ((*v)[4], std::ldexp(1023.0f, -24));           // Largest subnormal half.
+  EXPECT_TRUE((*v)[5] == 0.0f && std::signbit((*v)[5]));  // -0 keeps its sign.
+}
+
+TEST_F(ValidFileTest, WidensBF16) {
+  auto v = file_->ReadFloat32("brain");
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_THAT(*v, ElementsAre(1.0f, -3.0f, std::numeric_limits<float>::infinity(),
+                              std::numeric_limits<float>::denorm_min() * float(1 << 16)));
+}
+
+TEST_F(ValidFileTest, ListsI64ButRefusesToReadItAsFloat) {
+  const TensorInfo* ids = file_->Find("ids");
+  ASSERT_NE(ids, nullptr);
+  EXPECT_EQ(ids->dtype, DType::kI64);
+  std::vector<int64_t> values(2);
+  ASSERT_EQ(file_->Bytes(*ids).size(), 16u);
+  std::memcpy(values.data(), file_->Bytes(*ids).data(), 16);
+  EXPECT_THAT(values, ElementsAre(7, -9));
+
+  auto v = file_->ReadFloat32("ids");
+  EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(v.status().message()),
+              AllOf(HasSubstr("'ids'"), HasSubstr("I64"), HasSubstr(path_)));
+}
+
+TEST_F(ValidFileTest, ReadsMetadata) {
+  EXPECT_EQ(file_->metadata().size(), 2u);
+  EXPECT_EQ(file_->metadata().at("format"), "pt");
+  EXPECT_EQ(file_->metadata().at("note"), "unit test");
+}
+
+TEST_F(ValidFileTest, WrongExpectedShapeIsInvalidArgumentNamingBothShapes) {
+  auto v = file_->ReadFloat32("half", {3, 2});
+  EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(v.status().message(),
+            absl::StrCat("tensor 'half' in ", path_, " has shape [2, 3], expected [3, 2]"));
+}
+
+TEST_F(ValidFileTest, MissingTensorIsNotFoundNamingTensorAndFile) {
+  EXPECT_EQ(file_->Find("nope"), nullptr);
+  for (const auto& v : {file_->ReadFloat32("nope"), file_->ReadFloat32("nope", {1})}) {
+    EXPECT_EQ(v.status().code(), absl::StatusCode::kNotFound);
+    EXPECT_THAT(std::string(v.status().message()), AllOf(HasSubstr("'nope'"), HasSubstr(path_)));
+  }
+}
+
+TEST_F(SafetensorsTest, RefusesToNarrowF64) {
+  auto file = SafetensorsFile::Open(WriteTemp(MakeSafetensors(
+      R"({"d": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}})", BytesOf<double>({1.0}))));
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto v = (*file)->ReadFloat32("d");
+  EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(v.status().message()), AllOf(HasSubstr("'d'"), HasSubstr("F64")));
+}
+
+TEST_F(SafetensorsTest, AcceptsEmptyAndScalarTensorsAndNoMetadata) {
+  // An empty tensor may sit at any offset, even inside another tensor's range: it owns no bytes.
+  auto file = SafetensorsFile::Open(WriteTemp(MakeSafetensors(
+      R"({"empty": {"dtype": "F32", "shape": [0, 384], "data_offsets": [2, 2]},
+          "scalar": {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}})",
+      BytesOf<float>({42.0f}))));
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_TRUE((*file)->metadata().empty());
+  const TensorInfo* empty = (*file)->Find("empty");
+  ASSERT_NE(empty, nullptr);
+  EXPECT_EQ(empty->num_elements(), 0);
+  EXPECT_TRUE((*file)->Bytes(*empty).empty());
+  auto e = (*file)->ReadFloat32("empty", {0, 384});
+  ASSERT_TRUE(e.ok()) << e.status();
+  EXPECT_TRUE(e->empty());
+  auto s = (*file)->ReadFloat32("scalar", {});
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_THAT(*s, ElementsAre(42.0f));
+}
+
+TEST_F(SafetensorsTest, AcceptsEmptyHeaderObject) {
+  auto file = SafetensorsFile::Open(WriteTemp(MakeSafetensors("{}", "")));
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_TRUE((*file)->tensors().empty());
+}
+
+// ------------------------------------------------------------------ conversions
+
+TEST(DTypeTest, NamesAndSizesMatchTheFileFormat) {
+  EXPECT_EQ(DTypeName(DType::kBF16), "BF16");
+  EXPECT_EQ(DTypeName(DType::kBool), "BOOL");
+  EXPECT_EQ(DTypeName(DType::kF8E4M3), "F8_E4M3");
+  EXPECT_EQ(DTypeSize(DType::kF64), 8u);
+  EXPECT_EQ(DTypeSize(DType::kBF16), 2u);
+  EXPECT_EQ(DTypeSize(DType::kBool), 1u);
+  for (DType d : {DType::kF64, DType::kF32, DType::kF16, DType::kBF16, DType::kI64, DType::kI32,
+                  DType::kI16, DType::kI8, DType::kU8, DType::kBool, DType::kU16, DType::kU32,
+                  DType::kU64, DType::kF8E4M3, DType::kF8E5M2}) {
+    auto parsed = ParseDType(DTypeName(d));
+    ASSERT_TRUE(parsed.ok()) << DTypeName(d);
+    EXPECT_EQ(*parsed, d);
+  }
+  EXPECT_EQ(ParseDType("f32").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(HalfTest, EveryHalfRoundTripsThroughFloat) {
+  for (uint32_t h = 0; h <= 0xffff; ++h) {
+    const float f = HalfToFloat(static_cast<uint16_t>(h));
+    const bool is_nan = (h & 0x7c00) == 0x7c00 && (h & 0x03ff) != 0;
+    ASSERT_EQ(std::isnan(f), is_nan) << std::hex << h;
+    if (is_nan) {
+      EXPECT_TRUE(std::isnan(HalfToFloat(FloatToHalf(f)))) << std::hex << h;
+    } else {
+      ASSERT_EQ(FloatToHalf(f), h) << std::hex << h;
+    }
+  }
+}
+
+TEST(HalfTest, NarrowingRoundsToNearestEven) {
+  EXPECT_EQ(FloatToHalf(1.0f + std::ldexp(1.0f, -11)), 0x3c00);      // Tie, even is down.
+  EXPECT_EQ(FloatToHalf(1.0f + 3 * std::ldexp(1.0f, -11)), 0x3c02);  // Tie, even is up.
+  EXPECT_EQ(FloatToHalf(1.0f + std::ldexp(1.0f, -11) + std::ldexp(1.0f, -20)), 0x3c01);
+  EXPECT_EQ(FloatToHalf(65519.0f), 0x7bff);  // Largest finite, 65504.
+  EXPECT_EQ(FloatToHalf(65520.0f), 0x7c00);  // Ties away to inf.
+  EXPECT_EQ(FloatToHalf(-1e10f), 0xfc00);
+  EXPECT_EQ(FloatToHalf(std::ldexp(1.0f, -25)), 0x0000);     // Tie to even zero.
+  EXPECT_EQ(FloatToHalf(std::ldexp(1.5f, -25)), 0x0001);     // Above the tie.
+  EXPECT_EQ(FloatToHalf(std::ldexp(3.0f, -25)), 0x0002);     // Tie to even 2 x 2^-24.
+  EXPECT_EQ(FloatToHalf(std::ldexp(1023.5f, -24)), 0x0400);  // Carries into the normals.
+  EXPECT_EQ(FloatToHalf(-std::numeric_limits<float>::denorm_min()), 0x8000);
+  const uint16_t nan = FloatToHalf(-std::numeric_limits<float>::quiet_NaN());
+  EXPECT_EQ(nan & 0xfe00, 0xfe00);  // Negative quiet NaN.
+}
+
+#ifdef __FLT16_MAX__
+TEST(HalfTest, NarrowingMatchesCompilerFloat16OnASweep) {
+  // A stride coprime to 2^32 visits about a million float bit patterns of every exponent.
+  for (uint64_t bits = 0; bits <= 0xffffffffu; bits += 4099) {
+    float f;
+    const uint32_t b = static_cast<uint32_t>(bits);
+    std::memcpy(&f, &b, 4);
+    if (std::isnan(f)) continue;
+    const _Float16 ref = static_cast<_Float16>(f);
+    uint16_t ref_bits;
+    std::memcpy(&ref_bits, &ref, 2);
+    ASSERT_EQ(FloatToHalf(f), ref_bits) << std::hexfloat << f;
+  }
+}
+#endif
+
+TEST(BFloat16Test, EveryBFloat16RoundTripsThroughFloat) {
+  for (uint32_t b = 0; b <= 0xffff; ++b) {
+    const float f = BFloat16ToFloat(static_cast<uint16_t>(b));
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(BFloat16ToFloat(FloatToBFloat16(f)))) << std::hex << b;
+    } else {
+      ASSERT_EQ(FloatToBFloat16(f), b) << std::hex << b;
+    }
+  }
+}
+
+TEST(BFloat16Test, NarrowingRoundsToNearestEven) {
+  EXPECT_EQ(FloatToBFloat16(1.0f + std::ldexp(1.0f, -8)), 0x3f80);      // Tie, even is down.
+  EXPECT_EQ(FloatToBFloat16(1.0f + 3 * std::ldexp(1.0f, -8)), 0x3f82);  // Tie, even is up.
+  EXPECT_EQ(FloatToBFloat16(1.0f + std::ldexp(1.0f, -8) + std::ldexp(1.0f, -20)), 0x3f81);
+  EXPECT_EQ(FloatToBFloat16(std::numeric_limits<float>::max()), 0x7f80);  // Rounds up to inf.
+  EXPECT_TRUE(
+      std::isnan(BFloat16ToFloat(FloatToBFloat16(std::numeric_limits<float>::quiet_NaN()))));
+  // A NaN whose payload lies only in the low 16 bits must not truncate to inf.
+  EXPECT_TRUE(std::isnan(BFloat16ToFloat(FloatToBFloat16(std::bit_cast<float>(0x7f800001u)))));
+}
+
+// ------------------------------------------------------------------ the real model
+
+TEST(SafetensorsModelTest, OpensAllMiniLmL6V2) {
+  const std::string path = KILN_SOURCE_DIR "/models/all-MiniLM-L6-v2/model.safetensors";
+  ASSERT_TRUE(std::filesystem::exists(path))
+      << path << " is missing; run scripts/fetch_model.sh to download it";
+  auto file = SafetensorsFile::Open(path);
+  ASSERT_TRUE(file.ok()) << file.status();
+  const SafetensorsFile& f = **file;
+
+  // 104 tensors; with "__metadata__" the header has 105 entries.
+  EXPECT_EQ(f.tensors().size(), 104u);
+  EXPECT_EQ(f.metadata().at("format"), "pt");
+
+  const TensorInfo* words = f.Find("embeddings.word_embeddings.weight");
+  ASSERT_NE(words, nullptr);
+  EXPECT_EQ(words->dtype, DType::kF32);
+  EXPECT_THAT(words->shape, ElementsAre(30522, 384));
+  auto values = f.ReadFloat32("embeddings.word_embeddings.weight", {30522, 384});
+  ASSERT_TRUE(values.ok()) << values.status();
+  ASSERT_EQ(values->size(), 30522u * 384u);
+  for (float v : *values) ASSERT_TRUE(std::isfinite(v));
+
+  const TensorInfo* positions = f.Find("embeddings.position_ids");
+  ASSERT_NE(positions, nullptr);
+  EXPECT_EQ(positions->dtype, DType::kI64);
+  EXPECT_THAT(positions->shape, ElementsAre(1, 512));
+  std::vector<int64_t> ids(512);
+  std::memcpy(ids.data(), f.Bytes(*positions).data(), 512 * sizeof(int64_t));
+  for (int64_t i = 0; i < 512; ++i) ASSERT_EQ(ids[i], i);
+  EXPECT_EQ(f.ReadFloat32("embeddings.position_ids").status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace kiln
