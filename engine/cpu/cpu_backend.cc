@@ -18,9 +18,18 @@ namespace {
 
 constexpr size_t kAlignment = 64;
 
-// Softmax of one row in place; the row is already scaled.
-inline void SoftmaxRow(float* row, int n) {
+// Memory-bound element-wise ops go parallel only above this many elements:
+// below it a fork-join costs more than it saves (measured: LayerNorm over
+// 2048 x 384 takes 0.4 ms on one thread and no less on two), and on a busy
+// machine a descheduled worker stalls the whole barrier.
+constexpr int64_t kParallelElements = int64_t{1} << 22;
+
+// Exponentiates one row of scores in place, softmax-style (shifted by the row
+// maximum), and returns 1 / sum: the normalisation is applied later to the
+// much smaller attention output row instead of to the whole score row.
+inline float SoftmaxExpRow(float* row, int n) {
   float max_v = row[0];
+#pragma omp simd reduction(max : max_v)
   for (int j = 1; j < n; ++j) max_v = std::max(max_v, row[j]);
   float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -29,9 +38,7 @@ inline void SoftmaxRow(float* row, int n) {
     row[j] = e;
     sum += e;
   }
-  const float inv = 1.0f / sum;
-#pragma omp simd
-  for (int j = 0; j < n; ++j) row[j] *= inv;
+  return 1.0f / sum;
 }
 
 }  // namespace
@@ -78,7 +85,7 @@ void CpuBackend::EmbeddingSum(const float* word, const float* position, const fl
                               absl::Span<const int32_t> ids, absl::Span<const int32_t> positions,
                               absl::Span<const int32_t> type_ids, int hidden, float* out) {
   const int64_t n = static_cast<int64_t>(ids.size());
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * hidden > kParallelElements)
   for (int64_t t = 0; t < n; ++t) {
     const float* w = word + static_cast<int64_t>(ids[t]) * hidden;
     const float* p = position + static_cast<int64_t>(positions[t]) * hidden;
@@ -123,7 +130,7 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
 
 void CpuBackend::AddLayerNorm(float* x, const float* residual, const float* gamma,
                               const float* beta, int rows, int cols, float eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (int64_t{rows} * cols > kParallelElements)
   for (int r = 0; r < rows; ++r) {
     float* row = x + static_cast<int64_t>(r) * cols;
     if (residual != nullptr) {
@@ -164,6 +171,7 @@ void CpuBackend::Attention(const float* qkv, absl::Span<const int32_t> seq_start
 #pragma omp parallel
   {
     std::vector<float> scores(static_cast<size_t>(max_len) * max_len);
+    std::vector<float> inv_sum(max_len);
 #pragma omp for schedule(dynamic, 1)
     for (int task = 0; task < tasks; ++task) {
       const int s = task / heads;
@@ -177,9 +185,16 @@ void CpuBackend::Attention(const float* qkv, absl::Span<const int32_t> seq_start
       float* o = out + static_cast<int64_t>(start) * hidden + h * head_dim;
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, len, len, head_dim, scale, q, ld_qkv, k,
                   ld_qkv, 0.0f, scores.data(), len);
-      for (int i = 0; i < len; ++i) SoftmaxRow(scores.data() + static_cast<int64_t>(i) * len, len);
+      for (int i = 0; i < len; ++i) {
+        inv_sum[i] = SoftmaxExpRow(scores.data() + static_cast<int64_t>(i) * len, len);
+      }
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, len, head_dim, len, 1.0f,
                   scores.data(), len, v, ld_qkv, 0.0f, o, hidden);
+      for (int i = 0; i < len; ++i) {
+        float* row = o + static_cast<int64_t>(i) * hidden;
+#pragma omp simd
+        for (int c = 0; c < head_dim; ++c) row[c] *= inv_sum[i];
+      }
     }
   }
 }
@@ -187,7 +202,7 @@ void CpuBackend::Attention(const float* qkv, absl::Span<const int32_t> seq_start
 void CpuBackend::Pool(const float* x, absl::Span<const int32_t> seq_starts, int hidden,
                       PoolingMode mode, bool normalize, float* out_host) {
   const int num_seqs = static_cast<int>(seq_starts.size()) - 1;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (int64_t{seq_starts.back()} * hidden > kParallelElements)
   for (int s = 0; s < num_seqs; ++s) {
     const int start = seq_starts[s];
     const int len = seq_starts[s + 1] - start;
