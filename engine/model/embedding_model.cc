@@ -1,0 +1,28 @@
+#include "engine/model/embedding_model.h"
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "engine/safetensors.h"
+
+namespace kiln {
+
+absl::StatusOr<std::unique_ptr<EmbeddingModel>> EmbeddingModel::Load(const std::string& dir,
+                                                                     Backend* backend) {
+  std::unique_ptr<EmbeddingModel> model(new EmbeddingModel());
+  ASSIGN_OR_RETURN(model->config_, LoadModelConfig(dir));
+  ASSIGN_OR_RETURN(model->tokenizer_, WordPieceTokenizer::FromDirectory(dir));
+  if (model->tokenizer_->vocab_size() > model->config_.encoder.vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir, ": the tokenizer has ", model->tokenizer_->vocab_size(),
+        " tokens but config.json vocab_size is ", model->config_.encoder.vocab_size));
+  }
+  const std::string weights_path = (std::filesystem::path(dir) / "model.safetensors").string();
+  ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> weights, SafetensorsFile::Open(weights_path));
+  ASSIGN_OR_RETURN(model->encoder_, Encoder::Load(model->config_.encoder, model->config_.pooling,
+                                                  *weights, backend));
+  return model;
+}
+
+}  // namespace kiln
