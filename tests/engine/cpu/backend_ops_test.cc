@@ -104,7 +104,9 @@ TEST_P(BackendOpsTest, AddLayerNormMatchesReference) {
 
 TEST_P(BackendOpsTest, AttentionStaysWithinEachPackedSequence) {
   const int heads = 3, d = 8, hidden = heads * d;
-  const std::vector<int32_t> starts = {0, 5, 6, 19};  // lengths 5, 1, 13
+  // Lengths 5, 1, 13 and 37: short rows take the scalar softmax, long ones the
+  // vectorised path with a tail.
+  const std::vector<int32_t> starts = {0, 5, 6, 19, 56};
   const int total = starts.back();
   const auto qkv = RandomVector(total * 3 * hidden, 8);
   std::vector<float> want(total * hidden, 0.0f);
