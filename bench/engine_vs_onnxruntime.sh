@@ -15,8 +15,13 @@
 #
 # Usage: bench/engine_vs_onnxruntime.sh
 # Env:   THREADS   threads for both engines (default: nproc)
-#        REPEATS   timed passes per measurement; the median is reported
-#                  (default 3; each engine also runs one untimed warm-up pass)
+#        ROUNDS    rounds (default 3). Each round measures every engine and
+#                  depth once, in turn, so a burst of load from other tenants
+#                  hits one round of every configuration rather than all
+#                  rounds of one; the table reports per-configuration medians
+#                  over rounds, and ratios as medians of per-round ratios.
+#        REPEATS   timed passes per measurement, median taken (default 1;
+#                  each measurement also runs one untimed warm-up pass)
 #        SKIP_KILN=1  measure only ONNX Runtime (no C++ build, no Kiln column)
 # Steps: tools/setup_venv.sh, scripts/fetch_model.sh, cmake build of
 #        kiln_bench_engine (Release, in build/), texts, ONNX export (cached in
@@ -26,7 +31,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
 threads="${THREADS:-$(nproc)}"
-repeats="${REPEATS:-3}"
+rounds="${ROUNDS:-3}"
+repeats="${REPEATS:-1}"
 skip_kiln="${SKIP_KILN:-0}"
 model="models/all-MiniLM-L6-v2"
 out="bench/out"
@@ -39,6 +45,7 @@ log() { echo "engine_vs_onnxruntime: $*" >&2; }
 die() { log "$*"; exit 1; }
 [[ "$threads" =~ ^[1-9][0-9]*$ ]] || die "THREADS must be a positive integer, got '$threads'"
 [[ "$repeats" =~ ^[1-9][0-9]*$ ]] || die "REPEATS must be a positive integer, got '$repeats'"
+[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$rounds'"
 [[ "$skip_kiln" == 0 || "$skip_kiln" == 1 ]] || die "SKIP_KILN must be 0 or 1, got '$skip_kiln'"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -86,7 +93,7 @@ cpu="$(lscpu | sed -n 's/^Model name:[[:space:]]*//p' | head -n 1)"
 header=(
   "# Kiln engine vs ONNX Runtime, all-MiniLM-L6-v2, CPU"
   "# machine:  ${cpu:-unknown}, $(nproc) online CPUs ($(lscpu | sed -n 's/^Core(s) per socket:[[:space:]]*//p' | head -n 1) cores/socket, $(lscpu | sed -n 's/^Socket(s):[[:space:]]*//p' | head -n 1) sockets)"
-  "# threads:  $threads   repeats: $repeats (median; +1 warm-up)   batch (ORT): 32"
+  "# threads:  $threads   rounds: $rounds (interleaved; medians)   repeats: $repeats (+1 warm-up)   batch (ORT): 32"
   "# date:     $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
   "# commit:   $commit"
   "# onnxruntime $("$py" -c 'import onnxruntime; print(onnxruntime.__version__)')"
@@ -94,47 +101,56 @@ header=(
 printf '%s\n' "${header[@]}" >&2
 : >"$results"
 
-declare -A kiln ort_in ort_sorted
-for k in "${depths[@]}"; do
-  if [[ "$skip_kiln" == 0 ]]; then
-    log "kiln exit $k"
-    r="$(measure "$kiln_bin" --model="$model" --input="$texts" --exit="$k" \
-      --threads="$threads" --repeats="$repeats")"
-    kiln[$k]="$(field tokens_per_s "$r")"
-  fi
-  for order in input sorted; do
-    log "onnxruntime L$k, $order order"
-    r="$(measure "$py" bench/ort_bench.py --onnx "$out/minilm_L$k.onnx" --texts "$texts" \
-      --model "$model" --threads "$threads" --batch 32 --order "$order" --repeats "$repeats" \
-      --max_length 256)"
-    if [[ "$order" == input ]]; then ort_in[$k]="$(field tokens_per_s "$r")"; else ort_sorted[$k]="$(field tokens_per_s "$r")"; fi
+for ((round = 1; round <= rounds; round++)); do
+  for k in "${depths[@]}"; do
+    if [[ "$skip_kiln" == 0 ]]; then
+      log "round $round/$rounds: kiln exit $k"
+      measure "$kiln_bin" --model="$model" --input="$texts" --exit="$k" \
+        --threads="$threads" --repeats="$repeats" >/dev/null
+    fi
+    for order in input sorted; do
+      log "round $round/$rounds: onnxruntime L$k, $order order"
+      measure "$py" bench/ort_bench.py --onnx "$out/minilm_L$k.onnx" --texts "$texts" \
+        --model "$model" --threads "$threads" --batch 32 --order "$order" --repeats "$repeats" \
+        --max_length 256 >/dev/null
+    done
   done
 done
 
 # The table, computed from the collected numbers.
 echo
 printf '%s\n' "${header[@]}"
-"$py" - "$skip_kiln" "${depths[@]}" <<PY
-import sys
-skip = sys.argv[1] == "1"
-depths = [int(d) for d in sys.argv[2:]]
-kiln = {$(for k in "${depths[@]}"; do [[ "$skip_kiln" == 0 ]] && printf '%s: %s, ' "$k" "${kiln[$k]}"; done)}
-ort_in = {$(for k in "${depths[@]}"; do printf '%s: %s, ' "$k" "${ort_in[$k]}"; done)}
-ort_sorted = {$(for k in "${depths[@]}"; do printf '%s: %s, ' "$k" "${ort_sorted[$k]}"; done)}
+"$py" - "$results" "$rounds" "${depths[@]}" <<'PY'
+import json, statistics, sys
+results_path, rounds, depths = sys.argv[1], int(sys.argv[2]), [int(d) for d in sys.argv[3:]]
+rows = [json.loads(l) for l in open(results_path)]
+def series(engine, depth, order=None):
+    return [r["tokens_per_s"] for r in rows
+            if r["engine"] == engine and r.get("exit", r.get("layers")) == depth
+            and (order is None or r.get("order") == order)]
+kiln = {k: series("kiln", k) for k in depths}
+ort_in = {k: series("onnxruntime", k, "input") for k in depths}
+ort_sorted = {k: series("onnxruntime", k, "sorted") for k in depths}
 na = "n/a"
-def num(x): return na if x is None else f"{x:,.0f}"
-def ratio(a, b): return na if a is None or b is None else f"{a / b:.2f}x"
-print(f"{'depth':>5}  {'kiln tok/s':>11}  {'ort(input) tok/s':>16}  {'ort(sorted) tok/s':>17}  "
+def med(xs): return statistics.median(xs) if xs else None
+def num(xs): return na if not xs else f"{med(xs):,.0f}"
+def ratio(a, b):
+    # median over rounds of the per-round ratio (both measured in that round)
+    if not a or not b: return na
+    return f"{statistics.median(x / y for x, y in zip(a, b)):.2f}x"
+def spread(xs): return "" if len(xs) < 2 else f" ({min(xs):,.0f}-{max(xs):,.0f})"
+print(f"{'depth':>5}  {'kiln tok/s':>24}  {'ort(input) tok/s':>24}  {'ort(sorted) tok/s':>24}  "
       f"{'kiln/ort-input':>14}  {'kiln/ort-sorted':>15}")
 for k in depths:
-    kv = kiln.get(k)
-    print(f"{k:>5}  {num(kv):>11}  {num(ort_in[k]):>16}  {num(ort_sorted[k]):>17}  "
-          f"{ratio(kv, ort_in[k]):>14}  {ratio(kv, ort_sorted[k]):>15}")
+    print(f"{k:>5}  {num(kiln[k]) + spread(kiln[k]):>24}  {num(ort_in[k]) + spread(ort_in[k]):>24}  "
+          f"{num(ort_sorted[k]) + spread(ort_sorted[k]):>24}  {ratio(kiln[k], ort_in[k]):>14}  "
+          f"{ratio(kiln[k], ort_sorted[k]):>15}")
 full = max(depths)
 for k in sorted(d for d in depths if d != full):
-    print(f"kiln exit {k} speed-up over its full depth ({full}): {ratio(kiln.get(k), kiln.get(full))}"
+    print(f"kiln exit {k} speed-up over its full depth ({full}): {ratio(kiln[k], kiln[full])}"
           f"   (ort sorted L{k} over L{full}: {ratio(ort_sorted[k], ort_sorted[full])})")
-if skip:
+print(f"tok/s: median over {rounds} rounds (min-max); ratios: median of per-round ratios")
+if not any(kiln.values()):
     print("(SKIP_KILN=1: Kiln not measured)")
 PY
 echo "raw results: $results"
