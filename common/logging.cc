@@ -27,8 +27,8 @@ LogMessage::LogMessage(LogLevel level, const char* file, int line) : level_(leve
   strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%S", &utc);
   std::string_view path(file);
   if (auto slash = path.rfind('/'); slash != std::string_view::npos) path.remove_prefix(slash + 1);
-  stream_ << kLetters[static_cast<int>(level)] << ' ' << buf << '.'
-          << (ts.tv_nsec / 1000000) << "Z " << path << ':' << line << "] ";
+  stream_ << kLetters[static_cast<int>(level)] << ' ' << buf << '.' << (ts.tv_nsec / 1000000)
+          << "Z " << path << ':' << line << "] ";
 }
 
 LogMessage::~LogMessage() {

@@ -40,9 +40,9 @@ class LogMessage {
 #define KILN_LOG_LEVEL_ERROR ::kiln::LogLevel::kError
 #define KILN_LOG_LEVEL_FATAL ::kiln::LogLevel::kFatal
 
-#define KLOG(severity)                                            \
-  if (KILN_LOG_LEVEL_##severity < ::kiln::MinLogLevel()) {        \
-  } else                                                          \
+#define KLOG(severity)                                     \
+  if (KILN_LOG_LEVEL_##severity < ::kiln::MinLogLevel()) { \
+  } else                                                   \
     ::kiln::internal::LogMessage(KILN_LOG_LEVEL_##severity, __FILE__, __LINE__).stream()
 
 #endif  // KILN_COMMON_LOGGING_H_

@@ -14,10 +14,10 @@
 #define KILN_STATUS_CONCAT_INNER_(a, b) a##b
 #define KILN_STATUS_CONCAT_(a, b) KILN_STATUS_CONCAT_INNER_(a, b)
 
-#define RETURN_IF_ERROR(expr)                          \
-  do {                                                 \
-    ::absl::Status kiln_status_ = (expr);              \
-    if (!kiln_status_.ok()) return kiln_status_;       \
+#define RETURN_IF_ERROR(expr)                    \
+  do {                                           \
+    ::absl::Status kiln_status_ = (expr);        \
+    if (!kiln_status_.ok()) return kiln_status_; \
   } while (0)
 
 #define KILN_ASSIGN_OR_RETURN_IMPL_(tmp, lhs, rexpr) \

@@ -138,8 +138,8 @@ void CpuBackend::SetThreads(int threads) {
 }
 
 absl::StatusOr<DeviceArray> CpuBackend::Allocate(size_t count) {
-  const size_t bytes = std::max<size_t>(kAlignment, (count * sizeof(float) + kAlignment - 1) /
-                                                        kAlignment * kAlignment);
+  const size_t bytes = std::max<size_t>(
+      kAlignment, (count * sizeof(float) + kAlignment - 1) / kAlignment * kAlignment);
   void* p = std::aligned_alloc(kAlignment, bytes);
   if (p == nullptr) {
     return absl::ResourceExhaustedError(
@@ -191,7 +191,8 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
     const int n = std::min(rows, r0 + block) - r0;
     float* yb = y + static_cast<int64_t>(r0) * out;
     if (bias != nullptr) {
-      for (int r = 0; r < n; ++r) std::memcpy(yb + static_cast<int64_t>(r) * out, bias, out * sizeof(float));
+      for (int r = 0; r < n; ++r)
+        std::memcpy(yb + static_cast<int64_t>(r) * out, bias, out * sizeof(float));
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f,
                 x + static_cast<int64_t>(r0) * in, in, w, in, bias != nullptr ? 1.0f : 0.0f, yb,
@@ -278,7 +279,8 @@ void CpuBackend::Attention(const float* qkv, absl::Span<const int32_t> seq_start
 void CpuBackend::Pool(const float* x, absl::Span<const int32_t> seq_starts, int hidden,
                       PoolingMode mode, bool normalize, float* out_host) {
   const int num_seqs = static_cast<int>(seq_starts.size()) - 1;
-#pragma omp parallel for schedule(static) if (int64_t{seq_starts.back()} * hidden > kParallelElements)
+#pragma omp parallel for schedule(static) if (int64_t{seq_starts.back()} * hidden > \
+                                              kParallelElements)
   for (int s = 0; s < num_seqs; ++s) {
     const int start = seq_starts[s];
     const int len = seq_starts[s + 1] - start;

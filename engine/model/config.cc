@@ -22,8 +22,10 @@ absl::StatusOr<json> ReadJson(const fs::path& path) {
   std::stringstream buf;
   buf << in.rdbuf();
   json j = json::parse(buf.str(), /*cb=*/nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not valid JSON"));
-  if (!j.is_object()) return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not a JSON object"));
+  if (j.is_discarded())
+    return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not valid JSON"));
+  if (!j.is_object())
+    return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not a JSON object"));
   return j;
 }
 
@@ -46,13 +48,13 @@ absl::StatusOr<EncoderConfig> ParseEncoderConfig(const json& j, const std::strin
   EncoderConfig c;
   c.model_type = j.value("model_type", "");
   if (c.model_type != "bert") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        file, ": model_type '", c.model_type, "' is not supported (supported: bert)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": model_type '", c.model_type, "' is not supported (supported: bert)"));
   }
   if (auto it = j.find("position_embedding_type");
       it != j.end() && !(it->is_string() && it->get<std::string>() == "absolute")) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        file, ": position_embedding_type ", it->dump(), " is not supported (supported: absolute)"));
+    return absl::InvalidArgumentError(absl::StrCat(file, ": position_embedding_type ", it->dump(),
+                                                   " is not supported (supported: absolute)"));
   }
   if (j.value("is_decoder", false)) {
     return absl::InvalidArgumentError(absl::StrCat(file, ": is_decoder=true is not supported"));
@@ -113,9 +115,9 @@ absl::StatusOr<PoolingConfig> ParsePoolingConfig(const json& j, const std::strin
     p.mode = m.mode;
   }
   if (on.size() != 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(file, ": exactly one pooling mode must be true, got ",
-                     on.empty() ? "none" : absl::StrJoin(on, ", ")));
+    return absl::InvalidArgumentError(absl::StrCat(file,
+                                                   ": exactly one pooling mode must be true, got ",
+                                                   on.empty() ? "none" : absl::StrJoin(on, ", ")));
   }
   return p;
 }
@@ -147,9 +149,9 @@ absl::Status ParseModules(const fs::path& dir, ModelConfig& config) {
       if (auto it = pj.find("word_embedding_dimension");
           it != pj.end() && it->is_number_integer() &&
           it->get<int>() != config.encoder.hidden_size) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            pooling_file.string(), ": word_embedding_dimension ", it->get<int>(),
-            " does not match hidden_size ", config.encoder.hidden_size));
+        return absl::InvalidArgumentError(
+            absl::StrCat(pooling_file.string(), ": word_embedding_dimension ", it->get<int>(),
+                         " does not match hidden_size ", config.encoder.hidden_size));
       }
       saw_pooling = true;
     } else if (type == "sentence_transformers.models.Normalize") {
@@ -208,9 +210,8 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& dir_name) {
   const fs::path sbert_path = dir / "sentence_bert_config.json";
   if (fs::exists(sbert_path, ec)) {
     ASSIGN_OR_RETURN(json sj, ReadJson(sbert_path));
-    ASSIGN_OR_RETURN(config.max_seq_length,
-                     IntField(sj, sbert_path.string(), "max_seq_length",
-                              config.encoder.max_position_embeddings));
+    ASSIGN_OR_RETURN(config.max_seq_length, IntField(sj, sbert_path.string(), "max_seq_length",
+                                                     config.encoder.max_position_embeddings));
     if (config.max_seq_length > config.encoder.max_position_embeddings) {
       return absl::InvalidArgumentError(absl::StrCat(
           sbert_path.string(), ": max_seq_length ", config.max_seq_length,

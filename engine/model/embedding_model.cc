@@ -14,9 +14,9 @@ absl::StatusOr<std::unique_ptr<EmbeddingModel>> EmbeddingModel::Load(const std::
   ASSIGN_OR_RETURN(model->config_, LoadModelConfig(dir));
   ASSIGN_OR_RETURN(model->tokenizer_, WordPieceTokenizer::FromDirectory(dir));
   if (model->tokenizer_->vocab_size() > model->config_.encoder.vocab_size) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        dir, ": the tokenizer has ", model->tokenizer_->vocab_size(),
-        " tokens but config.json vocab_size is ", model->config_.encoder.vocab_size));
+    return absl::InvalidArgumentError(
+        absl::StrCat(dir, ": the tokenizer has ", model->tokenizer_->vocab_size(),
+                     " tokens but config.json vocab_size is ", model->config_.encoder.vocab_size));
   }
   const std::string weights_path = (std::filesystem::path(dir) / "model.safetensors").string();
   ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> weights, SafetensorsFile::Open(weights_path));

@@ -23,7 +23,8 @@ class WeightReader {
 
   absl::StatusOr<std::vector<float>> Host(const std::string& name,
                                           std::initializer_list<int64_t> shape) {
-    return file_.ReadFloat32(prefix_ + name, absl::Span<const int64_t>(shape.begin(), shape.size()));
+    return file_.ReadFloat32(prefix_ + name,
+                             absl::Span<const int64_t>(shape.begin(), shape.size()));
   }
 
   absl::StatusOr<DeviceArray> Device(const std::string& name,
@@ -51,7 +52,8 @@ absl::StatusOr<std::unique_ptr<Encoder>> Encoder::Load(const EncoderConfig& conf
   std::unique_ptr<Encoder> enc(new Encoder(config, pooling, backend));
   WeightReader r(weights, backend);
   const int64_t h = config.hidden_size, ff = config.intermediate_size;
-  ASSIGN_OR_RETURN(enc->word_emb_, r.Device("embeddings.word_embeddings.weight", {config.vocab_size, h}));
+  ASSIGN_OR_RETURN(enc->word_emb_,
+                   r.Device("embeddings.word_embeddings.weight", {config.vocab_size, h}));
   ASSIGN_OR_RETURN(enc->pos_emb_, r.Device("embeddings.position_embeddings.weight",
                                            {config.max_position_embeddings, h}));
   ASSIGN_OR_RETURN(enc->type_emb_, r.Device("embeddings.token_type_embeddings.weight",
@@ -66,8 +68,10 @@ absl::StatusOr<std::unique_ptr<Encoder>> Encoder::Load(const EncoderConfig& conf
     qkv_w.reserve(3 * h * h);
     qkv_b.reserve(3 * h);
     for (const char* name : {"query", "key", "value"}) {
-      ASSIGN_OR_RETURN(std::vector<float> w, r.Host(absl::StrCat(p, "attention.self.", name, ".weight"), {h, h}));
-      ASSIGN_OR_RETURN(std::vector<float> b, r.Host(absl::StrCat(p, "attention.self.", name, ".bias"), {h}));
+      ASSIGN_OR_RETURN(std::vector<float> w,
+                       r.Host(absl::StrCat(p, "attention.self.", name, ".weight"), {h, h}));
+      ASSIGN_OR_RETURN(std::vector<float> b,
+                       r.Host(absl::StrCat(p, "attention.self.", name, ".bias"), {h}));
       qkv_w.insert(qkv_w.end(), w.begin(), w.end());
       qkv_b.insert(qkv_b.end(), b.begin(), b.end());
     }
@@ -115,8 +119,8 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out) 
     const SequenceInput& s = seqs[i];
     const int exit = s.exit == 0 ? num_layers : s.exit;
     if (exit < 1 || exit > num_layers) {
-      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": exit ", s.exit,
-                                                     " is out of range 1..", num_layers));
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", i, ": exit ", s.exit, " is out of range 1..", num_layers));
     }
     if (s.ids.empty()) {
       return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": no tokens"));
@@ -156,8 +160,8 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out) 
   const int h = config_.hidden_size, ff = config_.intermediate_size;
   const float eps = config_.layer_norm_eps;
   float* x = ws_.hidden.get();
-  backend_->EmbeddingSum(word_emb_.get(), pos_emb_.get(), type_emb_.get(), ids, positions,
-                         type_ids, h, x);
+  backend_->EmbeddingSum(word_emb_.get(), pos_emb_.get(), type_emb_.get(), ids, positions, type_ids,
+                         h, x);
   backend_->AddLayerNorm(x, nullptr, emb_ln_g_.get(), emb_ln_b_.get(), total, h, eps);
 
   int live = n;  // sequences [0, live) run the next layer
@@ -185,7 +189,8 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out) 
   std::vector<float> pooled(static_cast<size_t>(n) * h);
   backend_->Pool(x, starts, h, pooling_.mode, pooling_.normalize, pooled.data());
   for (int k = 0; k < n; ++k) {
-    std::copy_n(pooled.data() + static_cast<size_t>(k) * h, h, out + static_cast<size_t>(order[k]) * h);
+    std::copy_n(pooled.data() + static_cast<size_t>(k) * h, h,
+                out + static_cast<size_t>(order[k]) * h);
   }
   return absl::OkStatus();
 }

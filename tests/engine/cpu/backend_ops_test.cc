@@ -93,8 +93,8 @@ TEST_P(BackendOpsTest, AddLayerNormMatchesReference) {
     }
     var /= cols;
     for (int c = 0; c < cols; ++c) {
-      want[r * cols + c] = static_cast<float>((x[r * cols + c] + res[r * cols + c] - mean) /
-                                                  std::sqrt(var + eps) * g[c] + b[c]);
+      want[r * cols + c] = static_cast<float>(
+          (x[r * cols + c] + res[r * cols + c] - mean) / std::sqrt(var + eps) * g[c] + b[c]);
     }
   }
   auto dx = Up(x), dres = Up(res), dg = Up(g), db = Up(b);
@@ -118,7 +118,8 @@ TEST_P(BackendOpsTest, AttentionStaysWithinEachPackedSequence) {
         for (int j = starts[s]; j < starts[s + 1]; ++j) {
           double dot = 0;
           for (int c = 0; c < d; ++c) {
-            dot += double(qkv[i * 3 * hidden + h * d + c]) * qkv[j * 3 * hidden + hidden + h * d + c];
+            dot +=
+                double(qkv[i * 3 * hidden + h * d + c]) * qkv[j * 3 * hidden + hidden + h * d + c];
           }
           p.push_back(dot / std::sqrt(double(d)));
           mx = std::max(mx, p.back());
@@ -158,8 +159,8 @@ TEST_P(BackendOpsTest, EmbeddingSumGathersAndAdds) {
 
 TEST_P(BackendOpsTest, PoolMeanClsMaxAndNormalize) {
   const int hidden = 4;
-  const std::vector<float> x = {1, 2, 3, 4,  //
-                                3, 2, 1, 0,  //
+  const std::vector<float> x = {1,  2, 3, 4,  //
+                                3,  2, 1, 0,  //
                                 -5, 0, 0, 0};
   const std::vector<int32_t> starts = {0, 2, 3};
   auto dx = Up(x);

@@ -26,8 +26,8 @@ class ConfigTest : public ::testing::Test {
             ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
     fs::create_directories(dir_ / "1_Pooling");
-    for (const char* f : {"config.json", "modules.json", "sentence_bert_config.json",
-                          "1_Pooling/config.json"}) {
+    for (const char* f :
+         {"config.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json"}) {
       fs::copy_file(fs::path(kModelDir) / f, dir_ / f);
     }
   }
@@ -109,19 +109,23 @@ TEST_F(ConfigTest, RejectsHiddenSizeNotDivisibleByHeads) {
 
 TEST_F(ConfigTest, RejectsANonPositiveField) {
   Edit("config.json", "\"num_hidden_layers\": 6", "\"num_hidden_layers\": -1");
-  EXPECT_THAT(Load().status().message(), HasSubstr("'num_hidden_layers' must be a positive integer"));
+  EXPECT_THAT(Load().status().message(),
+              HasSubstr("'num_hidden_layers' must be a positive integer"));
 }
 
 TEST_F(ConfigTest, ReadsClsPooling) {
-  Edit("1_Pooling/config.json", "\"pooling_mode_cls_token\": false", "\"pooling_mode_cls_token\": true");
-  Edit("1_Pooling/config.json", "\"pooling_mode_mean_tokens\": true", "\"pooling_mode_mean_tokens\": false");
+  Edit("1_Pooling/config.json", "\"pooling_mode_cls_token\": false",
+       "\"pooling_mode_cls_token\": true");
+  Edit("1_Pooling/config.json", "\"pooling_mode_mean_tokens\": true",
+       "\"pooling_mode_mean_tokens\": false");
   absl::StatusOr<ModelConfig> c = Load();
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->pooling.mode, PoolingMode::kCls);
 }
 
 TEST_F(ConfigTest, RejectsTwoPoolingModesAtOnce) {
-  Edit("1_Pooling/config.json", "\"pooling_mode_max_tokens\": false", "\"pooling_mode_max_tokens\": true");
+  Edit("1_Pooling/config.json", "\"pooling_mode_max_tokens\": false",
+       "\"pooling_mode_max_tokens\": true");
   EXPECT_EQ(Load().status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(Load().status().message(), HasSubstr("exactly one pooling mode"));
 }
@@ -129,13 +133,16 @@ TEST_F(ConfigTest, RejectsTwoPoolingModesAtOnce) {
 TEST_F(ConfigTest, RejectsMeanSqrtLenPooling) {
   Edit("1_Pooling/config.json", "\"pooling_mode_mean_sqrt_len_tokens\": false",
        "\"pooling_mode_mean_sqrt_len_tokens\": true");
-  EXPECT_THAT(Load().status().message(), HasSubstr("pooling_mode_mean_sqrt_len_tokens is not supported"));
+  EXPECT_THAT(Load().status().message(),
+              HasSubstr("pooling_mode_mean_sqrt_len_tokens is not supported"));
 }
 
 TEST_F(ConfigTest, RejectsAnUnknownModule) {
-  Edit("modules.json", "sentence_transformers.models.Normalize", "sentence_transformers.models.Dense");
+  Edit("modules.json", "sentence_transformers.models.Normalize",
+       "sentence_transformers.models.Dense");
   EXPECT_EQ(Load().status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(Load().status().message(), HasSubstr("module type 'sentence_transformers.models.Dense'"));
+  EXPECT_THAT(Load().status().message(),
+              HasSubstr("module type 'sentence_transformers.models.Dense'"));
 }
 
 TEST_F(ConfigTest, WithoutNormalizeModuleDoesNotNormalize) {

@@ -136,9 +136,11 @@ TEST_F(EncoderTest, MixedLengthsAndExitsInOneBatchEqualOneAtATime) {
   const auto batched = Embed(seqs);
   for (size_t i = 0; i < seqs.size(); ++i) {
     const auto alone = Embed({seqs[i]});
-    EXPECT_LE(MaxAbsDiff(batched[i], alone[0]), 1e-5) << "sequence " << i << " exit " << seqs[i].exit;
+    EXPECT_LE(MaxAbsDiff(batched[i], alone[0]), 1e-5)
+        << "sequence " << i << " exit " << seqs[i].exit;
     // And the batched row is the right exit's reference, in input order.
-    EXPECT_GE(Cosine(batched[i], fixture_->exits[seqs[i].exit - 1][i]), 0.99999) << "sequence " << i;
+    EXPECT_GE(Cosine(batched[i], fixture_->exits[seqs[i].exit - 1][i]), 0.99999)
+        << "sequence " << i;
   }
 }
 
