@@ -1,6 +1,7 @@
 #include "engine/model/encoder.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 #include <string>
 
@@ -187,7 +188,23 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out) 
   }
 
   std::vector<float> pooled(static_cast<size_t>(n) * h);
-  backend_->Pool(x, starts, h, pooling_.mode, pooling_.normalize, pooled.data());
+  bool all_default = true;
+  for (const SequenceInput& s : seqs) {
+    all_default &= s.normalize.value_or(pooling_.normalize) == pooling_.normalize;
+  }
+  // Normalisation is fused into pooling unless some sequence asks otherwise;
+  // then pooling returns raw vectors and each row is normalised here.
+  backend_->Pool(x, starts, h, pooling_.mode, all_default && pooling_.normalize, pooled.data());
+  if (!all_default) {
+    for (int k = 0; k < n; ++k) {
+      if (!seqs[order[k]].normalize.value_or(pooling_.normalize)) continue;
+      float* row = pooled.data() + static_cast<size_t>(k) * h;
+      double sq = 0;
+      for (int c = 0; c < h; ++c) sq += double(row[c]) * row[c];
+      const float inv = 1.0f / std::max(static_cast<float>(std::sqrt(sq)), 1e-12f);
+      for (int c = 0; c < h; ++c) row[c] *= inv;
+    }
+  }
   for (int k = 0; k < n; ++k) {
     std::copy_n(pooled.data() + static_cast<size_t>(k) * h, h,
                 out + static_cast<size_t>(order[k]) * h);

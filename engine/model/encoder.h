@@ -16,6 +16,7 @@
 #define KILN_ENGINE_MODEL_ENCODER_H_
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -30,6 +31,9 @@ namespace kiln {
 struct SequenceInput {
   absl::Span<const int32_t> ids;  // [CLS] ... [SEP], at most max_position_embeddings
   int exit = 0;                   // 1..num_layers; 0 means full depth
+  // L2-normalise the pooled vector: nullopt = as the model's config says
+  // (sentence-transformers' Normalize module); true / false = force.
+  std::optional<bool> normalize;
 };
 
 class Encoder {

@@ -150,6 +150,22 @@ TEST_F(EncoderTest, ExitZeroMeansFullDepth) {
   EXPECT_EQ(a[0], b[0]);
 }
 
+TEST_F(EncoderTest, NormalizeOverridePerSequence) {
+  SequenceInput raw{fixture_->ids[20], 3};
+  raw.normalize = false;
+  SequenceInput unit{fixture_->ids[20], 3};
+  unit.normalize = true;
+  const auto got = Embed({raw, unit, {fixture_->ids[20], 3}});
+  double norm = 0;
+  for (float v : got[0]) norm += double(v) * v;
+  norm = std::sqrt(norm);
+  EXPECT_GT(std::fabs(norm - 1.0), 1e-3) << "mean-pooled vectors of this model are not unit length";
+  for (size_t c = 0; c < got[0].size(); ++c) {
+    EXPECT_NEAR(got[0][c] / norm, got[1][c], 1e-6);
+    EXPECT_EQ(got[1][c], got[2][c]);  // the config says Normalize
+  }
+}
+
 TEST_F(EncoderTest, RejectsAnExitOutOfRange) {
   std::vector<float> out(384 * 2);
   std::vector<SequenceInput> seqs = {{fixture_->ids[0], 1}, {fixture_->ids[1], 7}};
