@@ -25,6 +25,32 @@ constexpr size_t kAlignment = 64;
 // machine a descheduled worker stalls the whole barrier.
 constexpr int64_t kParallelElements = int64_t{1} << 22;
 
+// GEMM-shaped work goes parallel only above this many multiply-adds (about
+// 0.3 ms on one core). A small batch (one short request) then runs on one
+// thread with no barriers: on a machine whose other cores are busy, a
+// 2-thread team waits a scheduler time slice at every barrier and a 20-token
+// forward took 80-130 ms instead of about 1 ms (measured on 2 loaded cores).
+constexpr int64_t kParallelMacs = int64_t{1} << 24;
+
+// Makes OpenBLAS calls from this thread single-threaded while alive. The
+// OpenMP build of OpenBLAS sizes its team from the calling thread's
+// omp_get_max_threads(), and splits even small GEMMs (above 262,144
+// multiply-adds) across threads unless told otherwise.
+class SerialBlasScope {
+ public:
+  explicit SerialBlasScope(bool active) : saved_(active ? omp_get_max_threads() : 0) {
+    if (active) omp_set_num_threads(1);
+  }
+  ~SerialBlasScope() {
+    if (saved_ > 0) omp_set_num_threads(saved_);
+  }
+  SerialBlasScope(const SerialBlasScope&) = delete;
+  SerialBlasScope& operator=(const SerialBlasScope&) = delete;
+
+ private:
+  int saved_;
+};
+
 // Exponentiates one row of scores in place, softmax-style (shifted by the row
 // maximum), and returns 1 / sum: the normalisation is applied later to the
 // much smaller attention output row instead of to the whole score row.
@@ -183,9 +209,11 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
   //    there is neither OpenBLAS's zeroing pass (beta = 0) nor a bias pass;
   //  - the activation runs on the block while it is still in cache;
   //  - few, large blocks: OpenBLAS re-packs `w` on every call.
-  const int block = std::max(32, (rows + threads_ - 1) / threads_);
+  const bool parallel = int64_t{rows} * in * out >= kParallelMacs;
+  SerialBlasScope serial(!parallel);
+  const int block = parallel ? std::max(32, (rows + threads_ - 1) / threads_) : rows;
   const int blocks = (rows + block - 1) / block;
-#pragma omp parallel for schedule(static, 1)
+#pragma omp parallel for schedule(static, 1) if (parallel)
   for (int b = 0; b < blocks; ++b) {
     const int r0 = b * block;
     const int n = std::min(rows, r0 + block) - r0;
@@ -241,11 +269,18 @@ void CpuBackend::Attention(const float* qkv, absl::Span<const int32_t> seq_start
   const int ld_qkv = 3 * hidden;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   int max_len = 0;
-  for (int s = 0; s < num_seqs; ++s) max_len = std::max(max_len, seq_starts[s + 1] - seq_starts[s]);
+  int64_t macs = 0;  // of QK^T and PV together
+  for (int s = 0; s < num_seqs; ++s) {
+    const int64_t len = seq_starts[s + 1] - seq_starts[s];
+    max_len = std::max<int>(max_len, len);
+    macs += 2 * len * len * hidden;
+  }
   const int tasks = num_seqs * heads;
   // One (sequence, head) pair per task; OpenBLAS runs single-threaded inside
   // the parallel region, so the GEMMs below do not oversubscribe.
-#pragma omp parallel
+  const bool parallel = macs >= kParallelMacs;
+  SerialBlasScope serial(!parallel);
+#pragma omp parallel if (parallel)
   {
     std::vector<float> scores(static_cast<size_t>(max_len) * max_len);
     std::vector<float> inv_sum(max_len);

@@ -42,6 +42,8 @@ class BackendOpsTest : public ::testing::TestWithParam<DeviceKind> {
     }
   }
   DeviceArray Up(const std::vector<float>& v) { return *backend_->Upload(v); }
+  // Attention over the packed sequences `starts` against a double reference.
+  void AttentionCase(const std::vector<int32_t>& starts, int heads, int d);
   DeviceArray Zeros(size_t n) { return Up(std::vector<float>(n, 0.0f)); }
   std::vector<float> Down(const DeviceArray& d, size_t n) {
     std::vector<float> v(n);
@@ -52,22 +54,29 @@ class BackendOpsTest : public ::testing::TestWithParam<DeviceKind> {
 };
 
 TEST_P(BackendOpsTest, LinearMatchesReferenceWithBiasAndGelu) {
-  const int rows = 37, in = 48, out = 80;
-  const auto x = RandomVector(rows * in, 1), w = RandomVector(out * in, 2, 0.2f),
-             b = RandomVector(out, 3);
-  for (Activation act : {Activation::kNone, Activation::kGelu}) {
-    std::vector<float> want(rows * out);
-    for (int r = 0; r < rows; ++r) {
-      for (int o = 0; o < out; ++o) {
-        double acc = b[o];
-        for (int k = 0; k < in; ++k) acc += double(x[r * in + k]) * w[o * in + k];
-        if (act == Activation::kGelu) acc = 0.5 * acc * (1.0 + std::erf(acc / std::sqrt(2.0)));
-        want[r * out + o] = static_cast<float>(acc);
+  // A small shape (one thread, no barriers) and one above the parallel
+  // threshold (row blocks across threads).
+  struct Shape {
+    int rows, in, out;
+  };
+  for (const Shape& shape : {Shape{37, 48, 80}, Shape{301, 256, 512}}) {
+    const int rows = shape.rows, in = shape.in, out = shape.out;
+    const auto x = RandomVector(rows * in, 1), w = RandomVector(out * in, 2, 0.2f),
+               b = RandomVector(out, 3);
+    for (Activation act : {Activation::kNone, Activation::kGelu}) {
+      std::vector<float> want(rows * out);
+      for (int r = 0; r < rows; ++r) {
+        for (int o = 0; o < out; ++o) {
+          double acc = b[o];
+          for (int k = 0; k < in; ++k) acc += double(x[r * in + k]) * w[o * in + k];
+          if (act == Activation::kGelu) acc = 0.5 * acc * (1.0 + std::erf(acc / std::sqrt(2.0)));
+          want[r * out + o] = static_cast<float>(acc);
+        }
       }
+      auto dx = Up(x), dw = Up(w), db = Up(b), dy = Zeros(rows * out);
+      backend_->Linear(dx.get(), rows, in, dw.get(), db.get(), out, act, dy.get());
+      ExpectNear(Down(dy, rows * out), want, 2e-5f);
     }
-    auto dx = Up(x), dw = Up(w), db = Up(b), dy = Zeros(rows * out);
-    backend_->Linear(dx.get(), rows, in, dw.get(), db.get(), out, act, dy.get());
-    ExpectNear(Down(dy, rows * out), want, 2e-5f);
   }
 }
 
@@ -103,10 +112,19 @@ TEST_P(BackendOpsTest, AddLayerNormMatchesReference) {
 }
 
 TEST_P(BackendOpsTest, AttentionStaysWithinEachPackedSequence) {
-  const int heads = 3, d = 8, hidden = heads * d;
   // Lengths 5, 1, 13 and 37: short rows take the scalar softmax, long ones the
   // vectorised path with a tail.
   const std::vector<int32_t> starts = {0, 5, 6, 19, 56};
+  AttentionCase(starts, 3, 8);
+}
+
+TEST_P(BackendOpsTest, AttentionAboveTheParallelThreshold) {
+  // 2 * (300^2 + 200^2) * 384 multiply-adds: runs as a parallel region.
+  AttentionCase({0, 300, 500}, 12, 32);
+}
+
+void BackendOpsTest::AttentionCase(const std::vector<int32_t>& starts, int heads, int d) {
+  const int hidden = heads * d;
   const int total = starts.back();
   const auto qkv = RandomVector(total * 3 * hidden, 8);
   std::vector<float> want(total * hidden, 0.0f);
