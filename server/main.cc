@@ -24,12 +24,28 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/embedding_model.h"
 #include "nlohmann/json.hpp"
+#include "server/serve.h"
+#include "server/version.h"
 
 ABSL_FLAG(std::string, model, "models/all-MiniLM-L6-v2",
           "Hugging Face model folder (config.json, model.safetensors, tokenizer.json / vocab.txt, "
           "and for sentence-transformers models modules.json + pooling config)");
 ABSL_FLAG(int, exit, 0, "Exit layer 1..N to pool at; 0 = full depth");
 ABSL_FLAG(int, threads, 0, "Compute threads; 0 = all cores");
+ABSL_FLAG(std::string, host, "127.0.0.1",
+          "serve: address to listen on (gRPC and metrics); 0.0.0.0 for all interfaces");
+ABSL_FLAG(int, port, 50051, "serve: gRPC port (0 = any free port, logged)");
+ABSL_FLAG(int, metrics_port, 9464, "serve: Prometheus /metrics HTTP port (0 = any free port)");
+ABSL_FLAG(int, max_batch_tokens, 0,
+          "serve: token budget of one engine batch; 0 = device default (2048 on the CPU)");
+ABSL_FLAG(int, max_queue_delay_us, 0,
+          "serve: how long an idle engine may wait to fill a batch; 0 = never wait");
+ABSL_FLAG(int, max_queue_requests, 1024,
+          "serve: queued requests beyond which Embed answers RESOURCE_EXHAUSTED");
+ABSL_FLAG(int, max_client_batch, 64, "serve: most inputs in one EmbedRequest");
+ABSL_FLAG(int, drain_timeout_s, 30,
+          "serve: on SIGTERM/SIGINT, how long queued and in-flight work may take to finish");
+ABSL_FLAG(bool, log_requests, false, "serve: log one line per successful request");
 ABSL_FLAG(int, batch_lines, 0,
           "embed: lines per engine batch; 0 = 64 when stdin is a file or pipe, 1 when a terminal");
 
@@ -40,6 +56,7 @@ constexpr char kUsage[] =
     "kiln: serving for configurable foundation models.\n"
     "\n"
     "Usage:\n"
+    "  kiln serve --model=DIR [--port=50051] ...         start the gRPC server\n"
     "  kiln embed --model=DIR [--exit=K] [--threads=N]   embed stdin, one text per line\n"
     "  kiln version                                      print the version\n"
     "\n"
@@ -162,8 +179,21 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (cmd == "embed") return kiln::RunEmbed();
+  if (cmd == "serve") {
+    return kiln::RunServe({.model = absl::GetFlag(FLAGS_model),
+                           .host = absl::GetFlag(FLAGS_host),
+                           .port = absl::GetFlag(FLAGS_port),
+                           .metrics_port = absl::GetFlag(FLAGS_metrics_port),
+                           .max_batch_tokens = absl::GetFlag(FLAGS_max_batch_tokens),
+                           .max_queue_delay_us = absl::GetFlag(FLAGS_max_queue_delay_us),
+                           .max_queue_requests = absl::GetFlag(FLAGS_max_queue_requests),
+                           .max_client_batch = absl::GetFlag(FLAGS_max_client_batch),
+                           .threads = absl::GetFlag(FLAGS_threads),
+                           .drain_timeout_s = absl::GetFlag(FLAGS_drain_timeout_s),
+                           .log_requests = absl::GetFlag(FLAGS_log_requests)});
+  }
   if (cmd == "version") {
-    std::cout << "kiln 0.1.0\n";
+    std::cout << "kiln " << kiln::kVersion << "\n";
     return 0;
   }
   std::cerr << "kiln: unknown subcommand '" << cmd << "'\n\n" << kiln::kUsage << "\n";

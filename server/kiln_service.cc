@@ -1,0 +1,313 @@
+#include "server/kiln_service.h"
+
+#include <chrono>
+#include <memory>
+#include <utility>
+
+#include "absl/random/random.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/logging.h"
+#include "engine/model/config.h"
+#include "engine/tokenizer/utf8.h"
+#include "server/status_mapping.h"
+#include "server/version.h"
+
+namespace kiln {
+namespace {
+
+using kiln::v1::EmbedRequest;
+using kiln::v1::EmbedResponse;
+using kiln::v1::EmbedStreamResponse;
+
+absl::Time DeadlineOf(const grpc::CallbackServerContext* ctx) {
+  const auto deadline = ctx->deadline();
+  if (deadline >= std::chrono::system_clock::time_point::max() - std::chrono::hours(24 * 365)) {
+    return absl::InfiniteFuture();
+  }
+  return absl::FromChrono(deadline);
+}
+
+void LogFailure(absl::string_view rpc, const std::string& request_id, const grpc::Status& st) {
+  KLOG(INFO) << rpc << " request_id=" << request_id << " failed: " << GrpcCodeLabel(st.error_code())
+             << ": " << st.error_message();
+}
+
+// Answers one EmbedStream: each message is handled in turn (read, embed,
+// write, read the next), so responses come back in request order.
+class EmbedStreamReactor final : public grpc::ServerBidiReactor<EmbedRequest, EmbedStreamResponse> {
+ public:
+  EmbedStreamReactor(KilnService* service, grpc::CallbackServerContext* ctx)
+      : service_(service), ctx_(ctx), request_id_(RequestId(ctx)) {
+    StartRead(&request_);
+  }
+
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client half-closed (or the call broke): we are done
+      Finish(grpc::Status::OK);
+      return;
+    }
+    const absl::Time start = absl::Now();
+    service_->SubmitEmbed(ctx_, request_, request_id_,
+                          [this, start](absl::StatusOr<EmbedResponse> result) {
+                            response_.Clear();
+                            grpc::Status st = ToGrpcStatus(result.status());
+                            if (result.ok()) {
+                              *response_.mutable_response() = *std::move(result);
+                            } else {
+                              response_.mutable_error()->set_code(st.error_code());
+                              response_.mutable_error()->set_message(st.error_message());
+                              LogFailure("EmbedStream", request_id_, st);
+                            }
+                            service_->metrics()->RecordRequest("EmbedStream", st.error_code(),
+                                                               absl::Now() - start);
+                            StartWrite(&response_);
+                          });
+  }
+
+  void OnWriteDone(bool ok) override {
+    if (!ok) {
+      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "stream closed while writing"));
+      return;
+    }
+    StartRead(&request_);
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  KilnService* service_;
+  grpc::CallbackServerContext* ctx_;
+  std::string request_id_;
+  EmbedRequest request_;
+  EmbedStreamResponse response_;
+};
+
+}  // namespace
+
+std::string RequestId(grpc::CallbackServerContext* ctx) {
+  std::string id;
+  const auto& md = ctx->client_metadata();
+  if (auto it = md.find("x-request-id"); it != md.end() && !it->second.empty()) {
+    id.assign(it->second.data(), std::min<size_t>(it->second.size(), 128));
+  } else {
+    thread_local absl::BitGen gen;
+    id = absl::StrFormat("%016x%016x", absl::Uniform<uint64_t>(gen), absl::Uniform<uint64_t>(gen));
+  }
+  ctx->AddInitialMetadata("x-request-id", id);
+  return id;
+}
+
+void KilnService::Attach(EmbeddingModel* model, Batcher* batcher) {
+  model_ = model;
+  batcher_ = batcher;
+}
+
+absl::Status KilnService::CheckAvailable() const {
+  if (draining_.load(std::memory_order_acquire)) {
+    return absl::UnavailableError("server is draining; retry on another replica");
+  }
+  if (!ready_.load(std::memory_order_acquire)) {
+    return absl::UnavailableError("server is warming up; retry shortly");
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Encoding> KilnService::TokenizeInput(const std::string& instruction,
+                                                    const std::string& input, bool truncate,
+                                                    int index) const {
+  std::string joined;
+  const std::string* text = &input;
+  if (!instruction.empty()) {
+    joined = absl::StrCat(instruction, " ", input);
+    text = &joined;
+  }
+  const int max_tokens = model_->config().max_seq_length;
+  absl::StatusOr<Encoding> enc =
+      model_->tokenizer().Encode(*text, truncate ? max_tokens : 0);
+  if (!enc.ok()) {
+    return absl::Status(enc.status().code(),
+                        absl::StrCat("inputs[", index, "]: ", enc.status().message()));
+  }
+  if (!truncate && static_cast<int>(enc->ids.size()) > max_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "inputs[", index, "]: ", enc->ids.size(), " tokens exceed max_input_tokens ", max_tokens,
+        " and truncate is false"));
+  }
+  return enc;
+}
+
+void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedRequest& request,
+                              const std::string& request_id,
+                              std::function<void(absl::StatusOr<EmbedResponse>)> done) {
+  if (absl::Status st = CheckAvailable(); !st.ok()) return done(st);
+  const int n = request.inputs_size();
+  if (n == 0) return done(absl::InvalidArgumentError("inputs: at least one input is required"));
+  if (n > options_.max_client_batch) {
+    return done(absl::InvalidArgumentError(absl::StrCat("inputs: ", n, " inputs exceed the limit of ",
+                                                        options_.max_client_batch,
+                                                        " per request (--max_client_batch)")));
+  }
+  const int num_layers = model_->num_layers();
+  if (request.exit_layer() > static_cast<uint32_t>(num_layers)) {
+    return done(absl::InvalidArgumentError(absl::StrCat("exit_layer: ", request.exit_layer(),
+                                                        " is out of range 0..", num_layers,
+                                                        " (0 = full depth)")));
+  }
+  std::u32string scratch;
+  if (absl::Status st = tokenizer::DecodeUtf8(request.instruction(), &scratch); !st.ok()) {
+    return done(absl::InvalidArgumentError(absl::StrCat("instruction: ", st.message())));
+  }
+  auto job = std::make_unique<EmbedJob>();
+  job->exit = request.exit_layer() == 0 ? num_layers : static_cast<int>(request.exit_layer());
+  job->normalize = request.has_normalize() ? request.normalize() : true;
+  const bool truncate = request.has_truncate() ? request.truncate() : true;
+  job->inputs.reserve(n);
+  for (int i = 0; i < n; ++i) {
+    absl::StatusOr<Encoding> enc = TokenizeInput(request.instruction(), request.inputs(i), truncate, i);
+    if (!enc.ok()) return done(enc.status());
+    job->tokens += static_cast<int64_t>(enc->ids.size());
+    job->inputs.push_back(*std::move(enc));
+  }
+  // Per-input facts the response needs, kept outside the job (which the
+  // batcher owns and may destroy before done runs).
+  std::vector<std::pair<uint32_t, bool>> facts;
+  facts.reserve(n);
+  int64_t truncated = 0;
+  for (const Encoding& e : job->inputs) {
+    facts.emplace_back(static_cast<uint32_t>(e.ids.size()), e.truncated);
+    truncated += e.truncated ? 1 : 0;
+    metrics_->ObserveInputTokens(static_cast<int64_t>(e.ids.size()));
+  }
+  if (truncated > 0) metrics_->CountTruncated(truncated);
+  metrics_->CountExit(job->exit);
+  job->deadline = DeadlineOf(ctx);
+  job->cancelled = [ctx] { return ctx->IsCancelled(); };
+
+  auto shared_done =
+      std::make_shared<std::function<void(absl::StatusOr<EmbedResponse>)>>(std::move(done));
+  const int exit = job->exit;
+  const std::string model_id = model_->config().model_id;
+  const bool log = options_.log_requests;
+  job->done = [shared_done, facts = std::move(facts), exit, model_id, request_id,
+               log](absl::StatusOr<EmbedOutput> out) {
+    if (!out.ok()) return (*shared_done)(out.status());
+    EmbedResponse response;
+    response.set_exit_layer(exit);
+    response.set_model_id(model_id);
+    response.set_queue_time_us(absl::ToInt64Microseconds(out->queue_time));
+    response.set_compute_time_us(absl::ToInt64Microseconds(out->compute_time));
+    for (size_t i = 0; i < facts.size(); ++i) {
+      kiln::v1::Embedding* e = response.add_embeddings();
+      const float* row = out->embeddings.data() + i * out->dim;
+      e->mutable_values()->Add(row, row + out->dim);
+      e->set_tokens(facts[i].first);
+      e->set_truncated(facts[i].second);
+    }
+    if (log) {
+      KLOG(INFO) << "Embed request_id=" << request_id << " inputs=" << facts.size()
+                 << " exit=" << exit << " queue_us=" << response.queue_time_us()
+                 << " compute_us=" << response.compute_time_us();
+    }
+    (*shared_done)(std::move(response));
+  };
+  if (absl::Status st = batcher_->Enqueue(std::move(job)); !st.ok()) (*shared_done)(st);
+}
+
+grpc::ServerUnaryReactor* KilnService::Embed(grpc::CallbackServerContext* ctx,
+                                             const EmbedRequest* request,
+                                             EmbedResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const absl::Time start = absl::Now();
+  const std::string request_id = RequestId(ctx);
+  SubmitEmbed(ctx, *request, request_id,
+              [this, reactor, response, start, request_id](absl::StatusOr<EmbedResponse> result) {
+                grpc::Status st = ToGrpcStatus(result.status());
+                if (result.ok()) {
+                  *response = *std::move(result);
+                } else {
+                  LogFailure("Embed", request_id, st);
+                }
+                metrics_->RecordRequest("Embed", st.error_code(), absl::Now() - start);
+                reactor->Finish(st);
+              });
+  return reactor;
+}
+
+grpc::ServerBidiReactor<EmbedRequest, EmbedStreamResponse>* KilnService::EmbedStream(
+    grpc::CallbackServerContext* ctx) {
+  return new EmbedStreamReactor(this, ctx);
+}
+
+grpc::ServerUnaryReactor* KilnService::Tokenize(grpc::CallbackServerContext* ctx,
+                                                const kiln::v1::TokenizeRequest* request,
+                                                kiln::v1::TokenizeResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const absl::Time start = absl::Now();
+  const std::string request_id = RequestId(ctx);
+  absl::Status status = CheckAvailable();
+  const int n = request->inputs_size();
+  if (status.ok() && n == 0) {
+    status = absl::InvalidArgumentError("inputs: at least one input is required");
+  }
+  if (status.ok() && n > options_.max_client_batch) {
+    status = absl::InvalidArgumentError(absl::StrCat("inputs: ", n, " inputs exceed the limit of ",
+                                                     options_.max_client_batch,
+                                                     " per request (--max_client_batch)"));
+  }
+  if (status.ok()) {
+    std::u32string scratch;
+    if (absl::Status st = tokenizer::DecodeUtf8(request->instruction(), &scratch); !st.ok()) {
+      status = absl::InvalidArgumentError(absl::StrCat("instruction: ", st.message()));
+    }
+  }
+  const bool truncate = request->has_truncate() ? request->truncate() : true;
+  for (int i = 0; status.ok() && i < n; ++i) {
+    absl::StatusOr<Encoding> enc =
+        TokenizeInput(request->instruction(), request->inputs(i), truncate, i);
+    if (!enc.ok()) {
+      status = enc.status();
+      break;
+    }
+    kiln::v1::TokenizedInput* out = response->add_inputs();
+    out->mutable_ids()->Add(enc->ids.begin(), enc->ids.end());
+    for (int32_t id : enc->ids) out->add_tokens(model_->tokenizer().IdToToken(id));
+    out->set_truncated(enc->truncated);
+  }
+  grpc::Status st = ToGrpcStatus(status);
+  if (!st.ok()) {
+    response->Clear();
+    LogFailure("Tokenize", request_id, st);
+  }
+  metrics_->RecordRequest("Tokenize", st.error_code(), absl::Now() - start);
+  reactor->Finish(st);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* KilnService::Info(grpc::CallbackServerContext* ctx,
+                                            const kiln::v1::InfoRequest* /*request*/,
+                                            kiln::v1::InfoResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const absl::Time start = absl::Now();
+  RequestId(ctx);
+  grpc::Status st = ToGrpcStatus(CheckAvailable());
+  if (st.ok()) {
+    const ModelConfig& c = model_->config();
+    response->set_model_id(c.model_id);
+    response->set_dimensions(model_->dim());
+    response->set_num_layers(model_->num_layers());
+    for (int k = 1; k <= model_->num_layers(); ++k) response->add_exits(k);
+    response->set_max_input_tokens(c.max_seq_length);
+    response->set_max_client_batch(options_.max_client_batch);
+    response->set_max_batch_tokens(options_.max_batch_tokens);
+    response->set_max_queue_requests(options_.max_queue_requests);
+    response->set_pooling(std::string(PoolingModeName(c.pooling.mode)));
+    response->set_device(model_->backend()->Describe());
+    response->set_version(kVersion);
+  }
+  metrics_->RecordRequest("Info", st.error_code(), absl::Now() - start);
+  reactor->Finish(st);
+  return reactor;
+}
+
+}  // namespace kiln

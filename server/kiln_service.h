@@ -1,0 +1,86 @@
+// KilnService: the kiln.v1.Kiln gRPC service (callback API). It converts
+// protobuf to domain types and back and nothing else: validation and
+// tokenization happen here on the gRPC threads (so the batcher counts real
+// tokens); compute goes through the Batcher; errors become gRPC statuses only
+// through status_mapping.
+//
+// Lifecycle: constructed before the server starts, answering UNAVAILABLE
+// ("warming up") until Attach() + SetReady(true); StartDraining() makes new
+// RPCs answer UNAVAILABLE ("draining"). All methods are thread-safe.
+#ifndef KILN_SERVER_KILN_SERVICE_H_
+#define KILN_SERVER_KILN_SERVICE_H_
+
+#include <atomic>
+#include <string>
+
+#include "engine/model/embedding_model.h"
+#include "kiln/v1/kiln.grpc.pb.h"
+#include "server/batcher.h"
+#include "server/metrics.h"
+
+namespace kiln {
+
+struct ServiceOptions {
+  int max_client_batch = 64;   // most inputs per EmbedRequest
+  int max_batch_tokens = 2048;  // reported by Info
+  int max_queue_requests = 1024;  // reported by Info
+  bool log_requests = false;  // one log line per request (errors are always logged)
+};
+
+class KilnService final : public kiln::v1::Kiln::CallbackService {
+ public:
+  // `metrics` must outlive the service.
+  KilnService(const ServiceOptions& options, Metrics* metrics)
+      : options_(options), metrics_(metrics) {}
+
+  // Gives the service its model and batcher (both must outlive it). Call
+  // once, before SetReady(true).
+  void Attach(EmbeddingModel* model, Batcher* batcher);
+  void SetReady(bool ready) { ready_.store(ready, std::memory_order_release); }
+  void StartDraining() { draining_.store(true, std::memory_order_release); }
+
+  grpc::ServerUnaryReactor* Embed(grpc::CallbackServerContext* ctx,
+                                  const kiln::v1::EmbedRequest* request,
+                                  kiln::v1::EmbedResponse* response) override;
+  grpc::ServerBidiReactor<kiln::v1::EmbedRequest, kiln::v1::EmbedStreamResponse>* EmbedStream(
+      grpc::CallbackServerContext* ctx) override;
+  grpc::ServerUnaryReactor* Tokenize(grpc::CallbackServerContext* ctx,
+                                     const kiln::v1::TokenizeRequest* request,
+                                     kiln::v1::TokenizeResponse* response) override;
+  grpc::ServerUnaryReactor* Info(grpc::CallbackServerContext* ctx,
+                                 const kiln::v1::InfoRequest* request,
+                                 kiln::v1::InfoResponse* response) override;
+
+  // Validates and tokenizes `request` and enqueues it; `done` is called
+  // exactly once with the response or the error (possibly before this
+  // returns). Shared by Embed and EmbedStream.
+  void SubmitEmbed(grpc::CallbackServerContext* ctx, const kiln::v1::EmbedRequest& request,
+                   const std::string& request_id,
+                   std::function<void(absl::StatusOr<kiln::v1::EmbedResponse>)> done);
+
+  // UNAVAILABLE while warming up or draining, else OK.
+  absl::Status CheckAvailable() const;
+  Metrics* metrics() const { return metrics_; }
+  const ServiceOptions& options() const { return options_; }
+
+ private:
+  // Tokenizes one input as Embed and Tokenize see it (instruction + " " +
+  // input). `index` names it in errors.
+  absl::StatusOr<Encoding> TokenizeInput(const std::string& instruction, const std::string& input,
+                                         bool truncate, int index) const;
+
+  ServiceOptions options_;
+  Metrics* metrics_;
+  EmbeddingModel* model_ = nullptr;
+  Batcher* batcher_ = nullptr;
+  std::atomic<bool> ready_{false};
+  std::atomic<bool> draining_{false};
+};
+
+// The x-request-id of the call (made up when the client sent none), already
+// added to the response's initial metadata.
+std::string RequestId(grpc::CallbackServerContext* ctx);
+
+}  // namespace kiln
+
+#endif  // KILN_SERVER_KILN_SERVICE_H_

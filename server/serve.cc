@@ -1,0 +1,181 @@
+#include "server/serve.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <signal.h>
+
+#include <iostream>
+#include <memory>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "common/logging.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/model/embedding_model.h"
+#include "server/batcher.h"
+#include "server/kiln_service.h"
+#include "server/metrics.h"
+#include "server/version.h"
+
+namespace kiln {
+namespace {
+
+constexpr int kCpuDefaultBatchTokens = 2048;
+constexpr char kServiceName[] = "kiln.v1.Kiln";
+
+absl::Status ValidateOptions(const ServeOptions& o) {
+  auto port_ok = [](int p) { return p >= 0 && p <= 65535; };
+  if (!port_ok(o.port)) return absl::InvalidArgumentError(absl::StrCat("--port=", o.port, " is not a port"));
+  if (!port_ok(o.metrics_port)) {
+    return absl::InvalidArgumentError(absl::StrCat("--metrics_port=", o.metrics_port, " is not a port"));
+  }
+  if (o.max_batch_tokens < 0) return absl::InvalidArgumentError("--max_batch_tokens must be >= 0");
+  if (o.max_queue_delay_us < 0) return absl::InvalidArgumentError("--max_queue_delay_us must be >= 0");
+  if (o.max_queue_requests < 1) return absl::InvalidArgumentError("--max_queue_requests must be >= 1");
+  if (o.max_client_batch < 1) return absl::InvalidArgumentError("--max_client_batch must be >= 1");
+  if (o.drain_timeout_s < 0) return absl::InvalidArgumentError("--drain_timeout_s must be >= 0");
+  if (o.host.empty()) return absl::InvalidArgumentError("--host must not be empty");
+  return absl::OkStatus();
+}
+
+std::string HostPort(const std::string& host, int port) {
+  // IPv6 literals need brackets in a gRPC / HTTP address.
+  if (host.find(':') != std::string::npos && host.front() != '[') {
+    return absl::StrCat("[", host, "]:", port);
+  }
+  return absl::StrCat(host, ":", port);
+}
+
+void SetHealth(grpc::Server* server, bool serving) {
+  grpc::HealthCheckServiceInterface* health = server->GetHealthCheckService();
+  if (health == nullptr) return;
+  health->SetServingStatus(serving);  // the overall "" service
+  health->SetServingStatus(kServiceName, serving);
+}
+
+// Runs one small request through the whole path (tokenize, batcher,
+// engine) so the first client does not pay for first-touch costs.
+absl::Status WarmUp(EmbeddingModel& model, Batcher& batcher) {
+  auto job = std::make_unique<EmbedJob>();
+  absl::StatusOr<Encoding> enc = model.Tokenize("Kiln warm-up: the quick brown fox.");
+  if (!enc.ok()) return enc.status();
+  job->tokens = static_cast<int64_t>(enc->ids.size());
+  job->inputs.push_back(*std::move(enc));
+  job->exit = model.num_layers();
+  absl::Notification done;
+  absl::Status result;
+  job->done = [&](absl::StatusOr<EmbedOutput> out) {
+    result = out.status();
+    done.Notify();
+  };
+  // Note: while warming up the service answers UNAVAILABLE, so the queue holds only this job.
+  if (absl::Status st = batcher.Enqueue(std::move(job)); !st.ok()) return st;
+  done.WaitForNotification();
+  return result;
+}
+
+}  // namespace
+
+int RunServe(const ServeOptions& options) {
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  // Blocked before any thread starts, so every thread inherits the mask and
+  // the signals wait for sigwait below.
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  if (absl::Status st = ValidateOptions(options); !st.ok()) {
+    std::cerr << "kiln serve: " << st.message() << "\n";
+    return 2;
+  }
+  ServeOptions o = options;
+  if (o.max_batch_tokens == 0) o.max_batch_tokens = kCpuDefaultBatchTokens;
+
+  auto backend = CpuBackend::Create({.threads = o.threads});
+  absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(
+      {.listen = HostPort(o.host, o.metrics_port), .device = "cpu", .model_id = "", .version = kVersion});
+  if (!metrics.ok()) {
+    std::cerr << "kiln serve: " << metrics.status().message() << "\n";
+    return 1;
+  }
+  (*metrics)->SetReady(false);
+
+  KilnService service({.max_client_batch = o.max_client_batch,
+                       .max_batch_tokens = o.max_batch_tokens,
+                       .max_queue_requests = o.max_queue_requests,
+                       .log_requests = o.log_requests},
+                      metrics->get());
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int bound_port = 0;
+  const std::string address = HostPort(o.host, o.port);
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &bound_port);
+  builder.RegisterService(&service);
+  // Up to --max_client_batch inputs of up to a few MB each.
+  builder.SetMaxReceiveMessageSize(256 << 20);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || bound_port == 0) {
+    std::cerr << "kiln serve: cannot listen on " << address << " (address in use or not local?)\n";
+    return 1;
+  }
+  SetHealth(server.get(), false);
+  KLOG(INFO) << "kiln " << kVersion << " listening on " << HostPort(o.host, bound_port)
+             << " (NOT_SERVING until warm), metrics on http://"
+             << HostPort(o.host, (*metrics)->port()) << "/metrics";
+
+  absl::StatusOr<std::unique_ptr<EmbeddingModel>> model = EmbeddingModel::Load(o.model, backend.get());
+  if (!model.ok()) {
+    std::cerr << "kiln serve: cannot load model: " << model.status().message() << "\n";
+    server->Shutdown();
+    return 2;
+  }
+  Metrics* m = metrics->get();
+  Batcher::Hooks hooks;
+  hooks.on_queue_depth = [m](int64_t depth) { m->SetQueueRequests(depth); };
+  hooks.on_dequeued = [m](absl::Duration waited) { m->ObserveQueueTime(waited); };
+  hooks.on_batch = [m](int sequences, int64_t tokens) { m->ObserveBatch(sequences, tokens); };
+  hooks.on_forward = [m](absl::Duration d) { m->ObserveForward(d); };
+  Batcher::Options batcher_options;
+  batcher_options.policy.max_batch_tokens = o.max_batch_tokens;
+  batcher_options.policy.max_queue_delay = absl::Microseconds(o.max_queue_delay_us);
+  batcher_options.max_queue_requests = o.max_queue_requests;
+  absl::StatusOr<std::unique_ptr<Batcher>> batcher =
+      Batcher::Create(batcher_options, model->get(), std::move(hooks));
+  if (!batcher.ok()) {
+    std::cerr << "kiln serve: " << batcher.status().message() << "\n";
+    server->Shutdown();
+    return 2;
+  }
+  service.Attach(model->get(), batcher->get());
+  if (absl::Status st = WarmUp(**model, **batcher); !st.ok()) {
+    std::cerr << "kiln serve: warm-up failed: " << st.message() << "\n";
+    server->Shutdown();
+    return 1;
+  }
+  service.SetReady(true);
+  SetHealth(server.get(), true);
+  m->SetReady(true);
+  KLOG(INFO) << "SERVING model " << (*model)->config().model_id << " on "
+             << (*model)->backend()->Describe() << ", max_batch_tokens=" << o.max_batch_tokens;
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  KLOG(INFO) << "received " << (sig == SIGTERM ? "SIGTERM" : "SIGINT") << ": draining (up to "
+             << o.drain_timeout_s << " s)";
+  const absl::Time deadline = absl::Now() + absl::Seconds(o.drain_timeout_s);
+  SetHealth(server.get(), false);
+  m->SetReady(false);
+  service.StartDraining();
+  const bool drained = (*batcher)->Drain(deadline);
+  // Finishes RPCs still in their handlers (streams, responses being sent);
+  // after the deadline gRPC cancels what is left.
+  server->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now() + absl::Milliseconds(100))));
+  server->Wait();
+  KLOG(INFO) << (drained ? "drained; exiting" : "drain timeout passed; exiting");
+  return 0;
+}
+
+}  // namespace kiln

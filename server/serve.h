@@ -1,0 +1,32 @@
+// `kiln serve`: the gRPC server process. See RunServe.
+#ifndef KILN_SERVER_SERVE_H_
+#define KILN_SERVER_SERVE_H_
+
+#include <string>
+
+namespace kiln {
+
+struct ServeOptions {
+  std::string model = "models/all-MiniLM-L6-v2";
+  std::string host = "127.0.0.1";
+  int port = 50051;          // 0 = any free port (logged)
+  int metrics_port = 9464;   // 0 = any free port (logged)
+  int max_batch_tokens = 0;  // 0 = the device's default (2048 on the CPU)
+  int max_queue_delay_us = 0;
+  int max_queue_requests = 1024;
+  int max_client_batch = 64;
+  int threads = 0;  // 0 = all cores
+  int drain_timeout_s = 30;
+  bool log_requests = false;
+};
+
+// Runs the server until SIGTERM or SIGINT, then drains and returns the
+// process exit status: 0 after a drain, 1 if the server could not start
+// (address in use, ...), 2 for bad options or a bad model folder. Must be
+// called from main() before any other thread exists (it blocks the two
+// signals process-wide and waits for them with sigwait).
+int RunServe(const ServeOptions& options);
+
+}  // namespace kiln
+
+#endif  // KILN_SERVER_SERVE_H_
