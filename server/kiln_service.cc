@@ -83,6 +83,21 @@ class EmbedStreamReactor final : public grpc::ServerBidiReactor<EmbedRequest, Em
   EmbedStreamResponse response_;
 };
 
+// Embed's reactor: the default unary reactor plus OnCancel, which wakes the
+// batcher so a cancelled request leaves the queue at once instead of at the
+// batcher's next decision.
+class EmbedReactor final : public grpc::ServerUnaryReactor {
+ public:
+  explicit EmbedReactor(Batcher* batcher) : batcher_(batcher) {}
+  void OnCancel() override {
+    if (batcher_ != nullptr) batcher_->Wake();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  Batcher* batcher_;
+};
+
 }  // namespace
 
 std::string RequestId(grpc::CallbackServerContext* ctx) {
@@ -217,7 +232,8 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
 grpc::ServerUnaryReactor* KilnService::Embed(grpc::CallbackServerContext* ctx,
                                              const EmbedRequest* request,
                                              EmbedResponse* response) {
-  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  grpc::ServerUnaryReactor* reactor =
+      new EmbedReactor(ready_.load(std::memory_order_acquire) ? batcher_ : nullptr);
   const absl::Time start = absl::Now();
   const std::string request_id = RequestId(ctx);
   SubmitEmbed(ctx, *request, request_id,
