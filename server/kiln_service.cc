@@ -102,6 +102,7 @@ class EmbedReactor final : public grpc::ServerUnaryReactor {
 
 std::string RequestId(grpc::CallbackServerContext* ctx) {
   std::string id;
+
   const auto& md = ctx->client_metadata();
   if (auto it = md.find("x-request-id"); it != md.end() && !it->second.empty()) {
     id.assign(it->second.data(), std::min<size_t>(it->second.size(), 128));
@@ -119,6 +120,7 @@ void KilnService::Attach(EmbeddingModel* model, Batcher* batcher) {
 }
 
 absl::Status KilnService::CheckAvailable() const {
+  last_arrival_ns_.store(absl::GetCurrentTimeNanos(), std::memory_order_relaxed);
   if (draining_.load(std::memory_order_acquire)) {
     return absl::UnavailableError("server is draining; retry on another replica");
   }

@@ -38,6 +38,10 @@ class KilnService final : public kiln::v1::Kiln::CallbackService {
   void Attach(EmbeddingModel* model, Batcher* batcher);
   void SetReady(bool ready) { ready_.store(ready, std::memory_order_release); }
   void StartDraining() { draining_.store(true, std::memory_order_release); }
+  // When the last RPC of any kind arrived (for the drain's quiet period).
+  absl::Time last_arrival() const {
+    return absl::FromUnixNanos(last_arrival_ns_.load(std::memory_order_relaxed));
+  }
 
   grpc::ServerUnaryReactor* Embed(grpc::CallbackServerContext* ctx,
                                   const kiln::v1::EmbedRequest* request,
@@ -75,6 +79,7 @@ class KilnService final : public kiln::v1::Kiln::CallbackService {
   Batcher* batcher_ = nullptr;
   std::atomic<bool> ready_{false};
   std::atomic<bool> draining_{false};
+  mutable std::atomic<int64_t> last_arrival_ns_{0};  // written by const CheckAvailable
 };
 
 // The x-request-id of the call (made up when the client sent none), already

@@ -113,8 +113,8 @@ Metrics::Metrics(const Options& options)
           HistogramFamily(*registry_, "kiln_request_duration_seconds",
                           "Time from receiving an RPC to finishing it, in seconds, by method.")),
       exit_family_(CounterFamily(*registry_, "kiln_exit_requests_total",
-                                 "Sequences pooled into an embedding at each encoder exit "
-                                 "(layer 1..N, N = full depth).")),
+                                 "Embed requests (and EmbedStream messages) served at each "
+                                 "encoder exit (layer 1..N, N = full depth).")),
       queue_duration_(
           HistogramFamily(*registry_, "kiln_queue_duration_seconds",
                           "Time a request waited in the batcher queue before its batch was "

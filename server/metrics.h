@@ -11,7 +11,7 @@
 //   kiln_batch_size                          histogram sequences per engine batch
 //   kiln_batch_tokens                        histogram tokens per engine batch
 //   kiln_forward_duration_seconds{device}    histogram one observation per engine batch
-//   kiln_exit_requests_total{exit}           counter   sequences pooled at exit "1".."N"
+//   kiln_exit_requests_total{exit}           counter   Embed requests (stream messages) served at exit "1".."N"
 //   kiln_input_tokens                        histogram tokens per input (after truncation)
 //   kiln_truncated_inputs_total              counter   inputs cut to the model's maximum
 //   kiln_ready                               gauge     1 once the model is warm, 0 otherwise

@@ -170,9 +170,18 @@ int RunServe(const ServeOptions& options) {
   m->SetReady(false);
   service.StartDraining();
   const bool drained = (*batcher)->Drain(deadline);
-  // Finishes RPCs still in their handlers (streams, responses being sent);
-  // after the deadline gRPC cancels what is left.
-  server->Shutdown(absl::ToChronoTime(std::max(deadline, absl::Now() + absl::Milliseconds(100))));
+  // Quiet period: until no RPC has arrived for kQuietPeriod (or the deadline),
+  // late callers still get UNAVAILABLE "draining" from the service — once
+  // Shutdown starts, gRPC answers new calls with a bare CANCELLED instead.
+  constexpr absl::Duration kQuietPeriod = absl::Milliseconds(300);
+  while (absl::Now() < deadline && absl::Now() - service.last_arrival() < kQuietPeriod) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  // Then a short grace for responses being written; idle streams (EmbedStream,
+  // Health.Watch) are cancelled after it rather than holding the process
+  // until --drain_timeout_s.
+  server->Shutdown(absl::ToChronoTime(
+      std::min(deadline, absl::Now() + absl::Seconds(1)) + absl::Milliseconds(100)));
   server->Wait();
   KLOG(INFO) << (drained ? "drained; exiting" : "drain timeout passed; exiting");
   return 0;

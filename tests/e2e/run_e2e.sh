@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# End-to-end tests: drive a real `kiln serve` over gRPC from Python, as a
+# user's client would.
+#
+#   tests/e2e/run_e2e.sh KILN_BINARY MODEL_DIR [pytest args...]
+#
+# Sets up what the tests need, then runs pytest on tests/e2e and exits with
+# its status (pytest's "no tests collected", 5, counts as a failure):
+#   - a venv at <repo>/.cache/e2e-venv (made with `python3 -m venv`, or
+#     $KILN_E2E_PYTHON), reused while tests/e2e/requirements.txt is unchanged;
+#   - Debian's `prometheus` package (promtool + prometheus) when either tool is
+#     missing: apt-get update + install, via sudo only when not root.
+# The kiln_pb2 stubs are generated from proto/kiln/v1/kiln.proto at run time
+# by conftest.py (nothing generated is committed).
+# Needs PyPI and Debian's archive only on the first run; nothing else.
+set -euo pipefail
+
+if [[ $# -lt 2 ]]; then
+  echo "usage: $0 KILN_BINARY MODEL_DIR [pytest args...]" >&2
+  exit 2
+fi
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "${here}/../.." && pwd)"
+
+# Paths may be given relative to the caller's directory or to the repo root.
+resolve() {
+  local p="$1"
+  if [[ -e "${p}" ]]; then
+    (cd "$(dirname "${p}")" && echo "$(pwd)/$(basename "${p}")")
+  elif [[ -e "${repo}/${p}" ]]; then
+    (cd "$(dirname "${repo}/${p}")" && echo "$(pwd)/$(basename "${p}")")
+  else
+    echo "run_e2e.sh: not found: ${p}" >&2
+    return 1
+  fi
+}
+kiln_binary="$(resolve "$1")"
+model_dir="$(resolve "$2")"
+shift 2
+if [[ ! -x "${kiln_binary}" ]]; then
+  echo "run_e2e.sh: not executable: ${kiln_binary}" >&2
+  exit 2
+fi
+if [[ ! -f "${model_dir}/config.json" ]]; then
+  echo "run_e2e.sh: no config.json in model folder ${model_dir} (run scripts/fetch_model.sh?)" >&2
+  exit 2
+fi
+
+log() { echo "run_e2e.sh: $*" >&2; }
+
+# --- Python venv -------------------------------------------------------------
+venv="${repo}/.cache/e2e-venv"
+req="${here}/requirements.txt"
+stamp="${venv}/.kiln-e2e-requirements"
+python="${KILN_E2E_PYTHON:-python3}"
+venv_ok() {
+  [[ -x "${venv}/bin/python" ]] && cmp -s "${req}" "${stamp}" &&
+    "${venv}/bin/python" -c 'import grpc, grpc_tools, grpc_health, grpc_reflection, pytest' \
+      >/dev/null 2>&1
+}
+if ! venv_ok; then
+  log "setting up ${venv} from ${req}"
+  rm -rf "${venv}"
+  mkdir -p "$(dirname "${venv}")"
+  if ! "${python}" -m venv "${venv}"; then
+    # Debian's python3 needs python3-venv for ensurepip.
+    log "python3 -m venv failed; installing Debian's python3-venv"
+    rm -rf "${venv}"
+    sudo=()
+    if [[ "$(id -u)" != 0 ]]; then sudo=(sudo -n); fi
+    "${sudo[@]}" apt-get update -qq
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    "${python}" -m venv "${venv}"
+  fi
+  "${venv}/bin/python" -m pip install --quiet --disable-pip-version-check --no-input \
+    -r "${req}"
+  "${venv}/bin/python" -m pip check
+  cp "${req}" "${stamp}"
+fi
+
+# --- Prometheus (promtool for `check metrics`, the server for a real scrape) --
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  sudo=()
+  if [[ "$(id -u)" != 0 ]]; then sudo=(sudo -n); fi
+  log "installing Debian's prometheus package (promtool, prometheus)"
+  "${sudo[@]}" apt-get update -qq
+  # --no-install-recommends: no node exporter etc.; the package's service is
+  # not started where there is no init system (containers, CI).
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+
+# --- pytest ------------------------------------------------------------------
+export KILN_BINARY="${kiln_binary}"
+export KILN_MODEL_DIR="${model_dir}"
+export PYTHONDONTWRITEBYTECODE=1
+# gRPC and urllib must not send loopback traffic through a proxy.
+export no_proxy="127.0.0.1,localhost${no_proxy:+,${no_proxy}}"
+export NO_PROXY="${no_proxy}"
+
+cd "${repo}"
+set +e
+"${venv}/bin/python" -m pytest -c "${here}/pytest.ini" --rootdir "${here}" "${here}" "$@"
+rc=$?
+set -e
+if [[ ${rc} -eq 5 ]]; then
+  log "pytest collected no tests: failing"
+  exit 1
+fi
+exit ${rc}
