@@ -254,6 +254,10 @@ int main(int argc, char** argv) {
     }
   }
   if (lines.empty()) return fail(absl::StrCat("--input=", absl::GetFlag(FLAGS_input), " is empty"));
+  // HealthCheck encodes the name's length as a one-byte varint.
+  if (absl::GetFlag(FLAGS_health_service).size() >= 128) {
+    return fail("--health_service must be shorter than 128 bytes");
+  }
   std::vector<kiln::v1::EmbedRequest> requests(lines.size());
   for (size_t j = 0; j < requests.size(); ++j) {
     for (int m = 0; m < per_request; ++m) {
