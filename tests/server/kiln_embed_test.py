@@ -94,6 +94,28 @@ class KilnEmbedTest(unittest.TestCase):
         self.assertIn("unknown subcommand 'frobnicate'", p.stderr.decode())
 
 
+class KilnServeFlagsTest(unittest.TestCase):
+    """`kiln serve` refuses bad flags and a bad model folder before serving."""
+
+    def serve(self, *flags):
+        return subprocess.run([KILN, "serve", "--port=0", "--metrics_port=0", *flags],
+                              capture_output=True, timeout=120)
+
+    def test_bad_flags_exit_2_naming_the_flag(self):
+        for flag, message in [("--port=70000", "--port=70000 is not a port"),
+                              ("--max_client_batch=0", "--max_client_batch must be >= 1"),
+                              ("--max_queue_requests=0", "--max_queue_requests must be >= 1"),
+                              ("--drain_timeout_s=-1", "--drain_timeout_s must be >= 0")]:
+            p = self.serve(f"--model={MODEL}", flag)
+            self.assertEqual(p.returncode, 2, flag)
+            self.assertIn(message, p.stderr.decode(), flag)
+
+    def test_bad_model_folder_exits_2_naming_it(self):
+        p = self.serve("--model=/nonexistent/kiln-model")
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("/nonexistent/kiln-model", p.stderr.decode())
+
+
 if __name__ == "__main__":
     KILN, MODEL = sys.argv[1], sys.argv[2]
     del sys.argv[1:3]
