@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "engine/cpu/skinny_gemm.h"
 #include "engine/cpu/vec_math.h"
 
 namespace kiln {
@@ -188,7 +189,7 @@ void CpuBackend::EmbeddingSum(const float* word, const float* position, const fl
                               absl::Span<const int32_t> ids, absl::Span<const int32_t> positions,
                               absl::Span<const int32_t> type_ids, int hidden, float* out) {
   const int64_t n = static_cast<int64_t>(ids.size());
-#pragma omp parallel for schedule(static) if (n * hidden > kParallelElements)
+#pragma omp parallel for schedule(static) num_threads(threads_) if (n * hidden > kParallelElements)
   for (int64_t t = 0; t < n; ++t) {
     const float* w = word + static_cast<int64_t>(ids[t]) * hidden;
     const float* p = position + static_cast<int64_t>(positions[t]) * hidden;
@@ -202,6 +203,21 @@ void CpuBackend::EmbeddingSum(const float* word, const float* position, const fl
 void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const float* bias,
                         int out, Activation act, float* y) {
   if (rows == 0) return;
+  if (rows <= cpu::kSkinnyGemmMaxRows) {
+    // A short batch: stream the weights once instead of having OpenBLAS pack
+    // them (see skinny_gemm.h). Single-threaded, like any GEMM this small.
+    if (bias != nullptr) {
+      for (int r = 0; r < rows; ++r)
+        std::memcpy(y + static_cast<int64_t>(r) * out, bias, out * sizeof(float));
+    }
+    cpu::SkinnyGemm(x, rows, in, w, out, bias != nullptr, y);
+    if (act == Activation::kGelu) {
+      const int64_t count = static_cast<int64_t>(rows) * out;
+#pragma omp simd
+      for (int64_t i = 0; i < count; ++i) y[i] = cpu::GeluErf(y[i]);
+    }
+    return;
+  }
   // One row block per thread, each a single-threaded GEMM (OpenBLAS runs
   // serially inside a parallel region). Profiled on the default model, the
   // choices below each remove a pass over the output or a repeated packing:
@@ -213,7 +229,7 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
   SerialBlasScope serial(!parallel);
   const int block = parallel ? std::max(32, (rows + threads_ - 1) / threads_) : rows;
   const int blocks = (rows + block - 1) / block;
-#pragma omp parallel for schedule(static, 1) if (parallel)
+#pragma omp parallel for schedule(static, 1) num_threads(threads_) if (parallel)
   for (int b = 0; b < blocks; ++b) {
     const int r0 = b * block;
     const int n = std::min(rows, r0 + block) - r0;
@@ -235,7 +251,8 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
 
 void CpuBackend::AddLayerNorm(float* x, const float* residual, const float* gamma,
                               const float* beta, int rows, int cols, float eps) {
-#pragma omp parallel for schedule(static) if (int64_t{rows} * cols > kParallelElements)
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_) if (int64_t{rows} * cols > kParallelElements)
   for (int r = 0; r < rows; ++r) {
     float* row = x + static_cast<int64_t>(r) * cols;
     if (residual != nullptr) {
@@ -280,7 +297,7 @@ void CpuBackend::Attention(const float* qkv, absl::Span<const int32_t> seq_start
   // the parallel region, so the GEMMs below do not oversubscribe.
   const bool parallel = macs >= kParallelMacs;
   SerialBlasScope serial(!parallel);
-#pragma omp parallel if (parallel)
+#pragma omp parallel num_threads(threads_) if (parallel)
   {
     std::vector<float> scores(static_cast<size_t>(max_len) * max_len);
     std::vector<float> inv_sum(max_len);
@@ -314,8 +331,8 @@ void CpuBackend::Attention(const float* qkv, absl::Span<const int32_t> seq_start
 void CpuBackend::Pool(const float* x, absl::Span<const int32_t> seq_starts, int hidden,
                       PoolingMode mode, bool normalize, float* out_host) {
   const int num_seqs = static_cast<int>(seq_starts.size()) - 1;
-#pragma omp parallel for schedule(static) if (int64_t{seq_starts.back()} * hidden > \
-                                              kParallelElements)
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_) if (int64_t{seq_starts.back()} * hidden > kParallelElements)
   for (int s = 0; s < num_seqs; ++s) {
     const int start = seq_starts[s];
     const int len = seq_starts[s + 1] - start;

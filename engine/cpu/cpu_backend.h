@@ -20,6 +20,10 @@ class CpuBackend final : public Backend {
 
   DeviceKind kind() const override { return DeviceKind::kCpu; }
   std::string Describe() const override;
+  // Every parallel region names its team size (num_threads), so the count
+  // holds on whichever thread calls the ops: omp_set_num_threads alone would
+  // set it only for the calling thread, and the server's engine thread is
+  // another one.
   void SetThreads(int threads) override;
   int threads() const { return threads_; }
 

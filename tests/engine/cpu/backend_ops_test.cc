@@ -54,28 +54,37 @@ class BackendOpsTest : public ::testing::TestWithParam<DeviceKind> {
 };
 
 TEST_P(BackendOpsTest, LinearMatchesReferenceWithBiasAndGelu) {
-  // A small shape (one thread, no barriers) and one above the parallel
-  // threshold (row blocks across threads).
+  // Few rows (the skinny kernel, with row and column counts that leave every
+  // tile remainder and an `in` that is not a multiple of 8), a small shape
+  // (one OpenBLAS call, no barriers) and one above the parallel threshold
+  // (row blocks across threads).
   struct Shape {
     int rows, in, out;
   };
-  for (const Shape& shape : {Shape{37, 48, 80}, Shape{301, 256, 512}}) {
+  for (const Shape& shape : {Shape{1, 384, 7}, Shape{2, 19, 6}, Shape{16, 64, 33},
+                             Shape{37, 48, 80}, Shape{301, 256, 512}}) {
     const int rows = shape.rows, in = shape.in, out = shape.out;
     const auto x = RandomVector(rows * in, 1), w = RandomVector(out * in, 2, 0.2f),
                b = RandomVector(out, 3);
-    for (Activation act : {Activation::kNone, Activation::kGelu}) {
-      std::vector<float> want(rows * out);
-      for (int r = 0; r < rows; ++r) {
-        for (int o = 0; o < out; ++o) {
-          double acc = b[o];
-          for (int k = 0; k < in; ++k) acc += double(x[r * in + k]) * w[o * in + k];
-          if (act == Activation::kGelu) acc = 0.5 * acc * (1.0 + std::erf(acc / std::sqrt(2.0)));
-          want[r * out + o] = static_cast<float>(acc);
+    for (const bool with_bias : {true, false}) {
+      for (Activation act : {Activation::kNone, Activation::kGelu}) {
+        SCOPED_TRACE(testing::Message() << rows << "x" << in << "->" << out << " bias=" << with_bias
+                                        << " gelu=" << (act == Activation::kGelu));
+        std::vector<float> want(rows * out);
+        for (int r = 0; r < rows; ++r) {
+          for (int o = 0; o < out; ++o) {
+            double acc = with_bias ? b[o] : 0.0;
+            for (int k = 0; k < in; ++k) acc += double(x[r * in + k]) * w[o * in + k];
+            if (act == Activation::kGelu) acc = 0.5 * acc * (1.0 + std::erf(acc / std::sqrt(2.0)));
+            want[r * out + o] = static_cast<float>(acc);
+          }
         }
+        // y starts as garbage: without a bias it must be overwritten, not added to.
+        auto dx = Up(x), dw = Up(w), db = Up(b), dy = Up(std::vector<float>(rows * out, 5.0f));
+        backend_->Linear(dx.get(), rows, in, dw.get(), with_bias ? db.get() : nullptr, out, act,
+                         dy.get());
+        ExpectNear(Down(dy, rows * out), want, 2e-5f);
       }
-      auto dx = Up(x), dw = Up(w), db = Up(b), dy = Zeros(rows * out);
-      backend_->Linear(dx.get(), rows, in, dw.get(), db.get(), out, act, dy.get());
-      ExpectNear(Down(dy, rows * out), want, 2e-5f);
     }
   }
 }
