@@ -85,6 +85,21 @@ absl::Status Batcher::Enqueue(std::unique_ptr<EmbedJob> job) {
         absl::StrCat("queue is full: ", queue_.size(), " requests waiting (--max_queue_requests)"));
   }
   job->enqueued = options_.clock->Now();
+  if (engine_idle_ && !slot_.has_value() && queue_.empty() &&
+      options_.policy.max_queue_delay == absl::ZeroDuration()) {
+    // The fast path (see the header): the batch the policy would cut at once,
+    // handed straight to the idle engine, one thread wake-up fewer.
+    const int sequences = static_cast<int>(job->inputs.size());
+    Batch batch{.jobs = {}, .handed = job->enqueued};
+    batch.jobs.push_back(std::move(job));
+    slot_ = std::move(batch);
+    ++unfinished_;
+    engine_cv_.notify_one();
+    lock.unlock();
+    if (hooks_.on_dequeued) hooks_.on_dequeued(absl::ZeroDuration());
+    if (hooks_.on_batch) hooks_.on_batch(sequences, tokens);
+    return absl::OkStatus();
+  }
   queue_.push_back(std::move(job));
   dirty_ = true;
   batcher_cv_.notify_one();

@@ -7,6 +7,11 @@
 //    DecideBatch (batch_policy.h), drop cancelled / expired jobs, move a cut
 //    batch into the one-slot hand-off, sleep until the policy's wake_at or a
 //    notify (Enqueue, the engine taking or finishing a batch, Drain).
+//    Fast path: when the engine is idle, the slot empty, the queue empty and
+//    max_queue_delay zero, the policy would cut a batch of just the new job
+//    at once; Enqueue puts that batch in the slot itself, so a lone request
+//    wakes only the engine thread (not the batcher thread, then the engine).
+//    The job never enters the queue, which stays the batcher thread's.
 //  - One engine worker thread takes the slot, runs EmbeddingModel::Forward on
 //    all inputs of all jobs of the batch (different exits and normalize
 //    settings share one Forward), splits the output back into per-job
@@ -62,18 +67,20 @@ class Batcher {
     Clock* clock = Clock::Real();
   };
 
-  // Hooks for metrics; each may be empty. They run outside the Batcher's lock
-  // but on its threads, so they must be cheap, must not block and must not
-  // call back into the Batcher.
+  // Hooks for metrics; each may be empty. They run outside the Batcher's lock,
+  // on its threads or (fast path) the Enqueue caller's, so they must be cheap,
+  // thread-safe, must not block and must not call back into the Batcher.
   struct Hooks {
     // Batcher thread: the number of queued jobs, whenever the batcher thread
     // sees it differ from what it last reported (changes between two of its
     // looks are coalesced; the last call after a quiet period is exact).
     std::function<void(int64_t depth)> on_queue_depth;
-    // Batcher thread: per job handed to the engine, its time in the queue.
+    // Batcher thread (or the Enqueue caller, on the fast path): per job
+    // handed to the engine, its time in the queue.
     std::function<void(absl::Duration waited)> on_dequeued;
-    // Batcher thread: per batch handed to the engine; sequences = inputs over
-    // all its jobs, tokens = their tokens.
+    // Batcher thread (or the Enqueue caller, on the fast path): per batch
+    // handed to the engine; sequences = inputs over all its jobs, tokens =
+    // their tokens.
     std::function<void(int sequences, int64_t tokens)> on_batch;
     // Engine thread: per batch computed (successfully or not), the wall time
     // of its Forward by Options::clock.

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -541,6 +543,82 @@ TEST_F(BatcherTest, HooksAreCalled) {
   EXPECT_GT(seen->forward_total, absl::ZeroDuration());
   ASSERT_FALSE(seen->depths.empty());
   EXPECT_EQ(seen->depths.back(), 0);
+}
+
+// Records which thread handed each batch to the engine (Hooks::on_batch).
+struct BatchThreads {
+  std::mutex mu;
+  std::vector<std::thread::id> ids;
+};
+
+Batcher::Hooks RecordBatchThreads(std::shared_ptr<BatchThreads> seen) {
+  Batcher::Hooks hooks;
+  hooks.on_batch = [seen](int, int64_t) {
+    std::lock_guard<std::mutex> lock(seen->mu);
+    seen->ids.push_back(std::this_thread::get_id());
+  };
+  return hooks;
+}
+
+// Enqueues `count` lone jobs one after another from this thread, each once
+// the previous one is done and the engine has had time to go idle again;
+// expects each to succeed. Returns how many were handed over by this thread.
+int LoneJobsHandedByCaller(
+    Batcher& batcher, std::shared_ptr<BatchThreads> seen, int count,
+    const std::function<std::unique_ptr<EmbedJob>(std::shared_ptr<Outcome>)>& make_job) {
+  for (int i = 0; i < count; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    auto outcome = std::make_shared<Outcome>();
+    EXPECT_TRUE(batcher.Enqueue(make_job(outcome)).ok());
+    EXPECT_TRUE(outcome->finished.WaitForNotificationWithTimeout(kWait));
+    EXPECT_TRUE(outcome->result.ok()) << outcome->result.status();
+  }
+  std::lock_guard<std::mutex> lock(seen->mu);
+  EXPECT_EQ(seen->ids.size(), static_cast<size_t>(count));
+  return static_cast<int>(
+      std::count(seen->ids.begin(), seen->ids.end(), std::this_thread::get_id()));
+}
+
+TEST_F(BatcherTest, LoneRequestToAnIdleEngineSkipsTheBatcherThread) {
+  // The fast path: with no delay, an empty queue and an idle engine, Enqueue
+  // hands the job to the engine itself. The engine goes idle a moment after
+  // a job's done returns, so the 20 ms pause before each job lets nearly all
+  // of them take it; at least half must.
+  auto seen = std::make_shared<BatchThreads>();
+  auto batcher = MakeBatcher({}, RecordBatchThreads(seen));
+  ASSERT_NE(batcher, nullptr);
+  const int fast = LoneJobsHandedByCaller(*batcher, seen, 6, [](std::shared_ptr<Outcome> o) {
+    return MakeJob({kTexts[1]}, 0, true, std::move(o));
+  });
+  EXPECT_GE(fast, 3);
+}
+
+TEST_F(BatcherTest, MaxQueueDelayKeepsLoneRequestsOnTheBatcherThread) {
+  // With a delay the policy may hold a batch to fill it, so every job goes
+  // through the queue and the batcher thread.
+  Batcher::Options options;
+  options.policy.max_queue_delay = absl::Microseconds(100);
+  auto seen = std::make_shared<BatchThreads>();
+  auto batcher = MakeBatcher(options, RecordBatchThreads(seen));
+  ASSERT_NE(batcher, nullptr);
+  const int fast = LoneJobsHandedByCaller(*batcher, seen, 3, [](std::shared_ptr<Outcome> o) {
+    return MakeJob({kTexts[1]}, 0, true, std::move(o));
+  });
+  EXPECT_EQ(fast, 0);
+}
+
+TEST_F(BatcherTest, ExpiredLoneRequestOnTheFastPathStillGetsDeadlineExceeded) {
+  auto batcher = MakeBatcher();
+  ASSERT_NE(batcher, nullptr);
+  for (int i = 0; i < 3; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    auto outcome = std::make_shared<Outcome>();
+    auto job = MakeJob({kTexts[0]}, 0, true, outcome);
+    job->deadline = absl::Now() - absl::Seconds(1);
+    ASSERT_TRUE(batcher->Enqueue(std::move(job)).ok());
+    ASSERT_TRUE(outcome->finished.WaitForNotificationWithTimeout(kWait));
+    EXPECT_EQ(outcome->result.status().code(), absl::StatusCode::kDeadlineExceeded);
+  }
 }
 
 TEST_F(BatcherTest, CreateRejectsBadOptions) {
