@@ -75,6 +75,18 @@ class Backend {
   virtual void Linear(const float* x, int rows, int in, const float* w, const float* bias, int out,
                       Activation act, float* y) = 0;
 
+  // The low-rank delta of one LoRA module on a segment of rows:
+  //   y[r, 0:out] += scale * (x[r] * a^T) * b^T   for r in [0, rows),
+  // x: [rows, in] (row stride in), a: [rank, in], b: [out, rank]; y has row
+  // stride ldy >= out (so a delta can land in one third of the fused QKV
+  // output). tmp: scratch of rows * rank floats. Two thin products, never
+  // the dense b * a.
+  virtual void LowRankAdd(const float* x, int rows, int in, const float* a, int rank,
+                          const float* b, int out, float scale, float* y, int ldy, float* tmp) = 0;
+
+  // y[i] = act(y[i]) for i in [0, count), in place.
+  virtual void Activate(float* y, int64_t count, Activation act) = 0;
+
   // x[r] = LayerNorm(x[r] + residual[r]) * gamma + beta for each of `rows`
   // rows of width `cols`, in place. `residual` may be null.
   virtual void AddLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,

@@ -249,6 +249,34 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
   }
 }
 
+void CpuBackend::LowRankAdd(const float* x, int rows, int in, const float* a, int rank,
+                            const float* b, int out, float scale, float* y, int ldy, float* tmp) {
+  if (rows <= 0) return;
+  // Row blocks across threads as in Linear; each block runs both thin
+  // products on one thread (its rows of tmp are its own).
+  const int64_t macs = int64_t{rows} * rank * (in + out);
+  const bool parallel = macs >= kParallelMacs;
+  SerialBlasScope serial(!parallel);
+  const int block = parallel ? std::max(32, (rows + threads_ - 1) / threads_) : rows;
+  const int blocks = (rows + block - 1) / block;
+#pragma omp parallel for schedule(static, 1) num_threads(threads_) if (parallel)
+  for (int blk = 0; blk < blocks; ++blk) {
+    const int r0 = blk * block;
+    const int n = std::min(rows, r0 + block) - r0;
+    float* t = tmp + static_cast<int64_t>(r0) * rank;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rank, in, 1.0f,
+                x + static_cast<int64_t>(r0) * in, in, a, in, 0.0f, t, rank);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, rank, scale, t, rank, b, rank,
+                1.0f, y + static_cast<int64_t>(r0) * ldy, ldy);
+  }
+}
+
+void CpuBackend::Activate(float* y, int64_t count, Activation act) {
+  if (act != Activation::kGelu) return;
+#pragma omp parallel for simd schedule(static) num_threads(threads_) if (count > kParallelElements)
+  for (int64_t i = 0; i < count; ++i) y[i] = cpu::GeluErf(y[i]);
+}
+
 void CpuBackend::AddLayerNorm(float* x, const float* residual, const float* gamma,
                               const float* beta, int rows, int cols, float eps) {
 #pragma omp parallel for schedule(static) \

@@ -31,8 +31,9 @@ class EmbeddingModel {
   }
 
   // See Encoder::Forward. out has seqs.size() * dim() floats.
-  absl::Status Forward(absl::Span<const SequenceInput> seqs, float* out) {
-    return encoder_->Forward(seqs, out);
+  absl::Status Forward(absl::Span<const SequenceInput> seqs, float* out,
+                       absl::Span<const LoraPlan> plans = {}) {
+    return encoder_->Forward(seqs, out, plans);
   }
 
   const ModelConfig& config() const { return config_; }

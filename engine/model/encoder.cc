@@ -111,13 +111,68 @@ absl::Status Encoder::EnsureWorkspace(size_t tokens) {
   return absl::OkStatus();
 }
 
-absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out) {
+void Encoder::ApplyLora(int layer, LoraTarget target, const float* x, float* y, int ldy,
+                        absl::Span<const Segment> segments, absl::Span<const int32_t> starts,
+                        int live_rows, absl::Span<const LoraPlan> plans) {
+  const int in = LoraTargetIn(config_, target), out = LoraTargetOut(config_, target);
+  for (const Segment& seg : segments) {
+    if (seg.plan < 0) continue;
+    const int r0 = starts[seg.first];
+    const int r1 = std::min<int>(starts[seg.last], live_rows);
+    if (r1 <= r0) continue;
+    for (const LoraTerm& term : plans[seg.plan]) {
+      const LoraAdapter::Module* m = term.adapter->module(layer, target);
+      if (m == nullptr || term.weight == 0.0f) continue;
+      backend_->LowRankAdd(x + static_cast<int64_t>(r0) * in, r1 - r0, in, m->a.get(), m->rank,
+                           m->b.get(), out, term.weight * m->scale,
+                           y + static_cast<int64_t>(r0) * ldy, ldy, ws_.lora_tmp.get());
+    }
+  }
+}
+
+bool Encoder::AnyLora(int layer, LoraTarget target, absl::Span<const Segment> segments,
+                      absl::Span<const int32_t> starts, int live_rows,
+                      absl::Span<const LoraPlan> plans) {
+  for (const Segment& seg : segments) {
+    if (seg.plan < 0 || starts[seg.first] >= live_rows) continue;
+    for (const LoraTerm& term : plans[seg.plan]) {
+      if (term.weight != 0.0f && term.adapter->module(layer, target) != nullptr) return true;
+    }
+  }
+  return false;
+}
+
+absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out,
+                              absl::Span<const LoraPlan> plans) {
   const int n = static_cast<int>(seqs.size());
   if (n == 0) return absl::OkStatus();
   const int num_layers = config_.num_layers;
+  int max_rank = 0;
+  for (size_t p = 0; p < plans.size(); ++p) {
+    for (size_t t = 0; t < plans[p].size(); ++t) {
+      const LoraTerm& term = plans[p][t];
+      if (term.adapter == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat("plan ", p, " brick ", t, ": no adapter"));
+      }
+      if (term.adapter->num_layers() != num_layers) {
+        return absl::InvalidArgumentError(absl::StrCat("plan ", p, " brick ", term.adapter->name(),
+                                                       ": made for ", term.adapter->num_layers(),
+                                                       " layers, the model has ", num_layers));
+      }
+      if (!std::isfinite(term.weight)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("plan ", p, " brick ", term.adapter->name(), ": weight is not finite"));
+      }
+      max_rank = std::max(max_rank, term.adapter->max_rank());
+    }
+  }
   std::vector<int> exits(n);
   for (int i = 0; i < n; ++i) {
     const SequenceInput& s = seqs[i];
+    if (s.plan < -1 || s.plan >= static_cast<int>(plans.size())) {
+      return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": plan ", s.plan,
+                                                     " is out of range -1..", plans.size() - 1));
+    }
     const int exit = s.exit == 0 ? num_layers : s.exit;
     if (exit < 1 || exit > num_layers) {
       return absl::InvalidArgumentError(
@@ -143,9 +198,26 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out) 
 
   // Deepest exit first (stable, so equal exits keep input order): the
   // sequences still running after any layer are then a prefix of the batch.
+  // Inside one exit, sequences are grouped by plan, so each plan's rows form
+  // as few segments as possible.
   std::vector<int> order(n);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return exits[a] > exits[b]; });
+  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
+    if (exits[a] != exits[b]) return exits[a] > exits[b];
+    return seqs[a].plan < seqs[b].plan;
+  });
+  std::vector<Segment> segments;
+  for (int k = 0; k < n; ++k) {
+    const int plan = seqs[order[k]].plan;
+    if (segments.empty() || segments.back().plan != plan) {
+      segments.push_back({.first = k, .last = k + 1, .plan = plan});
+    } else {
+      segments.back().last = k + 1;
+    }
+  }
+  const bool any_lora = std::any_of(segments.begin(), segments.end(), [&](const Segment& seg) {
+    return seg.plan >= 0 && !plans[seg.plan].empty();
+  });
 
   std::vector<int32_t> starts(n + 1, 0), ids, positions;
   for (int k = 0; k < n; ++k) {
@@ -157,6 +229,13 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out) 
   const int total = starts[n];
   std::vector<int32_t> type_ids(total, 0);
   RETURN_IF_ERROR(EnsureWorkspace(total));
+  if (any_lora) {
+    const size_t need = static_cast<size_t>(total) * static_cast<size_t>(max_rank);
+    if (ws_.lora_capacity < need) {
+      ASSIGN_OR_RETURN(ws_.lora_tmp, backend_->Allocate(need));
+      ws_.lora_capacity = need;
+    }
+  }
 
   const int h = config_.hidden_size, ff = config_.intermediate_size;
   const float eps = config_.layer_norm_eps;
@@ -171,19 +250,36 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out) 
     if (live == 0) break;
     const int rows = starts[live];
     const Layer& L = layers_[l];
+    // Each Linear is followed by the live segments' LoRA deltas on it.
+    auto lora = [&](LoraTarget target, const float* in, float* y, int ldy) {
+      if (any_lora) ApplyLora(l, target, in, y, ldy, segments, starts, rows, plans);
+    };
     backend_->Linear(x, rows, h, L.qkv_w.get(), L.qkv_b.get(), 3 * h, Activation::kNone,
                      ws_.qkv.get());
+    lora(LoraTarget::kQuery, x, ws_.qkv.get(), 3 * h);
+    lora(LoraTarget::kKey, x, ws_.qkv.get() + h, 3 * h);
+    lora(LoraTarget::kValue, x, ws_.qkv.get() + 2 * h, 3 * h);
     backend_->Attention(ws_.qkv.get(), absl::MakeConstSpan(starts.data(), live + 1),
                         config_.num_heads, config_.head_dim(), ws_.ctx.get());
     backend_->Linear(ws_.ctx.get(), rows, h, L.attn_out_w.get(), L.attn_out_b.get(), h,
                      Activation::kNone, ws_.attn.get());
+    lora(LoraTarget::kAttnOut, ws_.ctx.get(), ws_.attn.get(), h);
     backend_->AddLayerNorm(ws_.attn.get(), x, L.ln1_g.get(), L.ln1_b.get(), rows, h, eps);
+    // The activation is fused into the Linear unless a delta must land
+    // before it.
+    const bool ffn_in_lora =
+        any_lora && AnyLora(l, LoraTarget::kFfnIn, segments, starts, rows, plans);
     backend_->Linear(ws_.attn.get(), rows, h, L.ffn_in_w.get(), L.ffn_in_b.get(), ff,
-                     config_.hidden_act, ws_.ffn.get());
+                     ffn_in_lora ? Activation::kNone : config_.hidden_act, ws_.ffn.get());
+    if (ffn_in_lora) {
+      lora(LoraTarget::kFfnIn, ws_.attn.get(), ws_.ffn.get(), ff);
+      backend_->Activate(ws_.ffn.get(), static_cast<int64_t>(rows) * ff, config_.hidden_act);
+    }
     // The FFN output lands in x (the layer input is no longer needed) and the
     // residual is the attention block's output.
     backend_->Linear(ws_.ffn.get(), rows, ff, L.ffn_out_w.get(), L.ffn_out_b.get(), h,
                      Activation::kNone, x);
+    lora(LoraTarget::kFfnOut, ws_.ffn.get(), x, h);
     backend_->AddLayerNorm(x, ws_.attn.get(), L.ln2_g.get(), L.ln2_b.get(), rows, h, eps);
   }
 

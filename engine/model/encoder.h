@@ -23,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "engine/backend.h"
+#include "engine/lora.h"
 #include "engine/model/config.h"
 #include "engine/safetensors.h"
 
@@ -34,6 +35,9 @@ struct SequenceInput {
   // L2-normalise the pooled vector: nullopt = as the model's config says
   // (sentence-transformers' Normalize module); true / false = force.
   std::optional<bool> normalize;
+  // Index into Forward's `plans` (the LoRA bricks this sequence runs with);
+  // -1 = the base model alone.
+  int plan = -1;
 };
 
 class Encoder {
@@ -49,8 +53,15 @@ class Encoder {
   // Runs the batch and writes one pooled (and, per config, normalised)
   // embedding per sequence, in input order, to out[seqs.size() * hidden]
   // (host memory). INVALID_ARGUMENT names the sequence at fault (bad exit,
-  // empty, too long, token id out of range).
-  absl::Status Forward(absl::Span<const SequenceInput> seqs, float* out);
+  // empty, too long, token id out of range, plan index out of range) or the
+  // plan at fault (a null adapter, an adapter for another layer count).
+  //
+  // LoRA: sequence i runs with plans[seqs[i].plan] (see engine/lora.h).
+  // Sequences are grouped by plan inside each exit, so each segment's deltas
+  // are two thin products per module on its rows; the adapters must stay
+  // alive until Forward returns.
+  absl::Status Forward(absl::Span<const SequenceInput> seqs, float* out,
+                       absl::Span<const LoraPlan> plans = {});
 
   const EncoderConfig& config() const { return config_; }
   Backend* backend() const { return backend_; }
@@ -66,7 +77,24 @@ class Encoder {
   struct Workspace {
     size_t capacity_tokens = 0;
     DeviceArray hidden, qkv, ctx, attn, ffn;
+    size_t lora_capacity = 0;  // floats in lora_tmp
+    DeviceArray lora_tmp;      // LowRankAdd scratch: tokens x the largest rank
   };
+  // A run of consecutive sequences (in Forward's exit order) sharing a plan.
+  struct Segment {
+    int first = 0, last = 0;  // sequences [first, last)
+    int plan = -1;
+  };
+  // Adds every live segment's deltas for (layer, target) to y. x is the
+  // Linear's input [rows, in]; y its output with row stride ldy, starting at
+  // the target's column. live_rows clips the segments to the running prefix.
+  void ApplyLora(int layer, LoraTarget target, const float* x, float* y, int ldy,
+                 absl::Span<const Segment> segments, absl::Span<const int32_t> starts,
+                 int live_rows, absl::Span<const LoraPlan> plans);
+  // True if a live segment's plan has a module on (layer, target).
+  static bool AnyLora(int layer, LoraTarget target, absl::Span<const Segment> segments,
+                      absl::Span<const int32_t> starts, int live_rows,
+                      absl::Span<const LoraPlan> plans);
 
   Encoder(const EncoderConfig& config, const PoolingConfig& pooling, Backend* backend)
       : config_(config), pooling_(pooling), backend_(backend) {}

@@ -95,6 +95,51 @@ TEST_P(BackendOpsTest, LinearWithZeroRowsIsANoOp) {
   EXPECT_EQ(Down(dy, 1)[0], 7.0f);
 }
 
+TEST_P(BackendOpsTest, LowRankAddAccumulatesIntoAStridedSlice) {
+  // y has row stride ldy > out (a third of a fused QKV row); the columns
+  // outside [col, col + out) must stay as they were.
+  struct Shape {
+    int rows, in, rank, out;
+  };
+  for (const Shape& shape : {Shape{5, 24, 3, 16}, Shape{300, 384, 16, 384}}) {
+    const int rows = shape.rows, in = shape.in, rank = shape.rank, out = shape.out;
+    const int ldy = 3 * out, col = out;
+    const float scale = -0.75f;
+    const auto x = RandomVector(rows * in, 21), a = RandomVector(rank * in, 22, 0.3f),
+               b = RandomVector(out * rank, 23, 0.3f), y0 = RandomVector(rows * ldy, 24);
+    std::vector<float> want = y0;
+    for (int r = 0; r < rows; ++r) {
+      for (int o = 0; o < out; ++o) {
+        double acc = 0;
+        for (int k = 0; k < rank; ++k) {
+          double t = 0;
+          for (int i = 0; i < in; ++i) t += double(x[r * in + i]) * a[k * in + i];
+          acc += t * b[o * rank + k];
+        }
+        want[r * ldy + col + o] += static_cast<float>(scale * acc);
+      }
+    }
+    auto dx = Up(x), da = Up(a), db = Up(b), dy = Up(y0), tmp = Zeros(rows * rank);
+    backend_->LowRankAdd(dx.get(), rows, in, da.get(), rank, db.get(), out, scale, dy.get() + col,
+                         ldy, tmp.get());
+    ExpectNear(Down(dy, rows * ldy), want, 2e-5f);
+  }
+}
+
+TEST_P(BackendOpsTest, ActivateAppliesGeluInPlace) {
+  const auto x = RandomVector(1000, 25, 3.0f);
+  std::vector<float> want(x.size());
+  for (size_t i = 0; i < x.size(); ++i) {
+    want[i] = static_cast<float>(0.5 * x[i] * (1.0 + std::erf(x[i] / std::sqrt(2.0))));
+  }
+  auto d = Up(x);
+  backend_->Activate(d.get(), static_cast<int64_t>(x.size()), Activation::kGelu);
+  const std::vector<float> gelu = Down(d, x.size());
+  ExpectNear(gelu, want, 2e-6f);
+  backend_->Activate(d.get(), static_cast<int64_t>(x.size()), Activation::kNone);
+  EXPECT_EQ(Down(d, x.size()), gelu);
+}
+
 TEST_P(BackendOpsTest, AddLayerNormMatchesReference) {
   const int rows = 9, cols = 384;
   const auto x = RandomVector(rows * cols, 4, 3.0f), res = RandomVector(rows * cols, 5),
