@@ -10,7 +10,7 @@ packages=(
   build-essential cmake pkg-config ccache git
   libabsl-dev libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   prometheus-cpp-dev libgtest-dev libgmock-dev
-  libopenblas-openmp-dev libutf8proc-dev nlohmann-json3-dev
+  libopenblas-openmp-dev libutf8proc-dev nlohmann-json3-dev libssl-dev
   python3 python3-pip
 )
 missing=()

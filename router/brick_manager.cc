@@ -1,0 +1,369 @@
+#include "router/brick_manager.h"
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+#include "router/brick.h"
+
+namespace kiln {
+
+absl::StatusOr<std::unique_ptr<BrickManager>> BrickManager::Create(const Options& options,
+                                                                   const ModelConfig& model,
+                                                                   Backend* backend,
+                                                                   BrickCache::Hooks hooks) {
+  if (backend == nullptr) return absl::InvalidArgumentError("BrickManager: backend is null");
+  if (options.max_bricks_per_request < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max_bricks_per_request must be at least 1, got ", options.max_bricks_per_request));
+  }
+  if (!(options.max_brick_weight > 0.0f) || !std::isfinite(options.max_brick_weight)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--max_brick_weight must be a positive number, got ", options.max_brick_weight));
+  }
+  std::unique_ptr<BrickManager> m(new BrickManager(options, model, backend));
+  absl::StatusOr<std::unique_ptr<BrickStore>> store = BrickStore::Open(options.root);
+  if (!store.ok()) {
+    return absl::Status(store.status().code(),
+                        absl::StrCat("--brick_dir: ", store.status().message()));
+  }
+  m->store_ = *std::move(store);
+  ASSIGN_OR_RETURN(m->fingerprint_, BaseModelFingerprint(model.dir));
+  BrickManager* raw = m.get();
+  absl::StatusOr<std::unique_ptr<BrickCache>> cache = BrickCache::Create(
+      {.budget_bytes = options.cache_bytes, .loader_threads = options.loader_threads},
+      [raw](const BrickKey& key) { return raw->Load(key); }, std::move(hooks));
+  if (!cache.ok()) return cache.status();
+  m->cache_ = *std::move(cache);
+  for (const BrickStore::Entry& e : m->store_->List()) {
+    m->candidates_[e.id].insert(e.versions.begin(), e.versions.end());
+  }
+  return m;
+}
+
+BrickManager::~BrickManager() = default;
+
+absl::StatusOr<std::shared_ptr<const LoraAdapter>> BrickManager::Load(const BrickKey& key) {
+  auto fail = [&](const absl::Status& st) {
+    absl::Status named(st.code(), absl::StrCat("brick ", key.ToString(), ": ", st.message()));
+    std::lock_guard<std::mutex> lock(mu_);
+    failed_[key] = std::string(named.message());
+    return named;
+  };
+  absl::StatusOr<BrickVersion> version = store_->Resolve(key.id, key.version);
+  if (!version.ok()) return fail(version.status());
+  if (version->manifest.base_fingerprint != fingerprint_) {
+    return fail(absl::FailedPreconditionError(
+        absl::StrCat(version->dir, "/brick.json: made for base model ", version->manifest.base_name,
+                     " with fingerprint ", version->manifest.base_fingerprint,
+                     "; this server runs ", model_.model_id, " with fingerprint ", fingerprint_)));
+  }
+  absl::StatusOr<std::vector<LoraHostModule>> modules = ReadLoraBrick(version->dir, model_.encoder);
+  if (!modules.ok()) return fail(modules.status());
+  absl::StatusOr<std::unique_ptr<LoraAdapter>> adapter =
+      LoraAdapter::Upload(model_.encoder, *std::move(modules), backend_, key.ToString());
+  if (!adapter.ok()) return fail(adapter.status());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    failed_.erase(key);
+  }
+  return std::shared_ptr<const LoraAdapter>(*std::move(adapter));
+}
+
+absl::StatusOr<int> BrickManager::LatestVersion(const std::string& id) const {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = candidates_.find(id); it != candidates_.end() && !it->second.empty()) {
+      // The newest candidate whose last load did not fail; the newest if all
+      // did (its load then reports why).
+      for (auto v = it->second.rbegin(); v != it->second.rend(); ++v) {
+        if (!failed_.contains(BrickKey{id, *v})) return *v;
+      }
+      return *it->second.rbegin();
+    }
+  }
+  // No candidate (gone from disk and forgotten): resident versions serve
+  // until unloaded.
+  int best = 0;
+  for (const BrickKey& key : cache_->Resident()) {
+    if (key.id == id) best = std::max(best, key.version);
+  }
+  if (best > 0) return best;
+  return absl::NotFoundError(absl::StrCat("brick \"", id, "\""));
+}
+
+absl::StatusOr<int> BrickManager::ResolveVersion(const std::string& id, int version) const {
+  if (version < 0) return absl::InvalidArgumentError("version: must be >= 0 (0 = latest)");
+  if (version == 0) return LatestVersion(id);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = candidates_.find(id); it != candidates_.end() && it->second.contains(version)) {
+      return version;
+    }
+  }
+  for (const BrickKey& key : cache_->Resident()) {
+    if (key.id == id && key.version == version) return version;
+  }
+  ASSIGN_OR_RETURN(std::vector<int> versions, store_->Versions(id));
+  if (!std::binary_search(versions.begin(), versions.end(), version)) {
+    return absl::NotFoundError(absl::StrCat("brick \"", id, "\" version ", version));
+  }
+  return version;
+}
+
+absl::StatusOr<std::vector<BrickManager::Resolved>> BrickManager::Resolve(
+    absl::Span<const Ref> refs) const {
+  if (static_cast<int>(refs.size()) > options_.max_bricks_per_request) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("bricks: ", refs.size(), " bricks exceed the limit of ",
+                     options_.max_bricks_per_request, " per request (--max_bricks_per_request)"));
+  }
+  std::vector<Resolved> out;
+  out.reserve(refs.size());
+  for (size_t i = 0; i < refs.size(); ++i) {
+    const Ref& ref = refs[i];
+    const std::string field = absl::StrCat("bricks[", i, "]");
+    if (!IsValidBrickId(ref.id)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ".id: \"", ref.id, "\" is not a brick id ([a-z0-9][a-z0-9._-]{0,63})"));
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (refs[j].id == ref.id) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(field, ".id: brick \"", ref.id, "\" is already bricks[", j, "]"));
+      }
+    }
+    const float weight = ref.weight.value_or(1.0f);
+    if (!std::isfinite(weight)) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ".weight: must be finite"));
+    }
+    if (std::fabs(weight) > options_.max_brick_weight) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, ".weight: |", weight, "| exceeds --max_brick_weight ", options_.max_brick_weight));
+    }
+    absl::StatusOr<int> version = ResolveVersion(ref.id, ref.version);
+    if (!version.ok()) {
+      return absl::Status(version.status().code(),
+                          absl::StrCat(field, ": ", version.status().message()));
+    }
+    out.push_back({.key = {ref.id, *version}, .weight = weight});
+  }
+  return out;
+}
+
+namespace {
+
+// Collects the pins of one Acquire as loads finish.
+struct Gather {
+  std::mutex mu;
+  std::vector<BrickCache::Pin> pins;
+  std::vector<float> weights;
+  int remaining = 0;
+  absl::Status error;
+  std::function<void(absl::StatusOr<BrickManager::Held>)> done;
+
+  // Records brick i's outcome; the last one calls done.
+  void Set(size_t i, absl::StatusOr<BrickCache::Pin> pin) {
+    std::function<void(absl::StatusOr<BrickManager::Held>)> finish;
+    absl::StatusOr<BrickManager::Held> result;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (pin.ok()) {
+        pins[i] = *std::move(pin);
+      } else if (error.ok()) {
+        error = pin.status();
+      }
+      if (--remaining > 0) return;
+      finish = std::move(done);
+      if (!error.ok()) {
+        pins.clear();
+        result = error;
+      } else {
+        auto hold = std::make_shared<std::vector<BrickCache::Pin>>(std::move(pins));
+        BrickManager::Held held;
+        for (size_t k = 0; k < hold->size(); ++k) {
+          held.plan.push_back({(*hold)[k].adapter(), weights[k]});
+        }
+        held.hold = std::move(hold);
+        result = std::move(held);
+      }
+    }
+    finish(std::move(result));
+  }
+};
+
+}  // namespace
+
+void BrickManager::Acquire(std::vector<Resolved> bricks,
+                           std::function<void(absl::StatusOr<Held>)> done) {
+  if (bricks.empty()) return done(Held{});
+  auto gather = std::make_shared<Gather>();
+  gather->pins.resize(bricks.size());
+  gather->remaining = static_cast<int>(bricks.size());
+  gather->done = std::move(done);
+  for (const Resolved& r : bricks) gather->weights.push_back(r.weight);
+  for (size_t i = 0; i < bricks.size(); ++i) {
+    std::optional<BrickCache::Pin> pin = cache_->Acquire(
+        bricks[i].key,
+        [gather, i](absl::StatusOr<BrickCache::Pin> p) { gather->Set(i, std::move(p)); });
+    if (pin.has_value()) gather->Set(i, *std::move(pin));
+  }
+}
+
+absl::Status BrickManager::Preload(absl::Span<const std::string> ids) {
+  for (const std::string& id : ids) {
+    if (!IsValidBrickId(id)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--preload_bricks: \"", id, "\" is not a brick id"));
+    }
+    absl::StatusOr<int> version = LatestVersion(id);
+    if (!version.ok()) {
+      return absl::Status(version.status().code(),
+                          absl::StrCat("--preload_bricks: ", version.status().message()));
+    }
+    const BrickKey key{id, *version};
+    if (absl::Status st = cache_->Preload(key); !st.ok()) {
+      return absl::Status(st.code(), absl::StrCat("--preload_bricks: ", st.message()));
+    }
+    KLOG(INFO) << "preloaded brick " << key.ToString();
+  }
+  return absl::OkStatus();
+}
+
+std::vector<BrickManager::Summary> BrickManager::List() const {
+  std::map<std::string, Summary> by_id;
+  for (const BrickStore::Entry& e : store_->List()) {
+    Summary& s = by_id[e.id];
+    s.id = e.id;
+    s.versions = e.versions;
+  }
+  for (const BrickKey& key : cache_->Resident()) {
+    Summary& s = by_id[key.id];
+    s.id = key.id;
+    s.resident.push_back(key.version);
+  }
+  std::vector<Summary> out;
+  for (auto& [id, s] : by_id) {
+    std::sort(s.resident.begin(), s.resident.end());
+    absl::StatusOr<int> latest = LatestVersion(id);
+    s.latest = latest.ok() ? *latest : 0;
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
+absl::Status BrickManager::Validate(const std::string& dir) const {
+  ASSIGN_OR_RETURN(BrickManifest manifest,
+                   ReadBrickManifest(absl::StrCat(dir, "/", kBrickManifestFile)));
+  if (manifest.base_fingerprint != fingerprint_) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(dir, "/brick.json: made for base model ", manifest.base_name,
+                     " with fingerprint ", manifest.base_fingerprint, "; this server runs ",
+                     model_.model_id, " with fingerprint ", fingerprint_));
+  }
+  ASSIGN_OR_RETURN(std::vector<LoraHostModule> modules, ReadLoraBrick(dir, model_.encoder));
+  int64_t bytes = BrickCache::kEntryOverheadBytes;
+  for (const LoraHostModule& m : modules) {
+    bytes += static_cast<int64_t>((m.a.size() + m.b.size()) * sizeof(float));
+  }
+  if (bytes > cache_->budget_bytes()) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(dir, ": the brick needs ", bytes, " bytes, more than the whole brick cache (",
+                     cache_->budget_bytes(), " bytes, --brick_cache_bytes)"));
+  }
+  return absl::OkStatus();
+}
+
+void BrickManager::Adopt(const BrickKey& key) {
+  absl::StatusOr<int> previous = LatestVersion(key.id);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    candidates_[key.id].insert(key.version);
+    failed_.erase(key);
+  }
+  // The old latest is freed once no batch uses it (and reloads on demand if
+  // a request names it).
+  if (previous.ok() && *previous < key.version) cache_->Unload({key.id, *previous});
+}
+
+absl::StatusOr<BrickVersion> BrickManager::Register(const std::string& id,
+                                                    std::optional<int> version,
+                                                    const std::string& source_dir) {
+  std::lock_guard<std::mutex> serial(register_mu_);
+  RETURN_IF_ERROR(BrickStore::ValidateBrickId(id));
+  RETURN_IF_ERROR(Validate(source_dir));
+  ASSIGN_OR_RETURN(BrickVersion published, store_->Register(id, version, source_dir));
+  const BrickKey key{id, published.manifest.version};
+  if (absl::Status st = cache_->Preload(key); !st.ok()) {
+    if (absl::Status del = store_->Delete(id, key.version); !del.ok()) {
+      KLOG(ERROR) << "cannot remove " << key.ToString() << " after its load failed: " << del;
+    }
+    return st;
+  }
+  Adopt(key);
+  KLOG(INFO) << "registered brick " << key.ToString() << " (" << published.dir << ")";
+  return published;
+}
+
+absl::Status BrickManager::Delete(const std::string& id, int version) {
+  std::lock_guard<std::mutex> serial(register_mu_);
+  RETURN_IF_ERROR(store_->Delete(id, version));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = candidates_.find(id); it != candidates_.end()) it->second.erase(version);
+  }
+  cache_->Unload({id, version});
+  KLOG(INFO) << "deleted brick " << id << "@" << version;
+  return absl::OkStatus();
+}
+
+int BrickManager::Poll() {
+  std::lock_guard<std::mutex> serial(register_mu_);
+  const std::vector<BrickStore::Entry> on_disk = store_->List();
+  std::vector<BrickKey> fresh;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const BrickStore::Entry& e : on_disk) {
+      const std::set<int>& known = candidates_[e.id];
+      for (int v : e.versions) {
+        const BrickKey key{e.id, v};
+        if (!known.contains(v) && !failed_.contains(key)) fresh.push_back(key);
+      }
+    }
+  }
+  // Forget candidates that left the disk and are not resident.
+  const std::vector<BrickKey> resident = cache_->Resident();
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto& [id, versions] : candidates_) {
+      const BrickStore::Entry* disk = nullptr;
+      for (const BrickStore::Entry& e : on_disk) {
+        if (e.id == id) disk = &e;
+      }
+      for (auto it = versions.begin(); it != versions.end();) {
+        const BrickKey key{id, *it};
+        const bool on = disk != nullptr &&
+                        std::binary_search(disk->versions.begin(), disk->versions.end(), *it);
+        const bool res = std::find(resident.begin(), resident.end(), key) != resident.end();
+        it = (on || res) ? std::next(it) : versions.erase(it);
+      }
+    }
+  }
+  int adopted = 0;
+  for (const BrickKey& key : fresh) {
+    if (absl::Status st = cache_->Preload(key); !st.ok()) {
+      KLOG(WARNING) << "brick poll: " << key.ToString() << " is not served: " << st;
+      continue;
+    }
+    Adopt(key);
+    ++adopted;
+    KLOG(INFO) << "brick poll: adopted " << key.ToString();
+  }
+  return adopted;
+}
+
+}  // namespace kiln

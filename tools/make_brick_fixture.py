@@ -1,0 +1,890 @@
+#!/usr/bin/env python3
+"""Writes the LoRA brick fixtures under tests/router/testdata/.
+
+Outputs (all deterministic: seeded, one torch thread, sorted keys):
+  bricks/fx-a/1/{adapter_config.json,adapter_model.safetensors,brick.json}
+  bricks/fx-b/1/{...}
+      Two LoRA bricks on all-MiniLM-L6-v2, made with PEFT (get_peft_model on
+      transformers.AutoModel, saved with save_pretrained) with lora_A and
+      lora_B overwritten by seeded Gaussian values, so that they change the
+      embeddings noticeably (PEFT's own init makes B zero, a no-op brick).
+        fx-a  r=4, lora_alpha=8, target_modules [query, key, value, dense]:
+              every BERT linear of every layer (all six LoraTargets) and, by
+              PEFT's suffix match of "dense", also pooler.dense, which Kiln
+              ignores; the references below never use the pooler.
+        fx-b  r=2, lora_alpha=4, use_rslora, target_modules [query, value,
+              intermediate.dense], rank_pattern {value: 1} and alpha_pattern
+              {value: 3}: value modules have rank 1 and scale 3/sqrt(1).
+              (A value rank ABOVE r=2 was not used: PEFT's "cat" merge sizes
+              the merged adapter from the config-level r values, 4 + 2, and
+              fails on a module whose ranks add up to more; see below.)
+      The manifest is written last (docs/BRICKS.md, Publishing).
+  brick_embeddings.json
+      For 12 texts: token ids and the sentence-transformers embedding (mean of
+      last_hidden_state over all tokens, L2-normalised; one text at a time,
+      so no padding) under four plans: base; fx-a (weight 1); fx-b (weight
+      1); fx-a*0.7 + fx-b*(-0.5). The single-brick references come from
+      PEFT's forward; the composition from a dense merge into a copy of the
+      base weights, W' = W + sum_i w_i * scale_i * B_i @ A_i (float64, then
+      float32), run through plain transformers. Checked here: the dense merge
+      of one brick equals PEFT's forward, and the composition equals PEFT's
+      "cat" add_weighted_adapter with weights [0.7, -0.5] (max |diff| < 1e-5).
+  merge_reference.json
+      PEFT's add_weighted_adapter(["fx-a", "fx-b"], [0.6, 0.4]) with
+      combination_type cat, ties_svd, dare_linear_svd and dare_ties_svd
+      (density 1.0, svd_rank 6, majority_sign_method "total"): per method the
+      merged adapter's rank / alpha / scale, for every encoder module the
+      Frobenius norm of its dense delta (scale * B @ A) and of that delta minus
+      the exact weighted sum sum_i w_i * scale_i * B_i @ A_i, four full rows of
+      the dense delta of three modules, and the merged model's embeddings.
+  merge_bricks/fx-c/1/{...}
+  merge_bricks/fx-d/1/{...}
+      Two more bricks, made like fx-a/fx-b, whose every module has scale
+      exactly 1 (lora_alpha = r, no rsLoRA, no patterns), so that PEFT's *_svd
+      merges, which apply each adapter's scale twice (below), compute the same
+      thing as a merge of the task vectors B_i @ A_i with weights w_i:
+        fx-c  r=2, lora_alpha=2, target_modules [query, value, intermediate.dense]
+        fx-d  r=3, lora_alpha=3, target_modules [query, key, intermediate.dense]
+      so query and intermediate.dense are merged from both, value from fx-c
+      alone and key from fx-d alone. A separate folder, not bricks/: other
+      tests serve bricks/ as a brick store and count what is in it.
+  merge_reference_unit.json
+      PEFT's add_weighted_adapter(["fx-c", "fx-d"], [0.6, 0.4]) with svd_rank
+      5 (= 2 + 3) and majority_sign_method "total", one case per (method,
+      density): ties_svd at density 1 and 0.5 (PEFT's trimming is
+      deterministic, so a density below 1 is a valid reference for ties),
+      dare_linear_svd and dare_ties_svd at density 1 (DARE's drops come from
+      torch's RNG, which no other implementation reproduces). Per case the
+      same fields as merge_reference.json: per-module Frobenius norms, three
+      full rows of four modules, and the merged model's embeddings.
+      The seeds of fx-c/fx-d are such that no entry near the trim threshold
+      or with a near-zero sign-election sum changes side between PEFT's
+      float32 and the float64 re-implementation (the 1e-5 check below would
+      fail if one did).
+
+What PEFT 0.13.2 computes in add_weighted_adapter (peft/tuners/lora/model.py,
+LoraModel.add_weighted_adapter, _check_add_weighted_adapter,
+_svd_generalized_task_arithmetic_weighted_adapter; peft/utils/merge_utils.py).
+Notation: adapters i = 1..n in the order passed, weights w_i, per-module
+scale s_i (LoraLayer.update_layer: alpha/r, or alpha/sqrt(r) under rsLoRA,
+with r and alpha from rank_pattern/alpha_pattern), A_i [r_i, in], B_i
+[out, r_i], task vector D_i = s_i * B_i @ A_i (LoraLayer.get_delta_weight).
+A module is merged from the adapters that have a LoRA on it; the others are
+skipped for that module (n below counts only those).
+
+  The merged adapter's config (add_weighted_adapter): a copy of the FIRST
+  adapter's LoraConfig with r = lora_alpha = new_rank and target_modules the
+  union of the adapters' sets (_check_add_weighted_adapter). Everything else
+  (use_rslora, rank_pattern, alpha_pattern) comes from adapter 1, so its
+  scale is new_rank/new_rank = 1 when adapter 1 is plain LoRA without
+  patterns (fx-a here, asserted), but sqrt(new_rank) if adapter 1 uses
+  rsLoRA, and adapter 1's pattern ranks if it has a rank_pattern (which then
+  breaks the copy below). Merged dense delta = 1 * B' @ A'.
+
+  cat (add_weighted_adapter, "cat" branch): new_rank = sum of the adapters'
+    CONFIG-LEVEL r (not per-module ranks). A' = rows [w_1 s_1 A_1; w_2 s_2
+    A_2; ...] (the weight and scale go on A; B is not scaled), B' = columns
+    [B_1, B_2, ...], written into the first rows/columns of zeroed [new_rank,
+    in] / [out, new_rank] tensors; leftover rows/columns stay zero (a module
+    only one adapter has; fx-b's rank-1 value). Result: B' A' = sum_i w_i D_i
+    exactly, the linear composition Kiln runs. A module whose per-module
+    ranks add up to more than new_rank makes PEFT raise a shape error.
+
+  *_svd (_svd_generalized_task_arithmetic_weighted_adapter): the weights it
+    passes to merge_utils are w_i * s_i, and the tensors are D_i, which
+    already contain s_i, so the scale is applied TWICE: the combination acts
+    on T_i = D_i and weights v_i = w_i * s_i, i.e. on w_i s_i^2 B_i A_i.
+    (For fx-a s = 2, for fx-b s = 2*sqrt(2) or 3 on value; so PEFT's svd
+    merges are far from the exact weighted sum; the norms in the file show
+    it.) The combined dense matrix M (below, per method) is then
+    factorised: U, S, Vh = torch.linalg.svd(M, full_matrices=True); B' =
+    U[:, :k] @ diag(S[:k]), A' = Vh[:k, :], k = new_rank = svd_rank (default
+    the largest config-level r); no clamping unless svd_clamp is given. The
+    merged dense delta is the best rank-k approximation of M (scale 1).
+    M per combination type:
+      ties_svd (merge_utils.ties): (1) trim: each T_i separately keeps its
+        top int(density * numel) entries by |value| and zeroes the rest
+        (magnitude_based_pruning; density >= 1 means no trimming at all,
+        merge_utils.prune returns the tensor unchanged); (2) elect: per entry
+        the majority sign is sign(sum_i T_i) for "total" (sign(sum_i
+        sign(T_i)) for "frequency"), from the trimmed, UNWEIGHTED tensors, a
+        sum of exactly 0 electing +1; (3) mask_i = (sign(T_i) == elected), so
+        zero entries never count; (4) disjoint mean: M = sum_i mask_i v_i T_i
+        / max(1, sum_i mask_i). Weights are applied after trimming and
+        election; the result is a MEAN over agreeing adapters, not a sum
+        (where both agree it is (v_1 T_1 + v_2 T_2) / 2).
+      dare_linear_svd (merge_utils.dare_linear): each T_i is randomly
+        pruned, keeping each entry with probability density (torch.bernoulli,
+        global torch RNG), then M = sum_i v_i T_i. The 1/density rescale is a
+        no-op in PEFT 0.13.2 (random_pruning computes torch.div and discards
+        the result), so kept entries are NOT rescaled. With density >= 1
+        nothing is pruned (prune returns early), so M = sum_i v_i T_i, the
+        plain task-arithmetic sum, as for "svd".
+      dare_ties_svd (merge_utils.dare_ties): the same random pruning (no
+        rescale), then steps (2)-(4) of ties. With density 1 it equals
+        ties_svd.
+    In trim step (1), torch.topk keeps exactly k entries (its choice among
+    entries tied with the k-th largest |value| is unspecified), and k comes
+    from the float density in double precision: int(0.5 * numel).
+    A module that only one adapter has gets M = v_1 T_1 (ties: the mask keeps
+    every non-zero entry and the mean divides by 1).
+
+  Not used here: "linear"/"ties"/"dare_*"/"magnitude_prune" without _svd
+  (_generalized_task_arithmetic_weighted_adapter) need equal r and combine A
+  and B SEPARATELY with weights sqrt(w_i * s_i): B' A' = (sum_i c_i B_i)
+  (sum_i c_i A_i), which has cross terms, and is NaN for a negative weight.
+
+The script re-implements the four combinations above from the bricks' own
+tensors in float64 and asserts that PEFT's merged dense deltas match them
+(relative Frobenius error < 1e-5), so this comment is checked on every run.
+
+Usage:
+  tools/setup_venv.sh && scripts/fetch_model.sh
+  nice -n 10 .venv/bin/python tools/make_brick_fixture.py [--model DIR] [--out DIR]
+Defaults: --model models/all-MiniLM-L6-v2, --out tests/router/testdata.
+Runs offline. Floats are written with 7 significant digits.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import warnings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import huggingface_hub  # noqa: E402
+import peft  # noqa: E402
+import safetensors  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft.tuners.lora import LoraLayer  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from transformers import AutoModel, AutoTokenizer  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from brick_fingerprint import fingerprint, safetensors_header  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_SEQ_LENGTH = 256
+MODEL_NAME = "all-MiniLM-L6-v2"
+# Written into adapter_config.json instead of the local path PEFT records.
+BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+PREFIX = "base_model.model."
+
+# (module path inside encoder.layer.{i}, in, out) for the default model; the
+# order is engine/lora.h's LoraTarget order.
+TARGETS = [
+    ("attention.self.query", 384, 384),
+    ("attention.self.key", 384, 384),
+    ("attention.self.value", 384, 384),
+    ("attention.output.dense", 384, 384),
+    ("intermediate.dense", 384, 1536),
+    ("output.dense", 1536, 384),
+]
+NUM_LAYERS = 6
+
+# Bricks: PEFT config, seed, and the std of the random values written into
+# lora_A (std init_a / sqrt(in_features)) and lora_B (std init_b). The stds
+# are picked so that each brick alone moves the embeddings to a cosine of
+# about 0.9 against the base model.
+BRICKS = {
+    "fx-a": dict(
+        config=dict(r=4, lora_alpha=8, target_modules=["query", "key", "value", "dense"]),
+        seed=1001, init_a=0.2, init_b=0.2,
+        # (path, rank) per encoder layer, and the ignored pooler module.
+        modules=[(p, 4) for p, _, _ in TARGETS], pooler_rank=4,
+        description="Test fixture: random LoRA (r=4, alpha=8) on every BERT linear.",
+        query=["Represent this question for retrieving supporting passages:"],
+        document=["Represent this passage for retrieval:"]),
+    "fx-b": dict(
+        config=dict(r=2, lora_alpha=4, use_rslora=True,
+                    target_modules=["query", "value", "intermediate.dense"],
+                    rank_pattern={"value": 1}, alpha_pattern={"value": 3}),
+        seed=2002, init_a=0.25, init_b=0.25,
+        modules=[("attention.self.query", 2), ("attention.self.value", 1),
+                 ("intermediate.dense", 2)], pooler_rank=None,
+        description="Test fixture: random rsLoRA (r=2, alpha=4; value r=1, alpha=3) "
+                    "on query, value and intermediate.dense.",
+        query=["Represent this docstring for finding the Python function it documents:"],
+        document=["Represent this Python function for retrieval:"]),
+}
+COMPOSITION = [("fx-a", 0.7), ("fx-b", -0.5)]
+
+MERGE_WEIGHTS = [("fx-a", 0.6), ("fx-b", 0.4)]
+MERGE_METHODS = ["cat", "ties_svd", "dare_linear_svd", "dare_ties_svd"]
+MERGE_DENSITY = 1.0
+MERGE_SVD_RANK = 6  # 4 + 2
+MERGE_SIGN_METHOD = "total"
+# The scale-1 bricks and the cases of merge_reference_unit.json.
+UNIT_BRICKS = {
+    "fx-c": dict(
+        config=dict(r=2, lora_alpha=2, target_modules=["query", "value", "intermediate.dense"]),
+        seed=3003, init_a=0.4, init_b=0.4,
+        modules=[("attention.self.query", 2), ("attention.self.value", 2),
+                 ("intermediate.dense", 2)], pooler_rank=None,
+        description="Test fixture: random LoRA of scale 1 (r=2, alpha=2) on query, value and "
+                    "intermediate.dense.",
+        query=["Represent this sentence for searching relevant passages:"],
+        document=["Represent this passage:"]),
+    "fx-d": dict(
+        config=dict(r=3, lora_alpha=3, target_modules=["query", "key", "intermediate.dense"]),
+        seed=4005, init_a=0.35, init_b=0.35,
+        modules=[("attention.self.query", 3), ("attention.self.key", 3),
+                 ("intermediate.dense", 3)], pooler_rank=None,
+        description="Test fixture: random LoRA of scale 1 (r=3, alpha=3) on query, key and "
+                    "intermediate.dense.",
+        query=["Represent this question for retrieval:"],
+        document=["Represent this document:"]),
+}
+UNIT_MERGE_WEIGHTS = [("fx-c", 0.6), ("fx-d", 0.4)]
+UNIT_MERGE_CASES = [("ties_svd", 1.0), ("ties_svd", 0.5), ("dare_linear_svd", 1.0),
+                    ("dare_ties_svd", 1.0)]
+UNIT_MERGE_SVD_RANK = 5  # 2 + 3
+UNIT_SAMPLE_MODULES = ["encoder.layer.0.attention.self.query",
+                       "encoder.layer.5.intermediate.dense",
+                       "encoder.layer.2.attention.self.value",
+                       "encoder.layer.3.attention.self.key"]
+
+# Modules whose dense merged delta is sampled (four full rows each).
+SAMPLE_MODULES = ["encoder.layer.0.attention.self.query",
+                  "encoder.layer.5.intermediate.dense",
+                  "encoder.layer.2.attention.self.value"]
+
+TEXTS = [
+    "",
+    "hello",
+    "what is the capital of France?",
+    "The quick brown fox jumps over the lazy dog.",
+    "Café crème brûlée à la carte, s'il vous plaît.",
+    "東京は日本の首都です。",
+    "Привет, как дела? Это тест на русском языке.",
+    "I love pizza 🍕🍕 and tacos 🌮! 😂",
+    "Order #12345 shipped on 2023-11-05 at 14:30 UTC for $1,299.99 (15% off).",
+    "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n",
+    "Return the n-th Fibonacci number, computed iteratively in O(n) time.",
+    "The printing press, developed by Johannes Gutenberg around 1440, made "
+    "books cheaper and faster to produce than ever before. Within a few "
+    "decades printing shops had spread to more than two hundred cities "
+    "across Europe. Literacy rose, scientific results could be shared and "
+    "checked by readers far away, and the standardisation of spelling and "
+    "grammar followed, changing how ideas moved through societies. Historians "
+    "often count the press among the causes of the Reformation, the "
+    "Renaissance and the Scientific Revolution.",
+]
+
+
+# --------------------------------------------------------------------------
+# Output formatting
+
+
+def fmt(x):
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"non-finite value {x}")
+    s = f"{x:.7g}"
+    return "0" if s == "-0" else s
+
+
+def to_json(obj, indent=0):
+    """Deterministic JSON: dicts and lists of containers one item per line,
+    lists of numbers on one line, floats with 7 significant digits."""
+    pad, inner = "  " * indent, "  " * (indent + 1)
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return json.dumps(obj, ensure_ascii=False)
+    if isinstance(obj, int):
+        return str(obj)
+    if isinstance(obj, float):
+        return fmt(obj)
+    if isinstance(obj, dict):
+        if not obj:
+            return "{}"
+        items = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {to_json(v, indent + 1)}"
+                 for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, (list, tuple)):
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in obj):
+            return "[" + ",".join(to_json(v) for v in obj) + "]"
+        items = [inner + to_json(v, indent + 1) for v in obj]
+        return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+    raise TypeError(type(obj))
+
+
+def write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------
+# Models and embeddings
+
+
+def load_base(model_dir):
+    # AutoModel keeps the pooler, so that fx-a's "dense" also lands on
+    # pooler.dense, as it would for a brick trained on this model.
+    model = AutoModel.from_pretrained(model_dir, local_files_only=True, torch_dtype=torch.float32)
+    return model.eval()
+
+
+def embed(model, input_ids):
+    """sentence-transformers embedding per text: one unpadded sequence each,
+    mean over its tokens of last_hidden_state, L2-normalised."""
+    out = []
+    with torch.no_grad():
+        for ids in input_ids:
+            x = torch.tensor([ids])
+            last = model(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state
+            e = last[0].mean(dim=0)
+            out.append(e / e.norm())
+    return torch.stack(out)
+
+
+def embed_batch(model, tok):
+    """The same recipe on one padded batch with masked mean pooling, as
+    sentence-transformers runs it (a cross-check of embed())."""
+    with torch.no_grad():
+        batch = tok(TEXTS, add_special_tokens=True, truncation=True,
+                    max_length=MAX_SEQ_LENGTH, padding=True, return_tensors="pt")
+        last = model(**batch).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        e = (last * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(e, p=2, dim=1)
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
+
+
+# --------------------------------------------------------------------------
+# Bricks
+
+
+def module_rank_alpha(cfg, name):
+    """Per-module (r, alpha) exactly as PEFT 0.13.2's
+    LoraModel._create_and_replace picks them: the first key of rank_pattern
+    then alpha_pattern (in that order) for which re.match(r".*\\.KEY$", name)
+    holds names the entry of both dicts (falling back to r / lora_alpha)."""
+    keys = list(cfg.get("rank_pattern") or {}) + list(cfg.get("alpha_pattern") or {})
+    key = next((k for k in keys if re.match(rf".*\.{k}$", name)), name)
+    return ((cfg.get("rank_pattern") or {}).get(key, cfg["r"]),
+            (cfg.get("alpha_pattern") or {}).get(key, cfg["lora_alpha"]))
+
+
+def module_scale(cfg, name):
+    r, alpha = module_rank_alpha(cfg, name)
+    return alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+
+
+def expected_shapes(spec):
+    """tensor name -> shape, as docs/BRICKS.md and router/brick.h document
+    PEFT's names for a BertModel."""
+    shapes = {}
+    dims = {p: (i, o) for p, i, o in TARGETS}
+    for layer in range(NUM_LAYERS):
+        for path, rank in spec["modules"]:
+            fin, fout = dims[path]
+            base = f"{PREFIX}encoder.layer.{layer}.{path}"
+            shapes[base + ".lora_A.weight"] = [rank, fin]
+            shapes[base + ".lora_B.weight"] = [fout, rank]
+    if spec["pooler_rank"]:
+        shapes[PREFIX + "pooler.dense.lora_A.weight"] = [spec["pooler_rank"], 384]
+        shapes[PREFIX + "pooler.dense.lora_B.weight"] = [384, spec["pooler_rank"]]
+    return shapes
+
+
+def write_brick(model_dir, brick_id, spec, version_dir, fp):
+    model = get_peft_model(load_base(model_dir), LoraConfig(**spec["config"])).eval()
+    gen = torch.Generator().manual_seed(spec["seed"])
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if ".lora_A." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * (spec["init_a"] / math.sqrt(p.shape[1])))
+            elif ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * spec["init_b"])
+    with tempfile.TemporaryDirectory() as tmp:
+        # save_pretrained also writes a model card; an existing README.md is
+        # updated in place instead of rendered from a Jinja2 template.
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write("fixture\n")
+        model.save_pretrained(tmp)
+        shutil.rmtree(version_dir, ignore_errors=True)
+        os.makedirs(version_dir)
+        shutil.copyfile(os.path.join(tmp, "adapter_model.safetensors"),
+                        os.path.join(version_dir, "adapter_model.safetensors"))
+        with open(os.path.join(tmp, "adapter_config.json")) as f:
+            acfg = json.load(f)
+    # target_modules is a set inside PEFT, saved in hash order; sort it so
+    # that the file does not change from run to run.
+    acfg["target_modules"] = sorted(acfg["target_modules"])
+    acfg["base_model_name_or_path"] = BASE_MODEL_ID  # not this machine's path
+    write_text(os.path.join(version_dir, "adapter_config.json"),
+               json.dumps(acfg, indent=2, sort_keys=True) + "\n")
+    manifest = {
+        "id": brick_id,
+        "version": 1,
+        "kind": "lora",
+        "description": spec["description"],
+        "instructions": {"query": spec["query"], "document": spec["document"]},
+        "base_model": {"name": MODEL_NAME, "fingerprint": fp},
+    }
+    # Last: the folder counts as published once brick.json exists.
+    write_text(os.path.join(version_dir, "brick.json"),
+               json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_brick_deltas(version_dir):
+    """encoder module name -> (scale, dense delta scale * B @ A in float64),
+    read from the files alone (as Kiln reads them); the pooler is skipped."""
+    with open(os.path.join(version_dir, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    deltas = {}
+    with safe_open(os.path.join(version_dir, "adapter_model.safetensors"), framework="pt") as f:
+        for key in f.keys():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            name = key[len(PREFIX):-len(".lora_A.weight")]
+            if not name.startswith("encoder."):
+                continue
+            a = f.get_tensor(key).double()
+            b = f.get_tensor(PREFIX + name + ".lora_B.weight").double()
+            r, _ = module_rank_alpha(cfg, name)
+            assert a.shape[0] == r and b.shape[1] == r, (name, a.shape, b.shape, r)
+            s = module_scale(cfg, name)
+            deltas[name] = (s, s * (b @ a))
+    return deltas
+
+
+def dense_merge(model_dir, terms):
+    """Base model with W' = W + sum_i w_i * D_i on every module any term has
+    (float64 sum, rounded once to float32)."""
+    model = load_base(model_dir)
+    names = sorted({n for deltas, _ in terms for n in deltas})
+    with torch.no_grad():
+        for name in names:
+            lin = model.get_submodule(name)
+            w = lin.weight.double()
+            for deltas, weight in terms:
+                if name in deltas:
+                    w = w + weight * deltas[name][1]
+            lin.weight.copy_(w.float())
+    return model
+
+
+# --------------------------------------------------------------------------
+# Merges
+
+
+def magnitude_trim(t, density):
+    """ties' step (1): keep the top int(density * numel) entries by |value|."""
+    if density >= 1:
+        return t
+    k = int(density * t.numel())
+    mask = torch.zeros(t.numel(), dtype=t.dtype)
+    mask[torch.topk(t.abs().reshape(-1), k=k, largest=True).indices] = 1
+    return t * mask.reshape(t.shape)
+
+
+def expected_merge(method, parts, density=MERGE_DENSITY, k=MERGE_SVD_RANK):
+    """The merged dense delta that the comment at the top says PEFT computes,
+    in float64. parts: [(w_i, s_i, D_i)] of the adapters that have the
+    module, in adapter order. DARE only at density 1 (random otherwise)."""
+    if method == "cat":
+        return sum(w * d for w, _, d in parts)
+    assert method == "ties_svd" or density >= 1, (method, density)
+    ts = torch.stack([magnitude_trim(d, density) for _, _, d in parts])  # T_i = D_i, trimmed
+    vs = torch.tensor([w * s for w, s, _ in parts], dtype=torch.float64).view(-1, 1, 1)
+    if method == "dare_linear_svd":
+        m = (ts * vs).sum(0)
+    else:  # ties_svd, dare_ties_svd with majority_sign_method "total"
+        elected = torch.where(ts.sum(0) >= 0, 1.0, -1.0).to(torch.float64)
+        mask = (ts.sign() == elected).to(torch.float64)
+        m = (ts * vs * mask).sum(0) / mask.sum(0).clamp(min=1.0)
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return (u[:, :k] * s[:k]) @ vh[:k]
+
+
+def merge_reference(model_dir, brick_dirs, brick_deltas, input_ids):
+    model = PeftModel.from_pretrained(load_base(model_dir), brick_dirs["fx-a"],
+                                      adapter_name="fx-a").eval()
+    model.load_adapter(brick_dirs["fx-b"], adapter_name="fx-b")
+    adapters = [b for b, _ in MERGE_WEIGHTS]
+    weights = [w for _, w in MERGE_WEIGHTS]
+    out = {}
+    for method in MERGE_METHODS:
+        name = "merged-" + method
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "density 1.0 ... no pruning"
+            model.add_weighted_adapter(adapters, weights, name, combination_type=method,
+                                       svd_rank=MERGE_SVD_RANK, density=MERGE_DENSITY,
+                                       majority_sign_method=MERGE_SIGN_METHOD)
+        mcfg = model.peft_config[name]
+        modules, samples = {}, {}
+        worst_rel = 0.0
+        for mod_name, mod in model.base_model.model.named_modules():
+            if not isinstance(mod, LoraLayer) or name not in mod.lora_A:
+                continue
+            if not mod_name.startswith("encoder."):
+                continue  # pooler.dense: merged too, but Kiln ignores it
+            assert mod.scaling[name] == 1.0, (method, mod_name, mod.scaling[name])
+            with torch.no_grad():
+                got = mod.get_delta_weight(name).double()
+            parts = [(w, *brick_deltas[b][mod_name]) for b, w in MERGE_WEIGHTS
+                     if mod_name in brick_deltas[b]]
+            exact = sum(w * d for w, _, d in parts)
+            want = expected_merge(method, parts)
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < 1e-5, (method, mod_name, rel)
+            worst_rel = max(worst_rel, rel)
+            modules[mod_name] = {
+                "rank": int(mod.r[name]),
+                "adapters": [b for b, _ in MERGE_WEIGHTS if mod_name in brick_deltas[b]],
+                "delta_norm": got.norm().item(),
+                "diff_to_weighted_sum_norm": (got - exact).norm().item(),
+            }
+            if mod_name in SAMPLE_MODULES:
+                rows = [0, 1, got.shape[0] // 2, got.shape[0] - 1]
+                samples[mod_name] = {"shape": list(got.shape), "rows": rows,
+                                     "values": [got[r].tolist() for r in rows]}
+        assert sorted(samples) == sorted(SAMPLE_MODULES)
+        print(f"merge {method}: PEFT vs the semantics above, worst relative error "
+              f"{worst_rel:.2e}", file=sys.stderr)
+        model.set_adapter(name)
+        emb = embed(model, input_ids)
+        out[method] = {
+            "new_rank": int(mcfg.r),
+            "new_lora_alpha": mcfg.lora_alpha,
+            "new_use_rslora": bool(mcfg.use_rslora),
+            "new_scale": 1.0,
+            "modules": modules,
+            "delta_rows": {m: samples[m] for m in SAMPLE_MODULES},
+            "embeddings": emb,
+        }
+    return out
+
+
+def merge_reference_unit(model_dir, brick_dirs, brick_deltas, input_ids):
+    """merge_reference_unit.json's cases: PEFT's *_svd merges of the scale-1
+    bricks fx-c and fx-d, checked against expected_merge."""
+    (first, _), (second, _) = UNIT_MERGE_WEIGHTS
+    model = PeftModel.from_pretrained(load_base(model_dir), brick_dirs[first],
+                                      adapter_name=first).eval()
+    model.load_adapter(brick_dirs[second], adapter_name=second)
+    for name, mod in model.base_model.model.named_modules():
+        if isinstance(mod, LoraLayer):
+            for b in mod.lora_A:
+                assert mod.scaling[b] == 1.0, (name, b, mod.scaling[b])
+    adapters = [b for b, _ in UNIT_MERGE_WEIGHTS]
+    weights = [w for _, w in UNIT_MERGE_WEIGHTS]
+    cases = []
+    for method, density in UNIT_MERGE_CASES:
+        name = f"merged-{method}-d{round(density * 100)}"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "density 1.0 ... no pruning"
+            model.add_weighted_adapter(adapters, weights, name, combination_type=method,
+                                       svd_rank=UNIT_MERGE_SVD_RANK, density=density,
+                                       majority_sign_method=MERGE_SIGN_METHOD)
+        mcfg = model.peft_config[name]
+        modules, samples = {}, {}
+        worst_rel = 0.0
+        for mod_name, mod in model.base_model.model.named_modules():
+            if not isinstance(mod, LoraLayer) or name not in mod.lora_A:
+                continue
+            assert mod_name.startswith("encoder."), mod_name
+            assert mod.scaling[name] == 1.0, (method, mod_name, mod.scaling[name])
+            with torch.no_grad():
+                got = mod.get_delta_weight(name).double()
+            parts = [(w, *brick_deltas[b][mod_name]) for b, w in UNIT_MERGE_WEIGHTS
+                     if mod_name in brick_deltas[b]]
+            assert all(s == 1.0 for _, s, _ in parts)
+            exact = sum(w * d for w, _, d in parts)
+            want = expected_merge(method, parts, density, UNIT_MERGE_SVD_RANK)
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < 1e-5, (method, density, mod_name, rel)
+            worst_rel = max(worst_rel, rel)
+            modules[mod_name] = {
+                "rank": int(mod.r[name]),
+                "adapters": [b for b, _ in UNIT_MERGE_WEIGHTS if mod_name in brick_deltas[b]],
+                "delta_norm": got.norm().item(),
+                "diff_to_weighted_sum_norm": (got - exact).norm().item(),
+            }
+            if mod_name in UNIT_SAMPLE_MODULES:
+                rows = [0, got.shape[0] // 2, got.shape[0] - 1]
+                samples[mod_name] = {"shape": list(got.shape), "rows": rows,
+                                     "values": [got[r].tolist() for r in rows]}
+        assert sorted(samples) == sorted(UNIT_SAMPLE_MODULES)
+        print(f"unit merge {method} density {density:g}: PEFT vs the semantics above, "
+              f"worst relative error {worst_rel:.2e}", file=sys.stderr)
+        model.set_adapter(name)
+        cases.append({
+            "name": f"{method}@{density:g}",
+            "combination_type": method,
+            "density": density,
+            "new_rank": int(mcfg.r),
+            "new_lora_alpha": mcfg.lora_alpha,
+            "new_use_rslora": bool(mcfg.use_rslora),
+            "new_scale": 1.0,
+            "modules": modules,
+            "delta_rows": {m: samples[m] for m in UNIT_SAMPLE_MODULES},
+            "embeddings": embed(model, input_ids),
+        })
+    return cases
+
+
+# --------------------------------------------------------------------------
+# Self-check
+
+
+def self_check(out_dir, fp):
+    """Re-reads everything written and checks it against docs/BRICKS.md and
+    the layout the C++ tests expect."""
+    with open(os.path.join(out_dir, "brick_embeddings.json"), encoding="utf-8") as f:
+        emb = json.load(f)
+    assert emb["texts"] == TEXTS and len(emb["input_ids"]) == len(TEXTS)
+    assert [c["name"] for c in emb["cases"]][0] == "base" and len(emb["cases"]) == 4
+    for c in emb["cases"]:
+        assert len(c["embeddings"]) == len(TEXTS)
+        assert all(len(e) == 384 for e in c["embeddings"])
+    with open(os.path.join(out_dir, "merge_reference.json"), encoding="utf-8") as f:
+        merge = json.load(f)
+    assert sorted(merge["methods"]) == sorted(MERGE_METHODS)
+    for m in merge["methods"].values():
+        assert len(m["modules"]) == NUM_LAYERS * len(TARGETS)
+        assert len(m["embeddings"]) == len(TEXTS)
+    with open(os.path.join(out_dir, "merge_reference_unit.json"), encoding="utf-8") as f:
+        unit = json.load(f)
+    assert [(c["combination_type"], c["density"]) for c in unit["cases"]] == UNIT_MERGE_CASES
+    for c in unit["cases"]:
+        assert c["new_rank"] == UNIT_MERGE_SVD_RANK and c["new_scale"] == 1
+        assert len(c["modules"]) == NUM_LAYERS * 4  # query, key, value, intermediate.dense
+        assert len(c["embeddings"]) == len(TEXTS)
+    all_bricks = [("bricks", b, spec) for b, spec in BRICKS.items()]
+    all_bricks += [("merge_bricks", b, spec) for b, spec in UNIT_BRICKS.items()]
+    for folder, brick_id, spec in all_bricks:
+        vdir = os.path.join(out_dir, folder, brick_id, "1")
+        assert sorted(os.listdir(vdir)) == ["adapter_config.json", "adapter_model.safetensors",
+                                            "brick.json"], os.listdir(vdir)
+        with open(os.path.join(vdir, "brick.json")) as f:
+            manifest = json.load(f)
+        assert manifest["id"] == brick_id and manifest["version"] == 1
+        assert manifest["kind"] == "lora"
+        assert manifest["base_model"] == {"name": MODEL_NAME, "fingerprint": fp}
+        assert re.fullmatch(r"[0-9a-f]{64}", fp)
+        assert len(manifest["instructions"]["query"]) == 1
+        assert len(manifest["instructions"]["document"]) == 1
+        with open(os.path.join(vdir, "adapter_config.json")) as f:
+            acfg = json.load(f)
+        for k, v in spec["config"].items():
+            assert acfg[k] == (sorted(v) if k == "target_modules" else v), (brick_id, k)
+        path = os.path.join(vdir, "adapter_model.safetensors")
+        want = expected_shapes(spec)
+        header = safetensors_header(path)
+        assert header.get("__metadata__") == {"format": "pt"}, header.get("__metadata__")
+        with safe_open(path, framework="pt") as f:
+            assert sorted(f.keys()) == sorted(want), (brick_id, sorted(set(f.keys()) ^ set(want)))
+            for key, shape in want.items():
+                t = f.get_tensor(key)
+                assert list(t.shape) == shape and t.dtype == torch.float32, (key, t.shape)
+                assert header[key]["dtype"] == "F32"
+                assert torch.isfinite(t).all() and t.abs().max() > 0, key
+
+
+# --------------------------------------------------------------------------
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", MODEL_NAME))
+    ap.add_argument("--out", default=os.path.join(ROOT, "tests", "router", "testdata"))
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    transformers.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()  # model-card chatter
+
+    tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    tok.backend_tokenizer.no_truncation()
+    tok.backend_tokenizer.no_padding()
+    input_ids = []
+    for text in TEXTS:
+        ids = tok(text, add_special_tokens=True, truncation=True,
+                  max_length=MAX_SEQ_LENGTH)["input_ids"]
+        assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+        input_ids.append(ids)
+    assert 90 <= max(len(ids) for ids in input_ids) < MAX_SEQ_LENGTH
+
+    fp = fingerprint(args.model)
+    brick_dirs = {}
+    for brick_id, spec in BRICKS.items():
+        brick_dirs[brick_id] = os.path.join(args.out, "bricks", brick_id, "1")
+        write_brick(args.model, brick_id, spec, brick_dirs[brick_id], fp)
+
+    base = load_base(args.model)
+    emb = {"base": embed(base, input_ids)}
+    d = max_diff(emb["base"], embed_batch(base, tok))
+    assert d < 1e-5, d
+
+    # Single bricks through PEFT, loaded back from the written files.
+    brick_deltas = {b: read_brick_deltas(brick_dirs[b]) for b in BRICKS}
+    peft_model = None
+    for brick_id in BRICKS:
+        if peft_model is None:
+            peft_model = PeftModel.from_pretrained(load_base(args.model), brick_dirs[brick_id],
+                                                   adapter_name=brick_id).eval()
+        else:
+            peft_model.load_adapter(brick_dirs[brick_id], adapter_name=brick_id)
+        peft_model.set_adapter(brick_id)
+        emb[brick_id] = embed(peft_model, input_ids)
+        for name, mod in peft_model.base_model.model.named_modules():
+            if isinstance(mod, LoraLayer) and brick_id in mod.lora_A and name.startswith("encoder."):
+                assert abs(mod.scaling[brick_id] - brick_deltas[brick_id][name][0]) < 1e-12, name
+        dense = embed(dense_merge(args.model, [(brick_deltas[brick_id], 1.0)]), input_ids)
+        d = max_diff(dense, emb[brick_id])
+        assert d < 1e-5, (brick_id, d)
+        print(f"{brick_id}: dense merge vs PEFT forward max |diff| {d:.2e}", file=sys.stderr)
+    d = max_diff(embed_batch(peft_model, tok), emb[peft_model.active_adapter])
+    assert d < 1e-5, d
+
+    # The weighted composition, and PEFT's exact ("cat") merge of it.
+    mix = "+".join(f"{b}*{w:g}" for b, w in COMPOSITION)
+    emb[mix] = embed(dense_merge(args.model, [(brick_deltas[b], w) for b, w in COMPOSITION]),
+                     input_ids)
+    peft_model.add_weighted_adapter([b for b, _ in COMPOSITION], [w for _, w in COMPOSITION],
+                                    "composition", combination_type="cat")
+    peft_model.set_adapter("composition")
+    d = max_diff(embed(peft_model, input_ids), emb[mix])
+    assert d < 1e-5, d
+    print(f"{mix}: dense merge vs PEFT cat merge max |diff| {d:.2e}", file=sys.stderr)
+    del peft_model
+
+    cases = [("base", []), ("fx-a", [("fx-a", 1.0)]), ("fx-b", [("fx-b", 1.0)]),
+             (mix, COMPOSITION)]
+    cos = {}
+    for name, _ in cases:
+        c = (emb[name] * emb["base"]).sum(1)
+        cos[name] = (c.mean().item(), c.min().item())
+    generator = (f"peft {peft.__version__}, transformers {transformers.__version__}, "
+                 f"torch {torch.__version__}, safetensors {safetensors.__version__}")
+    with open(os.path.join(args.model, "model.safetensors"), "rb") as f:
+        model_sha = hashlib.file_digest(f, "sha256").hexdigest()
+    doc = {
+        "model": MODEL_NAME,
+        "model_sha256": model_sha,
+        "fingerprint": fp,
+        "generator": generator,
+        "max_seq_length": MAX_SEQ_LENGTH,
+        "bricks": {b: f"bricks/{b}/1" for b in BRICKS},
+        "texts": TEXTS,
+        "input_ids": input_ids,
+        "cases": [{"name": name,
+                   "terms": [{"brick": b, "weight": w} for b, w in terms],
+                   "mean_cos_to_base": cos[name][0],
+                   "embeddings": emb[name].tolist()} for name, terms in cases],
+    }
+    write_text(os.path.join(args.out, "brick_embeddings.json"), to_json(doc) + "\n")
+
+    merges = merge_reference(args.model, brick_dirs, brick_deltas, input_ids)
+    doc = {
+        "model": MODEL_NAME,
+        "fingerprint": fp,
+        "generator": generator,
+        "call": "add_weighted_adapter(adapters, weights, name, combination_type=METHOD, "
+                f"svd_rank={MERGE_SVD_RANK}, density={MERGE_DENSITY}, "
+                f"majority_sign_method=\"{MERGE_SIGN_METHOD}\")",
+        "semantics": "tools/make_brick_fixture.py, comment at the top",
+        "adapters": [b for b, _ in MERGE_WEIGHTS],
+        "weights": [w for _, w in MERGE_WEIGHTS],
+        "svd_rank": MERGE_SVD_RANK,
+        "density": MERGE_DENSITY,
+        "majority_sign_method": MERGE_SIGN_METHOD,
+        "note": "modules: encoder modules only (PEFT also merges fx-a's pooler.dense, which "
+                "Kiln ignores). delta = the merged adapter's scale * B @ A; "
+                "diff_to_weighted_sum_norm = ||delta - sum_i w_i * scale_i * B_i @ A_i||_F. "
+                "delta_rows: full rows `rows` of delta, shape [out, in]. embeddings: texts and "
+                "input_ids of brick_embeddings.json.",
+        "texts": TEXTS,
+        "methods": {},
+    }
+    for method, m in merges.items():
+        c = (m["embeddings"] * emb["base"]).sum(1).mean().item()
+        m["mean_cos_to_base"] = c
+        m["embeddings"] = m["embeddings"].tolist()
+        doc["methods"][method] = m
+    write_text(os.path.join(args.out, "merge_reference.json"), to_json(doc) + "\n")
+
+    # The scale-1 bricks and PEFT's *_svd merges of them.
+    unit_dirs = {}
+    for brick_id, spec in UNIT_BRICKS.items():
+        unit_dirs[brick_id] = os.path.join(args.out, "merge_bricks", brick_id, "1")
+        write_brick(args.model, brick_id, spec, unit_dirs[brick_id], fp)
+    unit_deltas = {b: read_brick_deltas(unit_dirs[b]) for b in UNIT_BRICKS}
+    unit_emb = {}
+    for brick_id in UNIT_BRICKS:
+        unit_emb[brick_id] = embed(dense_merge(args.model, [(unit_deltas[brick_id], 1.0)]),
+                                   input_ids)
+    unit_cases = merge_reference_unit(args.model, unit_dirs, unit_deltas, input_ids)
+    doc = {
+        "model": MODEL_NAME,
+        "fingerprint": fp,
+        "generator": generator,
+        "call": "add_weighted_adapter(adapters, weights, name, combination_type=CASE."
+                f"combination_type, svd_rank={UNIT_MERGE_SVD_RANK}, density=CASE.density, "
+                f"majority_sign_method=\"{MERGE_SIGN_METHOD}\")",
+        "semantics": "tools/make_brick_fixture.py, comment at the top",
+        "bricks": {b: f"merge_bricks/{b}/1" for b in UNIT_BRICKS},
+        "adapters": [b for b, _ in UNIT_MERGE_WEIGHTS],
+        "weights": [w for _, w in UNIT_MERGE_WEIGHTS],
+        "svd_rank": UNIT_MERGE_SVD_RANK,
+        "majority_sign_method": MERGE_SIGN_METHOD,
+        "note": "Every module of fx-c and fx-d has scale 1, so PEFT's *_svd merges equal the "
+                "TIES / DARE merges of the task vectors B_i @ A_i with weights w_i, then SVD "
+                "to svd_rank on EVERY module (also those only one brick has). modules, "
+                "delta_rows, embeddings: as in merge_reference.json (delta_rows: three full "
+                "rows of four modules).",
+        "texts": TEXTS,
+        "cases": [],
+    }
+    for c in unit_cases:
+        c["mean_cos_to_base"] = (c["embeddings"] * emb["base"]).sum(1).mean().item()
+        c["embeddings"] = c["embeddings"].tolist()
+        doc["cases"].append(c)
+    write_text(os.path.join(args.out, "merge_reference_unit.json"), to_json(doc) + "\n")
+
+    self_check(args.out, fp)
+
+    for name, (mean, lo) in cos.items():
+        print(f"cos to base {name}: mean {mean:.4f}, min {lo:.4f}", file=sys.stderr)
+    for method, m in merges.items():
+        worst = max(v["diff_to_weighted_sum_norm"] / max(v["delta_norm"], 1e-30)
+                    for v in m["modules"].values())
+        print(f"merge {method}: mean cos to base {m['mean_cos_to_base']:.4f}, "
+              f"max ||delta - weighted sum|| / ||delta|| {worst:.3g}", file=sys.stderr)
+    for brick_id, e in unit_emb.items():
+        c = (e * emb["base"]).sum(1)
+        print(f"cos to base {brick_id}: mean {c.mean().item():.4f}, min {c.min().item():.4f}",
+              file=sys.stderr)
+    for c in unit_cases:
+        worst = max(v["diff_to_weighted_sum_norm"] / max(v["delta_norm"], 1e-30)
+                    for v in c["modules"].values())
+        print(f"unit merge {c['name']}: mean cos to base {c['mean_cos_to_base']:.4f}, "
+              f"max ||delta - weighted sum|| / ||delta|| {worst:.3g}", file=sys.stderr)
+    total = 0
+    for dirpath, _, files in os.walk(args.out):
+        for fn in sorted(files):
+            p = os.path.join(dirpath, fn)
+            if "bricks" in p or fn in ("brick_embeddings.json", "merge_reference.json",
+                                       "merge_reference_unit.json"):
+                total += os.path.getsize(p)
+    print(f"wrote {args.out}: {total} bytes", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
