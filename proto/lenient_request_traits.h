@@ -31,6 +31,12 @@ class SerializationTraits<kiln::v1::EmbedRequest, void> {
     out->set_exit_layer(wire.exit_layer());
     if (wire.has_normalize()) out->set_normalize(wire.normalize());
     if (wire.has_truncate()) out->set_truncate(wire.truncate());
+    for (kiln::v1::wire::BrickRefWire& b : *wire.mutable_bricks()) {
+      kiln::v1::BrickRef* ref = out->add_bricks();
+      ref->set_id(std::move(*b.mutable_id()));
+      ref->set_version(b.version());
+      if (b.has_weight()) ref->set_weight(b.weight());
+    }
     return st;
   }
 };

@@ -289,16 +289,33 @@ void Batcher::RunBatch(Batch& batch) {
   batch.jobs.clear();
   if (jobs.empty()) return;
 
+  // Jobs with the same bricks and weights share one plan, so their rows form
+  // one segment per exit.
+  std::vector<LoraPlan> plans;
   std::vector<SequenceInput> seqs;
   for (const auto& job : jobs) {
+    int plan = -1;
+    if (!job->plan.empty()) {
+      const auto same = [&job](const LoraPlan& p) {
+        return p.size() == job->plan.size() && std::equal(p.begin(), p.end(), job->plan.begin(),
+                                                          [](const LoraTerm& a, const LoraTerm& b) {
+                                                            return a.adapter == b.adapter &&
+                                                                   a.weight == b.weight;
+                                                          });
+      };
+      const auto it = std::find_if(plans.begin(), plans.end(), same);
+      plan = static_cast<int>(it - plans.begin());
+      if (it == plans.end()) plans.push_back(job->plan);
+    }
     for (const Encoding& input : job->inputs) {
-      seqs.push_back({.ids = input.ids, .exit = job->exit, .normalize = job->normalize});
+      seqs.push_back(
+          {.ids = input.ids, .exit = job->exit, .normalize = job->normalize, .plan = plan});
     }
   }
   const int dim = model_->dim();
   std::vector<float> out(seqs.size() * static_cast<size_t>(dim));
   const absl::Time start = options_.clock->Now();
-  const absl::Status status = model_->Forward(seqs, out.data());
+  const absl::Status status = model_->Forward(seqs, out.data(), plans);
   const absl::Duration forward = options_.clock->Now() - start;
   if (hooks_.on_forward) hooks_.on_forward(forward);
   if (!status.ok()) {

@@ -13,8 +13,9 @@
 //    wakes only the engine thread (not the batcher thread, then the engine).
 //    The job never enters the queue, which stays the batcher thread's.
 //  - One engine worker thread takes the slot, runs EmbeddingModel::Forward on
-//    all inputs of all jobs of the batch (different exits and normalize
-//    settings share one Forward), splits the output back into per-job
+//    all inputs of all jobs of the batch (different exits, normalize
+//    settings and brick plans share one Forward; jobs with equal plans share
+//    one plan, so their rows form one segment), splits the output back into per-job
 //    EmbedOutputs and calls each job's done. So the next batch forms while the
 //    current one computes.
 //

@@ -6,10 +6,12 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "engine/lora.h"
 #include "engine/tokenizer/wordpiece.h"
 
 namespace kiln {
@@ -27,7 +29,13 @@ struct EmbedJob {
   int exit = 0;                  // resolved: 1..num_layers
   bool normalize = true;         // L2-normalise each embedding
   int64_t tokens = 0;            // sum of inputs[i].ids.size()
-  absl::Time enqueued;           // set by the batcher on Enqueue
+  // LoRA bricks every input runs with, with their weights; empty = the base
+  // model. The adapters must stay resident until the job is destroyed:
+  // `bricks_hold` keeps them so (brick cache pins) and is released with the
+  // job, after done.
+  LoraPlan plan;
+  std::shared_ptr<const void> bricks_hold;
+  absl::Time enqueued;  // set by the batcher on Enqueue
   absl::Time deadline = absl::InfiniteFuture();
   // True once the client has gone away. Called from the batcher thread;
   // must be thread-safe. May be empty (never cancelled).

@@ -1,7 +1,9 @@
 #include "server/kiln_service.h"
 
 #include <chrono>
+#include <limits>
 #include <memory>
+#include <optional>
 #include <utility>
 
 #include "absl/random/random.h"
@@ -48,21 +50,20 @@ class EmbedStreamReactor final : public grpc::ServerBidiReactor<EmbedRequest, Em
       return;
     }
     const absl::Time start = absl::Now();
-    service_->SubmitEmbed(ctx_, request_, request_id_,
-                          [this, start](absl::StatusOr<EmbedResponse> result) {
-                            response_.Clear();
-                            grpc::Status st = ToGrpcStatus(result.status());
-                            if (result.ok()) {
-                              *response_.mutable_response() = *std::move(result);
-                            } else {
-                              response_.mutable_error()->set_code(st.error_code());
-                              response_.mutable_error()->set_message(st.error_message());
-                              LogFailure("EmbedStream", request_id_, st);
-                            }
-                            service_->metrics()->RecordRequest("EmbedStream", st.error_code(),
-                                                               absl::Now() - start);
-                            StartWrite(&response_);
-                          });
+    service_->SubmitEmbed(
+        ctx_, request_, request_id_, [this, start](absl::StatusOr<EmbedResponse> result) {
+          response_.Clear();
+          grpc::Status st = ToGrpcStatus(result.status());
+          if (result.ok()) {
+            *response_.mutable_response() = *std::move(result);
+          } else {
+            response_.mutable_error()->set_code(st.error_code());
+            response_.mutable_error()->set_message(st.error_message());
+            LogFailure("EmbedStream", request_id_, st);
+          }
+          service_->metrics()->RecordRequest("EmbedStream", st.error_code(), absl::Now() - start);
+          StartWrite(&response_);
+        });
   }
 
   void OnWriteDone(bool ok) override {
@@ -114,8 +115,9 @@ std::string RequestId(grpc::CallbackServerContext* ctx) {
   return id;
 }
 
-void KilnService::Attach(EmbeddingModel* model, Batcher* batcher) {
+void KilnService::Attach(EmbeddingModel* model, Batcher* batcher, BrickManager* bricks) {
   model_ = model;
+  bricks_ = bricks;
   batcher_ = batcher;
 }
 
@@ -140,16 +142,15 @@ absl::StatusOr<Encoding> KilnService::TokenizeInput(const std::string& instructi
     text = &joined;
   }
   const int max_tokens = model_->config().max_seq_length;
-  absl::StatusOr<Encoding> enc =
-      model_->tokenizer().Encode(*text, truncate ? max_tokens : 0);
+  absl::StatusOr<Encoding> enc = model_->tokenizer().Encode(*text, truncate ? max_tokens : 0);
   if (!enc.ok()) {
     return absl::Status(enc.status().code(),
                         absl::StrCat("inputs[", index, "]: ", enc.status().message()));
   }
   if (!truncate && static_cast<int>(enc->ids.size()) > max_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "inputs[", index, "]: ", enc->ids.size(), " tokens exceed max_input_tokens ", max_tokens,
-        " and truncate is false"));
+    return absl::InvalidArgumentError(absl::StrCat("inputs[", index, "]: ", enc->ids.size(),
+                                                   " tokens exceed max_input_tokens ", max_tokens,
+                                                   " and truncate is false"));
   }
   return enc;
 }
@@ -161,9 +162,9 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
   const int n = request.inputs_size();
   if (n == 0) return done(absl::InvalidArgumentError("inputs: at least one input is required"));
   if (n > options_.max_client_batch) {
-    return done(absl::InvalidArgumentError(absl::StrCat("inputs: ", n, " inputs exceed the limit of ",
-                                                        options_.max_client_batch,
-                                                        " per request (--max_client_batch)")));
+    return done(absl::InvalidArgumentError(
+        absl::StrCat("inputs: ", n, " inputs exceed the limit of ", options_.max_client_batch,
+                     " per request (--max_client_batch)")));
   }
   const int num_layers = model_->num_layers();
   if (request.exit_layer() > static_cast<uint32_t>(num_layers)) {
@@ -175,13 +176,40 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
   if (absl::Status st = tokenizer::DecodeUtf8(request.instruction(), &scratch); !st.ok()) {
     return done(absl::InvalidArgumentError(absl::StrCat("instruction: ", st.message())));
   }
+  // Bricks: validated and resolved to exact versions now (cheap, no load);
+  // made resident after tokenization, so input errors come first.
+  std::vector<BrickManager::Resolved> bricks;
+  if (request.bricks_size() > 0) {
+    if (bricks_ == nullptr) {
+      return done(absl::FailedPreconditionError(
+          "bricks: this server runs without a brick store (start it with --brick_dir)"));
+    }
+    std::vector<BrickManager::Ref> refs;
+    for (int i = 0; i < request.bricks_size(); ++i) {
+      const kiln::v1::BrickRef& b = request.bricks(i);
+      if (absl::Status st = tokenizer::DecodeUtf8(b.id(), &scratch); !st.ok()) {
+        return done(absl::InvalidArgumentError(absl::StrCat("bricks[", i, "].id: ", st.message())));
+      }
+      if (b.version() > static_cast<uint32_t>(std::numeric_limits<int>::max())) {
+        return done(absl::NotFoundError(
+            absl::StrCat("bricks[", i, "]: brick \"", b.id(), "\" version ", b.version())));
+      }
+      refs.push_back({.id = b.id(),
+                      .version = static_cast<int>(b.version()),
+                      .weight = b.has_weight() ? std::optional<float>(b.weight()) : std::nullopt});
+    }
+    absl::StatusOr<std::vector<BrickManager::Resolved>> resolved = bricks_->Resolve(refs);
+    if (!resolved.ok()) return done(resolved.status());
+    bricks = *std::move(resolved);
+  }
   auto job = std::make_unique<EmbedJob>();
   job->exit = request.exit_layer() == 0 ? num_layers : static_cast<int>(request.exit_layer());
   job->normalize = request.has_normalize() ? request.normalize() : true;
   const bool truncate = request.has_truncate() ? request.truncate() : true;
   job->inputs.reserve(n);
   for (int i = 0; i < n; ++i) {
-    absl::StatusOr<Encoding> enc = TokenizeInput(request.instruction(), request.inputs(i), truncate, i);
+    absl::StatusOr<Encoding> enc =
+        TokenizeInput(request.instruction(), request.inputs(i), truncate, i);
     if (!enc.ok()) return done(enc.status());
     job->tokens += static_cast<int64_t>(enc->ids.size());
     job->inputs.push_back(*std::move(enc));
@@ -206,10 +234,19 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
   const int exit = job->exit;
   const std::string model_id = model_->config().model_id;
   const bool log = options_.log_requests;
-  job->done = [shared_done, facts = std::move(facts), exit, model_id, request_id,
-               log](absl::StatusOr<EmbedOutput> out) {
+  const int64_t job_tokens = job->tokens;
+  job->done = [shared_done, facts = std::move(facts), exit, model_id, request_id, log, bricks,
+               job_tokens, start = absl::Now(),
+               metrics = metrics_](absl::StatusOr<EmbedOutput> out) {
     if (!out.ok()) return (*shared_done)(out.status());
     EmbedResponse response;
+    for (const BrickManager::Resolved& b : bricks) {
+      kiln::v1::BrickRef* ref = response.add_bricks();
+      ref->set_id(b.key.id);
+      ref->set_version(static_cast<uint32_t>(b.key.version));
+      ref->set_weight(b.weight);
+      metrics->RecordBrickRequest(b.key.id, job_tokens, absl::Now() - start);
+    }
     response.set_exit_layer(exit);
     response.set_model_id(model_id);
     response.set_queue_time_us(absl::ToInt64Microseconds(out->queue_time));
@@ -228,12 +265,27 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
     }
     (*shared_done)(std::move(response));
   };
-  if (absl::Status st = batcher_->Enqueue(std::move(job)); !st.ok()) (*shared_done)(st);
+  if (bricks.empty()) {
+    if (absl::Status st = batcher_->Enqueue(std::move(job)); !st.ok()) (*shared_done)(st);
+    return;
+  }
+  // The job enters the queue once its bricks are resident and pinned: at
+  // once when they already are, else from a loader thread when the loads
+  // finish. Requests that need other bricks are not held up meanwhile.
+  std::shared_ptr<EmbedJob> pending(std::move(job));
+  Batcher* batcher = batcher_;
+  bricks_->Acquire(std::move(bricks), [pending, batcher](absl::StatusOr<BrickManager::Held> held) {
+    if (!held.ok()) return pending->done(held.status());
+    auto job = std::make_unique<EmbedJob>(std::move(*pending));
+    job->plan = std::move(held->plan);
+    job->bricks_hold = std::move(held->hold);
+    auto done = job->done;
+    if (absl::Status st = batcher->Enqueue(std::move(job)); !st.ok()) done(st);
+  });
 }
 
 grpc::ServerUnaryReactor* KilnService::Embed(grpc::CallbackServerContext* ctx,
-                                             const EmbedRequest* request,
-                                             EmbedResponse* response) {
+                                             const EmbedRequest* request, EmbedResponse* response) {
   grpc::ServerUnaryReactor* reactor =
       new EmbedReactor(ready_.load(std::memory_order_acquire) ? batcher_ : nullptr);
   const absl::Time start = absl::Now();
@@ -322,6 +374,10 @@ grpc::ServerUnaryReactor* KilnService::Info(grpc::CallbackServerContext* ctx,
     response->set_pooling(std::string(PoolingModeName(c.pooling.mode)));
     response->set_device(model_->backend()->Describe());
     response->set_version(kVersion);
+    if (bricks_ != nullptr) {
+      response->set_max_bricks_per_request(bricks_->options().max_bricks_per_request);
+      response->set_max_brick_weight(bricks_->options().max_brick_weight);
+    }
   }
   metrics_->RecordRequest("Info", st.error_code(), absl::Now() - start);
   reactor->Finish(st);

@@ -15,16 +15,17 @@
 
 #include "engine/model/embedding_model.h"
 #include "kiln/v1/kiln.grpc.pb.h"
+#include "router/brick_manager.h"
 #include "server/batcher.h"
 #include "server/metrics.h"
 
 namespace kiln {
 
 struct ServiceOptions {
-  int max_client_batch = 64;   // most inputs per EmbedRequest
-  int max_batch_tokens = 2048;  // reported by Info
+  int max_client_batch = 64;      // most inputs per EmbedRequest
+  int max_batch_tokens = 2048;    // reported by Info
   int max_queue_requests = 1024;  // reported by Info
-  bool log_requests = false;  // one log line per request (errors are always logged)
+  bool log_requests = false;      // one log line per request (errors are always logged)
 };
 
 class KilnService final : public kiln::v1::Kiln::CallbackService {
@@ -33,9 +34,10 @@ class KilnService final : public kiln::v1::Kiln::CallbackService {
   KilnService(const ServiceOptions& options, Metrics* metrics)
       : options_(options), metrics_(metrics) {}
 
-  // Gives the service its model and batcher (both must outlive it). Call
-  // once, before SetReady(true).
-  void Attach(EmbeddingModel* model, Batcher* batcher);
+  // Gives the service its model, batcher and (optional, may be null: no
+  // bricks) brick manager; all must outlive it. Call once, before
+  // SetReady(true).
+  void Attach(EmbeddingModel* model, Batcher* batcher, BrickManager* bricks = nullptr);
   void SetReady(bool ready) { ready_.store(ready, std::memory_order_release); }
   void StartDraining() { draining_.store(true, std::memory_order_release); }
   // When the last RPC of any kind arrived (for the drain's quiet period).
@@ -77,6 +79,7 @@ class KilnService final : public kiln::v1::Kiln::CallbackService {
   Metrics* metrics_;
   EmbeddingModel* model_ = nullptr;
   Batcher* batcher_ = nullptr;
+  BrickManager* bricks_ = nullptr;
   std::atomic<bool> ready_{false};
   std::atomic<bool> draining_{false};
   mutable std::atomic<int64_t> last_arrival_ns_{0};  // written by const CheckAvailable

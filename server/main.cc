@@ -46,6 +46,21 @@ ABSL_FLAG(int, max_client_batch, 64, "serve: most inputs in one EmbedRequest");
 ABSL_FLAG(int, drain_timeout_s, 30,
           "serve: on SIGTERM/SIGINT, how long queued and in-flight work may take to finish");
 ABSL_FLAG(bool, log_requests, false, "serve: log one line per successful request");
+ABSL_FLAG(std::string, brick_dir, "",
+          "serve: brick store root, laid out <dir>/<id>/<version>/ (docs/BRICKS.md); empty = "
+          "no bricks, base model only");
+ABSL_FLAG(int64_t, brick_cache_bytes, int64_t{256} << 20,
+          "serve: bytes of resident bricks; the least recently used unpinned one is evicted "
+          "beyond it");
+ABSL_FLAG(int, brick_loader_threads, 2, "serve: threads that load bricks (never the engine's)");
+ABSL_FLAG(std::vector<std::string>, preload_bricks, {},
+          "serve: brick ids (comma separated) whose latest versions load before health reports "
+          "SERVING");
+ABSL_FLAG(int, max_bricks_per_request, 4, "serve: most bricks in one EmbedRequest");
+ABSL_FLAG(float, max_brick_weight, 2.0f, "serve: largest |weight| of one brick of a request");
+ABSL_FLAG(int, brick_metrics_max, 100,
+          "serve: distinct brick ids with their own metric series; later ones share "
+          "brick=\"other\"");
 ABSL_FLAG(int, batch_lines, 0,
           "embed: lines per engine batch; 0 = 64 when stdin is a file or pipe, 1 when a terminal");
 
@@ -190,7 +205,14 @@ int main(int argc, char** argv) {
                            .max_client_batch = absl::GetFlag(FLAGS_max_client_batch),
                            .threads = absl::GetFlag(FLAGS_threads),
                            .drain_timeout_s = absl::GetFlag(FLAGS_drain_timeout_s),
-                           .log_requests = absl::GetFlag(FLAGS_log_requests)});
+                           .log_requests = absl::GetFlag(FLAGS_log_requests),
+                           .brick_dir = absl::GetFlag(FLAGS_brick_dir),
+                           .brick_cache_bytes = absl::GetFlag(FLAGS_brick_cache_bytes),
+                           .brick_loader_threads = absl::GetFlag(FLAGS_brick_loader_threads),
+                           .preload_bricks = absl::GetFlag(FLAGS_preload_bricks),
+                           .max_bricks_per_request = absl::GetFlag(FLAGS_max_bricks_per_request),
+                           .max_brick_weight = absl::GetFlag(FLAGS_max_brick_weight),
+                           .brick_metrics_max = absl::GetFlag(FLAGS_brick_metrics_max)});
   }
   if (cmd == "version") {
     std::cout << "kiln " << kiln::kVersion << "\n";

@@ -5,10 +5,12 @@
 #include <prometheus/family.h>
 #include <prometheus/gauge.h>
 #include <prometheus/histogram.h>
+#include <prometheus/labels.h>
 #include <prometheus/registry.h>
 #include <prometheus/text_serializer.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <exception>
 #include <utility>
 #include <vector>
@@ -55,6 +57,28 @@ const Histogram::BucketBoundaries& TokenBuckets() {
 const Histogram::BucketBoundaries& BatchSizeBuckets() {
   static const Histogram::BucketBoundaries kBuckets = PowersOfTwo(1024);
   return kBuckets;
+}
+
+// Brick load latency in seconds, 1-2.5-5 steps from 1ms to 10s: a small LoRA
+// brick read from the page cache loads in about a millisecond, a large one
+// from cold network storage in seconds.
+const Histogram::BucketBoundaries& LoadSecondsBuckets() {
+  static const Histogram::BucketBoundaries kBuckets = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                                                       0.25,  0.5,    1,     2.5,  5,     10};
+  return kBuckets;
+}
+
+// True if `id` matches [a-z0-9][a-z0-9._-]{0,63}, the brick id grammar
+// (docs/BRICKS.md). Checked here rather than by calling router/ so metrics
+// depend on nothing: it only keeps stray strings out of the label.
+bool IsBrickId(absl::string_view id) {
+  if (id.empty() || id.size() > 64) return false;
+  for (size_t i = 0; i < id.size(); ++i) {
+    const char c = id[i];
+    const bool alnum = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+    if (!alnum && (i == 0 || (c != '.' && c != '_' && c != '-'))) return false;
+  }
+  return true;
 }
 
 double Seconds(absl::Duration d) { return std::max(0.0, absl::ToDoubleSeconds(d)); }
@@ -115,6 +139,30 @@ Metrics::Metrics(const Options& options)
       exit_family_(CounterFamily(*registry_, "kiln_exit_requests_total",
                                  "Embed requests (and EmbedStream messages) served at each "
                                  "encoder exit (layer 1..N, N = full depth).")),
+      brick_requests_family_(
+          CounterFamily(*registry_, "kiln_brick_requests_total",
+                        "Embed requests (and EmbedStream messages) that ran with each brick; "
+                        "bricks past --brick_metrics_max as brick=\"other\".")),
+      brick_tokens_family_(CounterFamily(*registry_, "kiln_brick_tokens_total",
+                                         "Input tokens of the Embed requests (and EmbedStream "
+                                         "messages) that ran with each brick.")),
+      brick_request_duration_family_(
+          HistogramFamily(*registry_, "kiln_brick_request_duration_seconds",
+                          "Time from receiving an Embed request (or EmbedStream message) that "
+                          "ran with the brick to finishing it, in seconds.")),
+      brick_loads_family_(
+          CounterFamily(*registry_, "kiln_brick_loads_total",
+                        "Attempts to load a brick version into the brick cache, by brick and "
+                        "result (ok, error).")),
+      brick_load_duration_family_(
+          HistogramFamily(*registry_, "kiln_brick_load_duration_seconds",
+                          "Time to load one brick version into the brick cache, in seconds, "
+                          "by result (ok, error).")),
+      brick_resident_family_(GaugeFamily(*registry_, "kiln_brick_resident",
+                                         "Versions of each brick resident in the brick cache.")),
+      brick_evictions_family_(
+          CounterFamily(*registry_, "kiln_brick_evictions_total",
+                        "Brick versions evicted from the brick cache to make room.")),
       queue_duration_(
           HistogramFamily(*registry_, "kiln_queue_duration_seconds",
                           "Time a request waited in the batcher queue before its batch was "
@@ -140,7 +188,15 @@ Metrics::Metrics(const Options& options)
                             .Add({})),
       ready_(GaugeFamily(*registry_, "kiln_ready",
                          "1 when the model is loaded and warm and requests are served, else 0.")
-                 .Add({})) {
+                 .Add({})),
+      brick_load_ok_duration_(
+          brick_load_duration_family_.Add({{"result", "ok"}}, LoadSecondsBuckets())),
+      brick_load_error_duration_(
+          brick_load_duration_family_.Add({{"result", "error"}}, LoadSecondsBuckets())),
+      brick_cache_bytes_(GaugeFamily(*registry_, "kiln_brick_cache_bytes",
+                                     "Bytes of brick weights resident in the brick cache.")
+                             .Add({})),
+      brick_metrics_max_(std::max(0, options.brick_metrics_max)) {
   GaugeFamily(*registry_, "kiln_build_info",
               "Constant 1, labelled with the server version, base model and device.")
       .Add({{"version", options.version}, {"model", options.model_id}, {"device", options.device}})
@@ -212,6 +268,57 @@ void Metrics::CountTruncated(int64_t inputs) {
 }
 
 void Metrics::SetReady(bool ready) { ready_.Set(ready ? 1 : 0); }
+
+Metrics::BrickSeries Metrics::MakeBrickSeries(const std::string& label) {
+  const prometheus::Labels brick = {{"brick", label}};
+  BrickSeries series;
+  series.requests = &brick_requests_family_.Add(brick);
+  series.tokens = &brick_tokens_family_.Add(brick);
+  series.duration = &brick_request_duration_family_.Add(brick, SecondsBuckets());
+  series.loads_ok = &brick_loads_family_.Add({{"brick", label}, {"result", "ok"}});
+  series.loads_error = &brick_loads_family_.Add({{"brick", label}, {"result", "error"}});
+  series.resident = &brick_resident_family_.Add(brick);
+  series.evictions = &brick_evictions_family_.Add(brick);
+  return series;
+}
+
+Metrics::BrickSeries Metrics::Brick(absl::string_view brick) {
+  absl::MutexLock lock(&mu_);
+  if (brick != kBrickOther && IsBrickId(brick)) {
+    if (auto it = brick_series_.find(brick); it != brick_series_.end()) return it->second;
+    if (admitted_bricks_ < brick_metrics_max_) {
+      ++admitted_bricks_;
+      const std::string label(brick);
+      return brick_series_.emplace(label, MakeBrickSeries(label)).first->second;
+    }
+  }
+  if (auto it = brick_series_.find(kBrickOther); it != brick_series_.end()) return it->second;
+  const std::string label(kBrickOther);
+  return brick_series_.emplace(label, MakeBrickSeries(label)).first->second;
+}
+
+void Metrics::RecordBrickRequest(absl::string_view brick, int64_t tokens, absl::Duration duration) {
+  const BrickSeries series = Brick(brick);
+  series.requests->Increment();
+  if (tokens > 0) series.tokens->Increment(static_cast<double>(tokens));
+  series.duration->Observe(Seconds(duration));
+}
+
+void Metrics::RecordBrickLoad(absl::string_view brick, bool ok, absl::Duration duration) {
+  const BrickSeries series = Brick(brick);
+  (ok ? series.loads_ok : series.loads_error)->Increment();
+  (ok ? brick_load_ok_duration_ : brick_load_error_duration_).Observe(Seconds(duration));
+}
+
+void Metrics::AddBrickResident(absl::string_view brick, int delta) {
+  Brick(brick).resident->Increment(static_cast<double>(delta));
+}
+
+void Metrics::SetBrickCacheBytes(int64_t bytes) {
+  brick_cache_bytes_.Set(static_cast<double>(bytes));
+}
+
+void Metrics::CountBrickEviction(absl::string_view brick) { Brick(brick).evictions->Increment(); }
 
 std::string Metrics::Serialize() const {
   return prometheus::TextSerializer().Serialize(registry_->Collect());

@@ -4,18 +4,36 @@
 // names, units and buckets pinned down by tests/server/metrics_test.cc.
 //
 // Families (all prefixed kiln_, base units, counters end in _total):
-//   kiln_requests_total{rpc,code}            counter   finished RPCs
-//   kiln_request_duration_seconds{rpc}       histogram RPC latency, receipt to finish
-//   kiln_queue_duration_seconds              histogram time a request waited in the batcher
-//   kiln_queue_requests                      gauge     requests waiting in the batcher now
-//   kiln_batch_size                          histogram sequences per engine batch
-//   kiln_batch_tokens                        histogram tokens per engine batch
-//   kiln_forward_duration_seconds{device}    histogram one observation per engine batch
-//   kiln_exit_requests_total{exit}           counter   Embed requests (stream messages) served at exit "1".."N"
-//   kiln_input_tokens                        histogram tokens per input (after truncation)
-//   kiln_truncated_inputs_total              counter   inputs cut to the model's maximum
-//   kiln_ready                               gauge     1 once the model is warm, 0 otherwise
-//   kiln_build_info{version,model,device}    gauge     constant 1
+//   kiln_requests_total{rpc,code}              counter   finished RPCs
+//   kiln_request_duration_seconds{rpc}         histogram RPC latency, receipt to finish
+//   kiln_queue_duration_seconds                histogram time a request waited in the batcher
+//   kiln_queue_requests                        gauge     requests waiting in the batcher now
+//   kiln_batch_size                            histogram sequences per engine batch
+//   kiln_batch_tokens                          histogram tokens per engine batch
+//   kiln_forward_duration_seconds{device}      histogram one observation per engine batch
+//   kiln_exit_requests_total{exit}             counter   Embed requests* served at exit "1".."N"
+//   kiln_input_tokens                          histogram tokens per input (after truncation)
+//   kiln_truncated_inputs_total                counter   inputs cut to the model's maximum
+//   kiln_ready                                 gauge     1 once the model is warm, 0 otherwise
+//   kiln_build_info{version,model,device}      gauge     constant 1
+//   kiln_brick_requests_total{brick}           counter   Embed requests* that ran with the brick
+//   kiln_brick_tokens_total{brick}             counter   input tokens of those requests
+//   kiln_brick_request_duration_seconds{brick} histogram their latency (the RPC buckets)
+//   kiln_brick_load_duration_seconds{result}   histogram one brick load; result ok or error
+//   kiln_brick_loads_total{brick,result}       counter   brick loads; result ok or error
+//   kiln_brick_resident{brick}                 gauge     versions of the brick in the cache now
+//   kiln_brick_cache_bytes                     gauge     bytes resident in the brick cache
+//   kiln_brick_evictions_total{brick}          counter   versions of the brick evicted
+// (* Embed requests count each EmbedStream message as one request.)
+//
+// The `brick` label is capped (Options::brick_metrics_max, --brick_metrics_max):
+// the first N distinct valid brick ids recorded (by any brick method) keep
+// their own label value for the life of the Metrics; every later id, every
+// string that is not a valid id ([a-z0-9][a-z0-9._-]{0,63}) and the id
+// "other" itself are all recorded as brick="other". "other" is a valid brick
+// id, so a real brick of that name shares the overflow series rather than
+// getting one of its own; it takes no slot of the cap. Each brick family thus
+// holds at most N+1 series per other label combination.
 //
 // The HTTP endpoint is prometheus-cpp's Exposer, which also serves its own
 // exposer_* families (scrapes, bytes, scrape latency) beside these; Serialize()
@@ -56,6 +74,10 @@ inline constexpr absl::string_view kRpcEmbedStream = "EmbedStream";
 inline constexpr absl::string_view kRpcTokenize = "Tokenize";
 inline constexpr absl::string_view kRpcInfo = "Info";
 
+// The `brick` label value that bricks past the cap (and invalid ids, and a
+// brick named "other") are recorded under.
+inline constexpr absl::string_view kBrickOther = "other";
+
 // The server's metrics: one registry, optionally served over HTTP at
 // /metrics. All methods are thread-safe and cheap enough for the request path
 // (an atomic add, plus a short mutex-guarded map lookup for labelled
@@ -72,6 +94,10 @@ class Metrics {
     std::string model_id;
     // The server's version, for kiln_build_info{version}.
     std::string version;
+    // Most distinct brick ids that get their own `brick` label value; later
+    // ones fold into brick="other" (see the top of this file). 0 (or less)
+    // records every brick as "other".
+    int brick_metrics_max = 100;
   };
 
   // Builds every family and, when options.listen is non-empty, starts the
@@ -116,6 +142,38 @@ class Metrics {
   // kiln_ready = 1 when true, 0 when false. Starts at 0.
   void SetReady(bool ready);
 
+  // Per-brick metrics. `brick` is labelled as the top of this file says
+  // (capped, overflow and invalid ids as "other"). Every distinct valid id
+  // passed to any of these methods takes one slot of the cap for good, so
+  // pass only ids of bricks that exist (found in the store or loaded), never
+  // an unchecked id from a request. The first call for an admitted id creates
+  // all of its brick series at 0.
+
+  // One Embed request (or EmbedStream message) that ran with `brick`, whose
+  // inputs held `tokens` tokens in total and which took `duration` from
+  // receipt to finish: kiln_brick_requests_total += 1,
+  // kiln_brick_tokens_total += tokens (negative counts as 0) and
+  // kiln_brick_request_duration_seconds observes `duration`.
+  void RecordBrickRequest(absl::string_view brick, int64_t tokens, absl::Duration duration);
+
+  // One attempt to load a version of `brick` into the cache, which succeeded
+  // (`ok`) or failed, taking `duration`: kiln_brick_loads_total{result} += 1
+  // and kiln_brick_load_duration_seconds{result} observes `duration`.
+  void RecordBrickLoad(absl::string_view brick, bool ok, absl::Duration duration);
+
+  // kiln_brick_resident{brick} += delta: +1 when a version of `brick` becomes
+  // resident in the cache, -1 when one is evicted or unloaded. A brick's label
+  // value never changes once chosen, so its -1 lands where its +1 did.
+  void AddBrickResident(absl::string_view brick, int delta);
+
+  // kiln_brick_cache_bytes = bytes resident in the brick cache now.
+  void SetBrickCacheBytes(int64_t bytes);
+
+  // One version of `brick` evicted from the cache to make room:
+  // kiln_brick_evictions_total += 1. Does not touch kiln_brick_resident; the
+  // cache also calls AddBrickResident(brick, -1).
+  void CountBrickEviction(absl::string_view brick);
+
   // The Prometheus text exposition (format 0.0.4) of every kiln_ family, as
   // /metrics serves them.
   std::string Serialize() const;
@@ -132,16 +190,40 @@ class Metrics {
     absl::flat_hash_map<std::string, prometheus::Counter*> requests_by_code;
   };
 
+  // The children of one `brick` label value (an admitted id or "other").
+  struct BrickSeries {
+    prometheus::Counter* requests = nullptr;
+    prometheus::Counter* tokens = nullptr;
+    prometheus::Histogram* duration = nullptr;
+    prometheus::Counter* loads_ok = nullptr;
+    prometheus::Counter* loads_error = nullptr;
+    prometheus::Gauge* resident = nullptr;
+    prometheus::Counter* evictions = nullptr;
+  };
+
   explicit Metrics(const Options& options);
 
   prometheus::Counter& RequestCounter(absl::string_view rpc, grpc::StatusCode code,
                                       prometheus::Histogram** duration);
+
+  // The series `brick` is recorded under, admitting it if the cap allows and
+  // creating its children on first use. Returned by value: the pointers stay
+  // valid, the map's slots do not.
+  BrickSeries Brick(absl::string_view brick);
+  BrickSeries MakeBrickSeries(const std::string& label) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
   const std::shared_ptr<prometheus::Registry> registry_;
 
   prometheus::Family<prometheus::Counter>& requests_family_;
   prometheus::Family<prometheus::Histogram>& request_duration_family_;
   prometheus::Family<prometheus::Counter>& exit_family_;
+  prometheus::Family<prometheus::Counter>& brick_requests_family_;
+  prometheus::Family<prometheus::Counter>& brick_tokens_family_;
+  prometheus::Family<prometheus::Histogram>& brick_request_duration_family_;
+  prometheus::Family<prometheus::Counter>& brick_loads_family_;
+  prometheus::Family<prometheus::Histogram>& brick_load_duration_family_;
+  prometheus::Family<prometheus::Gauge>& brick_resident_family_;
+  prometheus::Family<prometheus::Counter>& brick_evictions_family_;
 
   prometheus::Histogram& queue_duration_;
   prometheus::Gauge& queue_requests_;
@@ -151,12 +233,19 @@ class Metrics {
   prometheus::Histogram& input_tokens_;
   prometheus::Counter& truncated_inputs_;
   prometheus::Gauge& ready_;
+  prometheus::Histogram& brick_load_ok_duration_;
+  prometheus::Histogram& brick_load_error_duration_;
+  prometheus::Gauge& brick_cache_bytes_;
+  const int brick_metrics_max_;
 
   // Labelled children are created once and cached: Family::Add takes the
   // family's lock and hashes the whole label set, too slow per request.
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, RpcSeries> rpc_series_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<int, prometheus::Counter*> exit_counters_ ABSL_GUARDED_BY(mu_);
+  // Keyed by label value: the admitted ids, plus "other" once used.
+  absl::flat_hash_map<std::string, BrickSeries> brick_series_ ABSL_GUARDED_BY(mu_);
+  int admitted_bricks_ ABSL_GUARDED_BY(mu_) = 0;
 
   // Declared last so it is destroyed first: its threads read registry_.
   std::unique_ptr<prometheus::Exposer> exposer_;

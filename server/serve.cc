@@ -5,6 +5,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
 
+#include <cmath>
 #include <iostream>
 #include <memory>
 
@@ -13,6 +14,7 @@
 #include "common/logging.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/embedding_model.h"
+#include "router/brick_manager.h"
 #include "server/batcher.h"
 #include "server/kiln_service.h"
 #include "server/metrics.h"
@@ -26,16 +28,36 @@ constexpr char kServiceName[] = "kiln.v1.Kiln";
 
 absl::Status ValidateOptions(const ServeOptions& o) {
   auto port_ok = [](int p) { return p >= 0 && p <= 65535; };
-  if (!port_ok(o.port)) return absl::InvalidArgumentError(absl::StrCat("--port=", o.port, " is not a port"));
+  if (!port_ok(o.port))
+    return absl::InvalidArgumentError(absl::StrCat("--port=", o.port, " is not a port"));
   if (!port_ok(o.metrics_port)) {
-    return absl::InvalidArgumentError(absl::StrCat("--metrics_port=", o.metrics_port, " is not a port"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--metrics_port=", o.metrics_port, " is not a port"));
   }
   if (o.max_batch_tokens < 0) return absl::InvalidArgumentError("--max_batch_tokens must be >= 0");
-  if (o.max_queue_delay_us < 0) return absl::InvalidArgumentError("--max_queue_delay_us must be >= 0");
-  if (o.max_queue_requests < 1) return absl::InvalidArgumentError("--max_queue_requests must be >= 1");
+  if (o.max_queue_delay_us < 0)
+    return absl::InvalidArgumentError("--max_queue_delay_us must be >= 0");
+  if (o.max_queue_requests < 1)
+    return absl::InvalidArgumentError("--max_queue_requests must be >= 1");
   if (o.max_client_batch < 1) return absl::InvalidArgumentError("--max_client_batch must be >= 1");
   if (o.drain_timeout_s < 0) return absl::InvalidArgumentError("--drain_timeout_s must be >= 0");
   if (o.host.empty()) return absl::InvalidArgumentError("--host must not be empty");
+  if (o.brick_cache_bytes < 1)
+    return absl::InvalidArgumentError("--brick_cache_bytes must be >= 1");
+  if (o.brick_loader_threads < 1) {
+    return absl::InvalidArgumentError("--brick_loader_threads must be >= 1");
+  }
+  if (o.max_bricks_per_request < 1) {
+    return absl::InvalidArgumentError("--max_bricks_per_request must be >= 1");
+  }
+  if (!(o.max_brick_weight > 0.0f) || !std::isfinite(o.max_brick_weight)) {
+    return absl::InvalidArgumentError("--max_brick_weight must be a positive number");
+  }
+  if (o.brick_metrics_max < 0)
+    return absl::InvalidArgumentError("--brick_metrics_max must be >= 0");
+  if (o.brick_dir.empty() && !o.preload_bricks.empty()) {
+    return absl::InvalidArgumentError("--preload_bricks needs --brick_dir");
+  }
   return absl::OkStatus();
 }
 
@@ -94,8 +116,12 @@ int RunServe(const ServeOptions& options) {
   if (o.max_batch_tokens == 0) o.max_batch_tokens = kCpuDefaultBatchTokens;
 
   auto backend = CpuBackend::Create({.threads = o.threads});
-  absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(
-      {.listen = HostPort(o.host, o.metrics_port), .device = "cpu", .model_id = "", .version = kVersion});
+  absl::StatusOr<std::unique_ptr<Metrics>> metrics =
+      Metrics::Create({.listen = HostPort(o.host, o.metrics_port),
+                       .device = "cpu",
+                       .model_id = "",
+                       .version = kVersion,
+                       .brick_metrics_max = o.brick_metrics_max});
   if (!metrics.ok()) {
     std::cerr << "kiln serve: " << metrics.status().message() << "\n";
     return 1;
@@ -126,13 +152,49 @@ int RunServe(const ServeOptions& options) {
              << " (NOT_SERVING until warm), metrics on http://"
              << HostPort(o.host, (*metrics)->port()) << "/metrics";
 
-  absl::StatusOr<std::unique_ptr<EmbeddingModel>> model = EmbeddingModel::Load(o.model, backend.get());
+  absl::StatusOr<std::unique_ptr<EmbeddingModel>> model =
+      EmbeddingModel::Load(o.model, backend.get());
   if (!model.ok()) {
     std::cerr << "kiln serve: cannot load model: " << model.status().message() << "\n";
     server->Shutdown();
     return 2;
   }
   Metrics* m = metrics->get();
+  // Declared before the batcher, so it is destroyed after it: the jobs the
+  // batcher still holds keep brick pins.
+  std::unique_ptr<BrickManager> bricks;
+  if (!o.brick_dir.empty()) {
+    BrickCache::Hooks brick_hooks;
+    brick_hooks.on_load = [m](const BrickKey& key, absl::Duration took, bool ok) {
+      m->RecordBrickLoad(key.id, ok, took);
+    };
+    brick_hooks.on_evict = [m](const BrickKey& key) { m->CountBrickEviction(key.id); };
+    brick_hooks.on_resident = [m](const BrickKey& key, bool resident) {
+      m->AddBrickResident(key.id, resident ? 1 : -1);
+    };
+    brick_hooks.on_bytes = [m](int64_t bytes) { m->SetBrickCacheBytes(bytes); };
+    absl::StatusOr<std::unique_ptr<BrickManager>> created =
+        BrickManager::Create({.root = o.brick_dir,
+                              .cache_bytes = o.brick_cache_bytes,
+                              .loader_threads = o.brick_loader_threads,
+                              .max_bricks_per_request = o.max_bricks_per_request,
+                              .max_brick_weight = o.max_brick_weight},
+                             (*model)->config(), backend.get(), std::move(brick_hooks));
+    if (!created.ok()) {
+      std::cerr << "kiln serve: " << created.status().message() << "\n";
+      server->Shutdown();
+      return 2;
+    }
+    bricks = *std::move(created);
+    if (absl::Status st = bricks->Preload(o.preload_bricks); !st.ok()) {
+      std::cerr << "kiln serve: " << st.message() << "\n";
+      server->Shutdown();
+      return 2;
+    }
+    const std::vector<BrickStore::Entry> listed = bricks->store().List();
+    KLOG(INFO) << "bricks: " << listed.size() << " in " << bricks->store().root() << ", cache "
+               << o.brick_cache_bytes << " bytes, " << o.preload_bricks.size() << " preloaded";
+  }
   Batcher::Hooks hooks;
   hooks.on_queue_depth = [m](int64_t depth) { m->SetQueueRequests(depth); };
   hooks.on_dequeued = [m](absl::Duration waited) { m->ObserveQueueTime(waited); };
@@ -149,7 +211,7 @@ int RunServe(const ServeOptions& options) {
     server->Shutdown();
     return 2;
   }
-  service.Attach(model->get(), batcher->get());
+  service.Attach(model->get(), batcher->get(), bricks.get());
   if (absl::Status st = WarmUp(**model, **batcher); !st.ok()) {
     std::cerr << "kiln serve: warm-up failed: " << st.message() << "\n";
     server->Shutdown();
@@ -180,8 +242,8 @@ int RunServe(const ServeOptions& options) {
   // Then a short grace for responses being written; idle streams (EmbedStream,
   // Health.Watch) are cancelled after it rather than holding the process
   // until --drain_timeout_s.
-  server->Shutdown(absl::ToChronoTime(
-      std::min(deadline, absl::Now() + absl::Seconds(1)) + absl::Milliseconds(100)));
+  server->Shutdown(absl::ToChronoTime(std::min(deadline, absl::Now() + absl::Seconds(1)) +
+                                      absl::Milliseconds(100)));
   server->Wait();
   KLOG(INFO) << (drained ? "drained; exiting" : "drain timeout passed; exiting");
   return 0;

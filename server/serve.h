@@ -2,7 +2,9 @@
 #ifndef KILN_SERVER_SERVE_H_
 #define KILN_SERVER_SERVE_H_
 
+#include <cstdint>
 #include <string>
+#include <vector>
 
 namespace kiln {
 
@@ -18,6 +20,14 @@ struct ServeOptions {
   int threads = 0;  // 0 = all cores
   int drain_timeout_s = 30;
   bool log_requests = false;
+  // Bricks (docs/BRICKS.md). An empty brick_dir serves the base model only.
+  std::string brick_dir;
+  int64_t brick_cache_bytes = int64_t{256} << 20;
+  int brick_loader_threads = 2;
+  std::vector<std::string> preload_bricks;  // ids; their latest versions load before SERVING
+  int max_bricks_per_request = 4;
+  float max_brick_weight = 2.0f;
+  int brick_metrics_max = 100;
 };
 
 // Runs the server until SIGTERM or SIGINT, then drains and returns the

@@ -11,85 +11,14 @@
 #include <thread>
 #include <vector>
 
-#include "engine/cpu/cpu_backend.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "server/batcher.h"
-#include "server/metrics.h"
+#include "tests/server/kiln_service_fixture.h"
 
 namespace kiln {
 namespace {
 
 using ::testing::HasSubstr;
-using v1::EmbedRequest;
-using v1::EmbedResponse;
-
-const std::string kModelDir = std::string(KILN_SOURCE_DIR) + "/models/all-MiniLM-L6-v2";
-
-class KilnServiceTest : public ::testing::Test {
- protected:
-  void Start(ServiceOptions options = {}, int max_queue_requests = 1024) {
-    backend_ = CpuBackend::Create({.threads = 2});
-    auto model = EmbeddingModel::Load(kModelDir, backend_.get());
-    ASSERT_TRUE(model.ok()) << model.status() << " (run scripts/fetch_model.sh)";
-    model_ = *std::move(model);
-    auto metrics = Metrics::Create({.listen = "", .device = "cpu", .model_id = "", .version = "test"});
-    ASSERT_TRUE(metrics.ok()) << metrics.status();
-    metrics_ = *std::move(metrics);
-    Batcher::Options bo;
-    bo.max_queue_requests = max_queue_requests;
-    auto batcher = Batcher::Create(bo, model_.get());
-    ASSERT_TRUE(batcher.ok()) << batcher.status();
-    batcher_ = *std::move(batcher);
-    service_ = std::make_unique<KilnService>(options, metrics_.get());
-    grpc::ServerBuilder builder;
-    int port = 0;
-    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
-    builder.RegisterService(service_.get());
-    server_ = builder.BuildAndStart();
-    ASSERT_NE(server_, nullptr);
-    stub_ = v1::Kiln::NewStub(
-        grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
-    service_->Attach(model_.get(), batcher_.get());
-    service_->SetReady(true);
-  }
-  void TearDown() override {
-    if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(5));
-    if (batcher_) batcher_->Drain(absl::Now() + absl::Seconds(5));
-  }
-
-  grpc::Status Embed(const EmbedRequest& req, EmbedResponse* resp,
-                     std::chrono::milliseconds deadline = std::chrono::seconds(60)) {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + deadline);
-    return stub_->Embed(&ctx, req, resp);
-  }
-
-  // The engine's own answer for one text (what `kiln embed` prints).
-  std::vector<float> Reference(const std::string& text, int exit, bool normalize = true) {
-    auto enc = model_->Tokenize(text);
-    EXPECT_TRUE(enc.ok());
-    SequenceInput seq{enc->ids, exit};
-    seq.normalize = normalize;
-    std::vector<float> out(model_->dim());
-    EXPECT_TRUE(model_->Forward(std::vector<SequenceInput>{seq}, out.data()).ok());
-    return out;
-  }
-
-  std::unique_ptr<Backend> backend_;
-  std::unique_ptr<EmbeddingModel> model_;
-  std::unique_ptr<Metrics> metrics_;
-  std::unique_ptr<Batcher> batcher_;
-  std::unique_ptr<KilnService> service_;
-  std::unique_ptr<grpc::Server> server_;
-  std::unique_ptr<v1::Kiln::Stub> stub_;
-};
-
-double MaxAbsDiff(const google::protobuf::RepeatedField<float>& a, const std::vector<float>& b) {
-  double m = 0;
-  for (int i = 0; i < a.size(); ++i) m = std::max(m, std::fabs(double(a[i]) - b[i]));
-  return a.size() == static_cast<int>(b.size()) ? m : 1e9;
-}
 
 TEST_F(KilnServiceTest, EmbedEqualsTheEngineAtEveryExit) {
   Start();
@@ -127,9 +56,9 @@ TEST_F(KilnServiceTest, NormalizeFalseAndInstruction) {
   with_instruction.add_inputs("reverse a list");
   with_instruction.set_instruction("Represent this query:");
   ASSERT_TRUE(Embed(with_instruction, &resp).ok());
-  EXPECT_LE(MaxAbsDiff(resp.embeddings(0).values(),
-                       Reference("Represent this query: reverse a list", 6)),
-            1e-5);
+  EXPECT_LE(
+      MaxAbsDiff(resp.embeddings(0).values(), Reference("Represent this query: reverse a list", 6)),
+      1e-5);
 }
 
 TEST_F(KilnServiceTest, InvalidArgumentsNameTheField) {
@@ -273,8 +202,9 @@ TEST_F(KilnServiceTest, TokenizeAndInfo) {
   ASSERT_EQ(resp.inputs_size(), 1);
   EXPECT_THAT(std::vector<int>(resp.inputs(0).ids().begin(), resp.inputs(0).ids().end()),
               ::testing::ElementsAre(101, 7592, 1010, 2088, 999, 102));
-  EXPECT_THAT(std::vector<std::string>(resp.inputs(0).tokens().begin(), resp.inputs(0).tokens().end()),
-              ::testing::ElementsAre("[CLS]", "hello", ",", "world", "!", "[SEP]"));
+  EXPECT_THAT(
+      std::vector<std::string>(resp.inputs(0).tokens().begin(), resp.inputs(0).tokens().end()),
+      ::testing::ElementsAre("[CLS]", "hello", ",", "world", "!", "[SEP]"));
 
   grpc::ClientContext ictx;
   v1::InfoResponse info;
@@ -298,8 +228,9 @@ TEST_F(KilnServiceTest, RequestIdIsEchoedOrMadeUp) {
   ASSERT_TRUE(stub_->Embed(&ctx, req, &resp).ok());
   auto md = ctx.GetServerInitialMetadata();
   ASSERT_EQ(md.count("x-request-id"), 1u);
-  EXPECT_EQ(std::string(md.find("x-request-id")->second.data(), md.find("x-request-id")->second.size()),
-            "abc-123");
+  EXPECT_EQ(
+      std::string(md.find("x-request-id")->second.data(), md.find("x-request-id")->second.size()),
+      "abc-123");
   grpc::ClientContext ctx2;
   ASSERT_TRUE(stub_->Embed(&ctx2, req, &resp).ok());
   auto md2 = ctx2.GetServerInitialMetadata();
@@ -312,7 +243,8 @@ TEST_F(KilnServiceTest, StreamAnswersInOrderAndSurvivesABadMessage) {
   // References first: the model must not run here while the server's engine
   // worker runs it (Forward is single-threaded by contract).
   std::vector<std::vector<float>> want;
-  for (int i = 0; i < 5; ++i) want.push_back(Reference("message " + std::to_string(i), i == 2 ? 1 : i + 1));
+  for (int i = 0; i < 5; ++i)
+    want.push_back(Reference("message " + std::to_string(i), i == 2 ? 1 : i + 1));
   grpc::ClientContext ctx;
   auto stream = stub_->EmbedStream(&ctx);
   for (int i = 0; i < 5; ++i) {

@@ -4,16 +4,21 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -29,9 +34,10 @@ namespace {
 
 using ::testing::HasSubstr;
 
-std::unique_ptr<Metrics> MakeMetrics(std::string listen = "") {
+std::unique_ptr<Metrics> MakeMetrics(std::string listen = "", int brick_metrics_max = 100) {
   Metrics::Options options;
   options.listen = std::move(listen);
+  options.brick_metrics_max = brick_metrics_max;
   options.device = "cpu";
   options.model_id = "all-MiniLM-L6-v2";
   options.version = "1.2.3";
@@ -74,6 +80,121 @@ std::map<std::string, std::string> Helps(const std::string& text) {
   return helps;
 }
 
+// The `le` bounds of the histogram series `prefix` (e.g.
+// `kiln_brick_load_duration_seconds_bucket{result="ok",`), in printed order.
+std::vector<std::string> BucketBounds(const std::string& text, absl::string_view prefix) {
+  std::vector<std::string> bounds;
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (!absl::ConsumePrefix(&line, prefix) || !absl::ConsumePrefix(&line, "le=\"")) continue;
+    bounds.emplace_back(line.substr(0, line.find('"')));
+  }
+  return bounds;
+}
+
+// The distinct values of label `label` among the samples of family `name`
+// (its _bucket/_sum/_count samples included).
+std::set<std::string> LabelValues(const std::string& text, absl::string_view name,
+                                  absl::string_view label) {
+  std::set<std::string> values;
+  const std::string needle = absl::StrCat(label, "=\"");
+  for (absl::string_view line : absl::StrSplit(text, '\n')) {
+    if (!absl::ConsumePrefix(&line, name)) continue;
+    const size_t brace = line.find('{');
+    if (brace == absl::string_view::npos) continue;
+    const absl::string_view suffix = line.substr(0, brace);
+    if (!suffix.empty() && suffix != "_bucket" && suffix != "_sum" && suffix != "_count") continue;
+    size_t at = line.find(needle, brace);
+    // Only a whole label name: preceded by '{' or ','.
+    while (at != absl::string_view::npos && line[at - 1] != '{' && line[at - 1] != ',') {
+      at = line.find(needle, at + 1);
+    }
+    if (at == absl::string_view::npos) continue;
+    const absl::string_view rest = line.substr(at + needle.size());
+    values.emplace(rest.substr(0, rest.find('"')));
+  }
+  return values;
+}
+
+// Checks `text` against the Prometheus text format 0.0.4 as Kiln uses it:
+// every sample line is `name{label="value",...} number` with a name of a
+// family declared by an earlier "# TYPE" line (a histogram's samples end in
+// _bucket, _sum or _count and its buckets carry `le`), label values escape
+// only \\, \" and \n, and no series appears twice. "" if it holds, else the
+// first offending line and why.
+std::string ExpositionError(const std::string& text) {
+  std::map<std::string, std::string> types;
+  std::set<std::string> seen;
+  const auto is_name = [](absl::string_view s) {
+    if (s.empty() || absl::ascii_isdigit(s[0])) return false;
+    for (char c : s) {
+      if (!absl::ascii_isalnum(c) && c != '_' && c != ':') return false;
+    }
+    return true;
+  };
+  for (absl::string_view line : absl::StrSplit(text, '\n', absl::SkipEmpty())) {
+    if (absl::ConsumePrefix(&line, "# TYPE ")) {
+      std::vector<std::string> parts = absl::StrSplit(line, ' ');
+      if (parts.size() != 2 || !is_name(parts[0])) return absl::StrCat("bad TYPE: ", line);
+      if (!types.emplace(parts[0], parts[1]).second) return absl::StrCat("TYPE twice: ", line);
+      continue;
+    }
+    if (absl::StartsWith(line, "#")) continue;
+    const absl::string_view sample = line;
+    const size_t name_end = line.find_first_of("{ ");
+    if (name_end == absl::string_view::npos) return absl::StrCat("no value: ", sample);
+    const std::string name(line.substr(0, name_end));
+    line.remove_prefix(name_end);
+    std::string series = name;
+    bool has_le = false;
+    if (absl::ConsumePrefix(&line, "{")) {
+      while (!absl::ConsumePrefix(&line, "}")) {
+        const size_t eq = line.find("=\"");
+        if (eq == absl::string_view::npos || !is_name(line.substr(0, eq))) {
+          return absl::StrCat("bad label: ", sample);
+        }
+        has_le |= line.substr(0, eq) == "le";
+        size_t i = eq + 2;
+        while (i < line.size() && line[i] != '"') {
+          if (line[i] == '\\') {
+            if (i + 1 >= line.size() || !absl::StrContains("\\\"n", line[i + 1])) {
+              return absl::StrCat("bad escape: ", sample);
+            }
+            ++i;
+          }
+          ++i;
+        }
+        if (i >= line.size()) return absl::StrCat("unterminated label value: ", sample);
+        absl::StrAppend(&series, line.substr(0, i + 1));
+        line.remove_prefix(i + 1);
+        absl::ConsumePrefix(&line, ",");
+      }
+    }
+    double value;
+    if (!absl::ConsumePrefix(&line, " ") || !absl::SimpleAtod(line, &value)) {
+      return absl::StrCat("bad value: ", sample);
+    }
+    if (!seen.insert(series).second) return absl::StrCat("series twice: ", sample);
+    std::string family = name;
+    if (!types.contains(family)) {
+      for (absl::string_view suffix : {"_bucket", "_sum", "_count"}) {
+        if (absl::EndsWith(name, suffix)) {
+          family = name.substr(0, name.size() - suffix.size());
+          if (types.contains(family) && types.at(family) != "histogram") {
+            return absl::StrCat("suffix on a non-histogram: ", sample);
+          }
+          if ((suffix == "_bucket") != has_le) return absl::StrCat("le misplaced: ", sample);
+          break;
+        }
+      }
+    }
+    if (!types.contains(family)) return absl::StrCat("no TYPE for: ", sample);
+    if (types.at(family) == "histogram" && family == name) {
+      return absl::StrCat("bare histogram sample: ", sample);
+    }
+  }
+  return "";
+}
+
 // GET http://127.0.0.1:<port><path> over HTTP/1.0 with a plain socket; the
 // whole response (status line, headers, body), or "" on a socket error.
 std::string HttpGet(int port, absl::string_view path) {
@@ -112,13 +233,31 @@ constexpr const char* kFamilies[][2] = {
     {"kiln_truncated_inputs_total", "counter"},
     {"kiln_ready", "gauge"},
     {"kiln_build_info", "gauge"},
+    {"kiln_brick_requests_total", "counter"},
+    {"kiln_brick_tokens_total", "counter"},
+    {"kiln_brick_request_duration_seconds", "histogram"},
+    {"kiln_brick_load_duration_seconds", "histogram"},
+    {"kiln_brick_loads_total", "counter"},
+    {"kiln_brick_resident", "gauge"},
+    {"kiln_brick_cache_bytes", "gauge"},
+    {"kiln_brick_evictions_total", "counter"},
 };
+
+// One call of every brick method, so every brick family has a child.
+void RecordEveryBrickFamily(Metrics& metrics) {
+  metrics.RecordBrickRequest("py-docstring", 10, absl::Milliseconds(5));
+  metrics.RecordBrickLoad("py-docstring", true, absl::Milliseconds(30));
+  metrics.AddBrickResident("py-docstring", 1);
+  metrics.SetBrickCacheBytes(1 << 20);
+  metrics.CountBrickEviction("py-docstring");
+}
 
 TEST(MetricsTest, EveryFamilyHasHelpAndType) {
   std::unique_ptr<Metrics> metrics = MakeMetrics();
   ASSERT_NE(metrics, nullptr);
   // Families whose children appear on first use still print HELP/TYPE.
   metrics->CountExit(6);
+  RecordEveryBrickFamily(*metrics);
   const std::string text = metrics->Serialize();
   const std::map<std::string, std::string> types = Types(text);
   const std::map<std::string, std::string> helps = Helps(text);
@@ -134,6 +273,7 @@ TEST(MetricsTest, EveryFamilyHasHelpAndType) {
 TEST(MetricsTest, NamingConventions) {
   std::unique_ptr<Metrics> metrics = MakeMetrics();
   ASSERT_NE(metrics, nullptr);
+  RecordEveryBrickFamily(*metrics);
   for (const auto& [name, type] : Types(metrics->Serialize())) {
     EXPECT_TRUE(absl::StartsWith(name, "kiln_")) << name;
     EXPECT_NE(type, "summary") << name << ": histograms, not summaries";
@@ -266,6 +406,335 @@ TEST(MetricsTest, ConcurrentRecordingLosesNothing) {
         Sample(text, absl::StrCat(R"(kiln_exit_requests_total{exit=")", exit, R"("})")).value_or(0);
   }
   EXPECT_EQ(exits, kThreads * kPerThread);
+}
+
+// The brick families, each by the name its samples start with.
+constexpr const char* kBrickFamilies[] = {
+    "kiln_brick_requests_total", "kiln_brick_tokens_total", "kiln_brick_request_duration_seconds",
+    "kiln_brick_loads_total",    "kiln_brick_resident",     "kiln_brick_evictions_total",
+};
+
+TEST(MetricsTest, BrickRequestsCountTokensAndLatency) {
+  std::unique_ptr<Metrics> metrics = MakeMetrics();
+  ASSERT_NE(metrics, nullptr);
+  metrics->RecordBrickRequest("py-docstring", 12, absl::Milliseconds(3));
+  metrics->RecordBrickRequest("py-docstring", 30, absl::Milliseconds(7));
+  metrics->RecordBrickRequest("sql-schema", 5, absl::Seconds(60));
+  // Negative tokens add nothing; a negative duration is observed as 0.
+  metrics->RecordBrickRequest("sql-schema", -4, absl::Milliseconds(-1));
+  const std::string text = metrics->Serialize();
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="py-docstring"})"), 2) << text;
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="sql-schema"})"), 2);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_tokens_total{brick="py-docstring"})"), 42);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_tokens_total{brick="sql-schema"})"), 5);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_request_duration_seconds_count{brick="py-docstring"})"), 2);
+  EXPECT_NEAR(
+      Sample(text, R"(kiln_brick_request_duration_seconds_sum{brick="py-docstring"})").value_or(-1),
+      0.010, 1e-12);
+  EXPECT_EQ(
+      Sample(text,
+             R"(kiln_brick_request_duration_seconds_bucket{brick="py-docstring",le="0.0025"})"),
+      0);
+  EXPECT_EQ(
+      Sample(text,
+             R"(kiln_brick_request_duration_seconds_bucket{brick="py-docstring",le="0.005"})"),
+      1);
+  EXPECT_EQ(
+      Sample(text, R"(kiln_brick_request_duration_seconds_bucket{brick="py-docstring",le="0.01"})"),
+      2);
+  EXPECT_EQ(
+      Sample(text, R"(kiln_brick_request_duration_seconds_bucket{brick="sql-schema",le="0.0001"})"),
+      1);
+  EXPECT_EQ(
+      Sample(text, R"(kiln_brick_request_duration_seconds_bucket{brick="sql-schema",le="30"})"), 1);
+  EXPECT_EQ(
+      Sample(text, R"(kiln_brick_request_duration_seconds_bucket{brick="sql-schema",le="+Inf"})"),
+      2);
+  // Under the cap: nothing folds into "other".
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="other"})"), std::nullopt);
+}
+
+TEST(MetricsTest, BrickRequestLatencyUsesTheRequestBuckets) {
+  std::unique_ptr<Metrics> metrics = MakeMetrics();
+  ASSERT_NE(metrics, nullptr);
+  metrics->RecordBrickRequest("py-docstring", 1, absl::Milliseconds(1));
+  const std::string text = metrics->Serialize();
+  const std::vector<std::string> rpc_bounds =
+      BucketBounds(text, R"(kiln_request_duration_seconds_bucket{rpc="Embed",)");
+  ASSERT_FALSE(rpc_bounds.empty()) << text;
+  EXPECT_EQ(
+      BucketBounds(text, R"(kiln_brick_request_duration_seconds_bucket{brick="py-docstring",)"),
+      rpc_bounds);
+}
+
+TEST(MetricsTest, BrickLoadsByResult) {
+  std::unique_ptr<Metrics> metrics = MakeMetrics();
+  ASSERT_NE(metrics, nullptr);
+  metrics->RecordBrickLoad("py-docstring", true, absl::Milliseconds(2));
+  metrics->RecordBrickLoad("py-docstring", true, absl::Milliseconds(40));
+  metrics->RecordBrickLoad("sql-schema", false, absl::Microseconds(800));
+  metrics->RecordBrickLoad("sql-schema", false, absl::Seconds(20));
+  const std::string text = metrics->Serialize();
+  EXPECT_EQ(Sample(text, R"(kiln_brick_loads_total{brick="py-docstring",result="ok"})"), 2) << text;
+  EXPECT_EQ(Sample(text, R"(kiln_brick_loads_total{brick="py-docstring",result="error"})"), 0);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_loads_total{brick="sql-schema",result="ok"})"), 0);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_loads_total{brick="sql-schema",result="error"})"), 2);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_load_duration_seconds_count{result="ok"})"), 2);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_load_duration_seconds_count{result="error"})"), 2);
+  EXPECT_NEAR(Sample(text, R"(kiln_brick_load_duration_seconds_sum{result="ok"})").value_or(-1),
+              0.042, 1e-12);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_load_duration_seconds_bucket{result="ok",le="0.001"})"), 0);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_load_duration_seconds_bucket{result="ok",le="0.0025"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_load_duration_seconds_bucket{result="ok",le="0.05"})"), 2);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_load_duration_seconds_bucket{result="error",le="0.001"})"),
+            1);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_load_duration_seconds_bucket{result="error",le="10"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_load_duration_seconds_bucket{result="error",le="+Inf"})"),
+            2);
+  // 1 ms .. 10 s in 1-2.5-5 steps, the same for both results.
+  const std::vector<std::string> expected = {"0.001", "0.0025", "0.005", "0.01", "0.025",
+                                             "0.05",  "0.1",    "0.25",  "0.5",  "1",
+                                             "2.5",   "5",      "10",    "+Inf"};
+  EXPECT_EQ(BucketBounds(text, R"(kiln_brick_load_duration_seconds_bucket{result="ok",)"),
+            expected);
+  EXPECT_EQ(BucketBounds(text, R"(kiln_brick_load_duration_seconds_bucket{result="error",)"),
+            expected);
+}
+
+TEST(MetricsTest, BrickSeriesStartEmptyAndUnlabelledOnesAtZero) {
+  std::unique_ptr<Metrics> metrics = MakeMetrics();
+  ASSERT_NE(metrics, nullptr);
+  const std::string text = metrics->Serialize();
+  EXPECT_EQ(Sample(text, R"(kiln_brick_load_duration_seconds_count{result="ok"})"), 0) << text;
+  EXPECT_EQ(Sample(text, R"(kiln_brick_load_duration_seconds_count{result="error"})"), 0);
+  EXPECT_EQ(Sample(text, "kiln_brick_cache_bytes"), 0);
+  for (const char* family : kBrickFamilies) {
+    EXPECT_THAT(LabelValues(text, family, "brick"), ::testing::IsEmpty()) << family;
+  }
+}
+
+TEST(MetricsTest, BrickCacheResidencyAndEvictions) {
+  std::unique_ptr<Metrics> metrics = MakeMetrics();
+  ASSERT_NE(metrics, nullptr);
+  metrics->AddBrickResident("py-docstring", 1);
+  metrics->AddBrickResident("py-docstring", 1);
+  metrics->AddBrickResident("sql-schema", 1);
+  metrics->AddBrickResident("py-docstring", -1);
+  metrics->CountBrickEviction("py-docstring");
+  metrics->SetBrickCacheBytes(3'000'000'123);
+  std::string text = metrics->Serialize();
+  EXPECT_EQ(Sample(text, R"(kiln_brick_resident{brick="py-docstring"})"), 1) << text;
+  EXPECT_EQ(Sample(text, R"(kiln_brick_resident{brick="sql-schema"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_evictions_total{brick="py-docstring"})"), 1);
+  EXPECT_EQ(Sample(text, "kiln_brick_cache_bytes"), 3'000'000'123.0);
+  // A brick's first use creates all of its series at 0, so rate() works
+  // before its first event of each kind.
+  EXPECT_EQ(Sample(text, R"(kiln_brick_evictions_total{brick="sql-schema"})"), 0);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="sql-schema"})"), 0);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_tokens_total{brick="sql-schema"})"), 0);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_request_duration_seconds_count{brick="sql-schema"})"), 0);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_loads_total{brick="sql-schema",result="ok"})"), 0);
+  metrics->AddBrickResident("py-docstring", -1);
+  metrics->SetBrickCacheBytes(0);
+  text = metrics->Serialize();
+  EXPECT_EQ(Sample(text, R"(kiln_brick_resident{brick="py-docstring"})"), 0);
+  EXPECT_EQ(Sample(text, "kiln_brick_cache_bytes"), 0);
+}
+
+TEST(MetricsTest, BricksPastTheCapFoldIntoOther) {
+  std::unique_ptr<Metrics> metrics = MakeMetrics("", /*brick_metrics_max=*/2);
+  ASSERT_NE(metrics, nullptr);
+  metrics->RecordBrickRequest("a-brick", 1, absl::Milliseconds(1));
+  metrics->RecordBrickRequest("b-brick", 2, absl::Milliseconds(1));
+  metrics->RecordBrickRequest("c-brick", 4, absl::Milliseconds(1));
+  metrics->RecordBrickRequest("d-brick", 8, absl::Milliseconds(1));
+  metrics->RecordBrickRequest("a-brick", 16, absl::Milliseconds(1));
+  metrics->RecordBrickRequest("b-brick", 32, absl::Milliseconds(1));
+  const std::string text = metrics->Serialize();
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="a-brick"})"), 2) << text;
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="b-brick"})"), 2);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="other"})"), 2);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="c-brick"})"), std::nullopt);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="d-brick"})"), std::nullopt);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_tokens_total{brick="a-brick"})"), 17);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_tokens_total{brick="b-brick"})"), 34);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_tokens_total{brick="other"})"), 12);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_request_duration_seconds_count{brick="other"})"), 2);
+  const std::set<std::string> expected = {"a-brick", "b-brick", "other"};
+  for (const char* family : kBrickFamilies) {
+    EXPECT_EQ(LabelValues(text, family, "brick"), expected) << family;
+  }
+}
+
+TEST(MetricsTest, BrickCapIsSharedAcrossFamilies) {
+  std::unique_ptr<Metrics> metrics = MakeMetrics("", /*brick_metrics_max=*/2);
+  ASSERT_NE(metrics, nullptr);
+  metrics->RecordBrickLoad("loaded", true, absl::Milliseconds(5));  // slot 1
+  metrics->AddBrickResident("resident", 1);                         // slot 2
+  metrics->RecordBrickRequest("requested", 3, absl::Milliseconds(1));
+  metrics->CountBrickEviction("evicted");
+  metrics->AddBrickResident("late", 1);
+  metrics->RecordBrickLoad("late", false, absl::Milliseconds(5));
+  const std::string text = metrics->Serialize();
+  EXPECT_EQ(Sample(text, R"(kiln_brick_loads_total{brick="loaded",result="ok"})"), 1) << text;
+  EXPECT_EQ(Sample(text, R"(kiln_brick_resident{brick="resident"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="loaded"})"), 0);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="other"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_tokens_total{brick="other"})"), 3);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_evictions_total{brick="other"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_resident{brick="other"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_loads_total{brick="other",result="error"})"), 1);
+  const std::set<std::string> expected = {"loaded", "resident", "other"};
+  for (const char* family : kBrickFamilies) {
+    EXPECT_EQ(LabelValues(text, family, "brick"), expected) << family;
+  }
+}
+
+TEST(MetricsTest, BrickNamedOtherSharesTheOverflowSeriesAndTakesNoSlot) {
+  std::unique_ptr<Metrics> metrics = MakeMetrics("", /*brick_metrics_max=*/2);
+  ASSERT_NE(metrics, nullptr);
+  metrics->RecordBrickRequest("other", 1, absl::Milliseconds(1));
+  metrics->RecordBrickRequest("a-brick", 1, absl::Milliseconds(1));
+  metrics->RecordBrickRequest("b-brick", 1, absl::Milliseconds(1));
+  metrics->RecordBrickRequest("c-brick", 1, absl::Milliseconds(1));
+  const std::string text = metrics->Serialize();
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="other"})"), 2) << text;
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="a-brick"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="b-brick"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="c-brick"})"), std::nullopt);
+}
+
+TEST(MetricsTest, InvalidBrickIdsFoldIntoOtherAndTakeNoSlot) {
+  std::unique_ptr<Metrics> metrics = MakeMetrics("", /*brick_metrics_max=*/3);
+  ASSERT_NE(metrics, nullptr);
+  const std::string too_long(65, 'a');
+  for (absl::string_view bad :
+       {absl::string_view(""), absl::string_view("Py-Docstring"), absl::string_view("../etc"),
+        absl::string_view("-lead"), absl::string_view(".lead"), absl::string_view("has space"),
+        absl::string_view("quo\"te"), absl::string_view("new\nline"),
+        absl::string_view(too_long)}) {
+    metrics->RecordBrickRequest(bad, 1, absl::Milliseconds(1));
+  }
+  const std::string longest(64, 'z');
+  metrics->RecordBrickRequest("0.9_x-y", 1, absl::Milliseconds(1));
+  metrics->RecordBrickRequest(longest, 1, absl::Milliseconds(1));
+  metrics->RecordBrickRequest("a", 1, absl::Milliseconds(1));
+  const std::string text = metrics->Serialize();
+  EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="other"})"), 9) << text;
+  EXPECT_EQ(LabelValues(text, "kiln_brick_requests_total", "brick"),
+            (std::set<std::string>{"0.9_x-y", longest, "a", "other"}));
+}
+
+TEST(MetricsTest, ZeroOrNegativeCapRecordsEveryBrickAsOther) {
+  for (int max : {0, -5}) {
+    std::unique_ptr<Metrics> metrics = MakeMetrics("", max);
+    ASSERT_NE(metrics, nullptr);
+    metrics->RecordBrickRequest("a-brick", 1, absl::Milliseconds(1));
+    metrics->AddBrickResident("b-brick", 1);
+    const std::string text = metrics->Serialize();
+    EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="other"})"), 1) << max << text;
+    EXPECT_EQ(Sample(text, R"(kiln_brick_resident{brick="other"})"), 1) << max;
+    for (const char* family : kBrickFamilies) {
+      EXPECT_EQ(LabelValues(text, family, "brick"), std::set<std::string>{"other"})
+          << max << " " << family;
+    }
+  }
+}
+
+TEST(MetricsTest, ConcurrentBrickRecordingHoldsTheCapAndLosesNothing) {
+  constexpr int kMax = 5;
+  std::unique_ptr<Metrics> metrics = MakeMetrics("", kMax);
+  ASSERT_NE(metrics, nullptr);
+  constexpr int kThreads = 4;
+  constexpr int kPerThread = 2000;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&metrics, t] {
+      for (int i = 0; i < kPerThread; ++i) {
+        const std::string brick = absl::StrCat("brick-", (i * 7 + t) % 12);
+        metrics->RecordBrickRequest(brick, 2, absl::Microseconds(i));
+        metrics->AddBrickResident(brick, 1);
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  const std::string text = metrics->Serialize();
+  const std::set<std::string> bricks = LabelValues(text, "kiln_brick_requests_total", "brick");
+  EXPECT_EQ(bricks.size(), kMax + 1) << text;
+  EXPECT_TRUE(bricks.contains("other"));
+  EXPECT_EQ(LabelValues(text, "kiln_brick_resident", "brick"), bricks);
+  double requests = 0, tokens = 0, resident = 0;
+  for (const std::string& brick : bricks) {
+    const std::string labels = absl::StrCat(R"({brick=")", brick, R"("})");
+    requests += Sample(text, absl::StrCat("kiln_brick_requests_total", labels)).value_or(0);
+    tokens += Sample(text, absl::StrCat("kiln_brick_tokens_total", labels)).value_or(0);
+    resident += Sample(text, absl::StrCat("kiln_brick_resident", labels)).value_or(0);
+  }
+  EXPECT_EQ(requests, kThreads * kPerThread);
+  EXPECT_EQ(tokens, 2 * kThreads * kPerThread);
+  EXPECT_EQ(resident, kThreads * kPerThread);
+}
+
+// Every family, brick overflow included, as one exposition.
+std::string FullExposition() {
+  std::unique_ptr<Metrics> metrics = MakeMetrics("", /*brick_metrics_max=*/1);
+  if (metrics == nullptr) return "";
+  metrics->RecordRequest(kRpcEmbed, grpc::StatusCode::INVALID_ARGUMENT, absl::Milliseconds(2));
+  metrics->ObserveQueueTime(absl::Milliseconds(1));
+  metrics->ObserveBatch(4, 64);
+  metrics->ObserveForward(absl::Milliseconds(3));
+  metrics->CountExit(6);
+  metrics->ObserveInputTokens(16);
+  metrics->CountTruncated(1);
+  RecordEveryBrickFamily(*metrics);
+  metrics->RecordBrickRequest("sql-schema", 7, absl::Milliseconds(2));  // past the cap
+  metrics->RecordBrickLoad("sql-schema", false, absl::Milliseconds(2));
+  metrics->RecordBrickRequest("quo\"te\\", 1, absl::Milliseconds(1));  // invalid: "other"
+  return metrics->Serialize();
+}
+
+TEST(MetricsTest, OutputIsValidExpositionText) {
+  const std::string text = FullExposition();
+  ASSERT_THAT(text, HasSubstr(R"(kiln_brick_requests_total{brick="other"} 2)"));
+  EXPECT_EQ(ExpositionError(text), "") << text;
+  // The checker itself catches what it claims to.
+  EXPECT_THAT(ExpositionError(text + "kiln_undeclared 1\n"), HasSubstr("no TYPE"));
+  EXPECT_THAT(ExpositionError(text + "kiln_brick_resident{brick=\"other\"} 0\n"),
+              HasSubstr("series twice"));
+  EXPECT_THAT(ExpositionError(text + "kiln_brick_resident{brick=\"a\\q\"} 0\n"),
+              HasSubstr("bad escape"));
+  EXPECT_THAT(ExpositionError(text + "kiln_brick_load_duration_seconds{result=\"ok\"} 0\n"),
+              HasSubstr("bare histogram"));
+}
+
+// `promtool check metrics` (Debian's prometheus package; tests/e2e installs
+// it) lints the text the way Prometheus' own tooling does. Skipped where it
+// is not installed; the check above still runs there.
+TEST(MetricsTest, PromtoolAcceptsTheOutput) {
+  if (std::system("command -v promtool >/dev/null 2>&1") != 0) {
+    GTEST_SKIP() << "promtool not on PATH";
+  }
+  const std::string text = FullExposition();
+  ASSERT_FALSE(text.empty());
+  const std::string path = absl::StrCat(::testing::TempDir(), "/kiln_metrics_promtool.txt");
+  {
+    std::ofstream out(path);
+    out << text;
+    ASSERT_TRUE(out.good()) << path;
+  }
+  const std::string command = absl::StrCat("promtool check metrics < '", path, "' 2>&1");
+  FILE* pipe = popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string output;
+  char buffer[4096];
+  size_t n;
+  while ((n = fread(buffer, 1, sizeof(buffer), pipe)) > 0) output.append(buffer, n);
+  const int status = pclose(pipe);
+  std::remove(path.c_str());
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "promtool: " << output << "\non:\n"
+                                                             << text;
+  // promtool prints lint findings (and exits 0 for some of them).
+  EXPECT_EQ(output, "") << text;
 }
 
 TEST(MetricsTest, NoEndpointWithoutListen) {
