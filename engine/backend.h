@@ -75,14 +75,24 @@ class Backend {
   virtual void Linear(const float* x, int rows, int in, const float* w, const float* bias, int out,
                       Activation act, float* y) = 0;
 
-  // The low-rank delta of one LoRA module on a segment of rows:
-  //   y[r, 0:out] += scale * (x[r] * a^T) * b^T   for r in [0, rows),
-  // x: [rows, in] (row stride in), a: [rank, in], b: [out, rank]; y has row
-  // stride ldy >= out (so a delta can land in one third of the fused QKV
-  // output). tmp: scratch of rows * rank floats. Two thin products, never
-  // the dense b * a.
-  virtual void LowRankAdd(const float* x, int rows, int in, const float* a, int rank,
-                          const float* b, int out, float scale, float* y, int ldy, float* tmp) = 0;
+  // LoRA deltas on one linear layer, for every segment of a batch at once:
+  // for each task t (in order),
+  //   y[r, 0:out] += t.scale * (x[r] * t.a^T) * t.b^T   for r in [t.row_begin, t.row_end),
+  // x: [rows, in] (row stride in), t.a: [t.rank, in], t.b: [out, t.rank]; y
+  // has row stride ldy >= out (so a delta can land in one third of the fused
+  // QKV output). Tasks on the same rows must be consecutive (one segment's
+  // bricks); tasks on different rows may run in parallel. tmp: scratch of
+  // rows * tmp_ld floats, tmp_ld >= every task's rank. Two thin products
+  // per task, never the dense b * a.
+  struct LowRankTask {
+    int row_begin = 0, row_end = 0;
+    const float* a = nullptr;
+    const float* b = nullptr;
+    int rank = 0;
+    float scale = 0.0f;
+  };
+  virtual void LowRankAdd(const float* x, int in, int out, absl::Span<const LowRankTask> tasks,
+                          float* y, int ldy, float* tmp, int tmp_ld) = 0;
 
   // y[i] = act(y[i]) for i in [0, count), in place.
   virtual void Activate(float* y, int64_t count, Activation act) = 0;

@@ -61,6 +61,16 @@ ABSL_FLAG(float, max_brick_weight, 2.0f, "serve: largest |weight| of one brick o
 ABSL_FLAG(int, brick_metrics_max, 100,
           "serve: distinct brick ids with their own metric series; later ones share "
           "brick=\"other\"");
+ABSL_FLAG(int, brick_poll_s, 0,
+          "serve: every this many seconds, load brick versions that appeared in --brick_dir and "
+          "switch new requests to them once loaded; 0 = never (use BrickAdmin.RegisterBrick)");
+ABSL_FLAG(std::string, admin_host, "127.0.0.1",
+          "serve: address of the BrickAdmin service (served only with --brick_dir); a non-loopback "
+          "address needs --admin_token_file");
+ABSL_FLAG(int, admin_port, 50052, "serve: BrickAdmin port (0 = any free port, logged)");
+ABSL_FLAG(std::string, admin_token_file, "",
+          "serve: file holding the bearer token every BrickAdmin call must send as "
+          "\"authorization: Bearer <token>\"");
 ABSL_FLAG(int, batch_lines, 0,
           "embed: lines per engine batch; 0 = 64 when stdin is a file or pipe, 1 when a terminal");
 
@@ -212,7 +222,11 @@ int main(int argc, char** argv) {
                            .preload_bricks = absl::GetFlag(FLAGS_preload_bricks),
                            .max_bricks_per_request = absl::GetFlag(FLAGS_max_bricks_per_request),
                            .max_brick_weight = absl::GetFlag(FLAGS_max_brick_weight),
-                           .brick_metrics_max = absl::GetFlag(FLAGS_brick_metrics_max)});
+                           .brick_metrics_max = absl::GetFlag(FLAGS_brick_metrics_max),
+                           .brick_poll_s = absl::GetFlag(FLAGS_brick_poll_s),
+                           .admin_host = absl::GetFlag(FLAGS_admin_host),
+                           .admin_port = absl::GetFlag(FLAGS_admin_port),
+                           .admin_token_file = absl::GetFlag(FLAGS_admin_token_file)});
   }
   if (cmd == "version") {
     std::cout << "kiln " << kiln::kVersion << "\n";

@@ -6,15 +6,23 @@
 #include <signal.h>
 
 #include <cmath>
+#include <condition_variable>
+#include <fstream>
 #include <iostream>
 #include <memory>
+#include <mutex>
+#include <sstream>
+#include <thread>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "common/logging.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/embedding_model.h"
 #include "router/brick_manager.h"
+#include "server/admin_service.h"
 #include "server/batcher.h"
 #include "server/kiln_service.h"
 #include "server/metrics.h"
@@ -25,6 +33,52 @@ namespace {
 
 constexpr int kCpuDefaultBatchTokens = 2048;
 constexpr char kServiceName[] = "kiln.v1.Kiln";
+
+bool IsLoopback(const std::string& host) {
+  return host == "localhost" || host == "::1" || host == "[::1]" || absl::StartsWith(host, "127.");
+}
+
+// The admin token: the file's content without surrounding whitespace.
+absl::StatusOr<std::string> ReadToken(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("--admin_token_file: cannot read ", path));
+  std::stringstream buffer;
+  buffer << in.rdbuf();
+  std::string token(absl::StripAsciiWhitespace(buffer.str()));
+  if (token.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("--admin_token_file: ", path, " is empty"));
+  }
+  return token;
+}
+
+// Calls BrickManager::Poll every `interval` until stopped.
+class BrickPoller {
+ public:
+  BrickPoller(BrickManager* bricks, absl::Duration interval)
+      : thread_([this, bricks, interval] {
+          std::unique_lock<std::mutex> lock(mu_);
+          while (
+              !cv_.wait_for(lock, absl::ToChronoNanoseconds(interval), [this] { return stop_; })) {
+            lock.unlock();
+            bricks->Poll();
+            lock.lock();
+          }
+        }) {}
+  ~BrickPoller() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      cv_.notify_all();
+    }
+    thread_.join();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool stop_ = false;
+  std::thread thread_;
+};
 
 absl::Status ValidateOptions(const ServeOptions& o) {
   auto port_ok = [](int p) { return p >= 0 && p <= 65535; };
@@ -57,6 +111,16 @@ absl::Status ValidateOptions(const ServeOptions& o) {
     return absl::InvalidArgumentError("--brick_metrics_max must be >= 0");
   if (o.brick_dir.empty() && !o.preload_bricks.empty()) {
     return absl::InvalidArgumentError("--preload_bricks needs --brick_dir");
+  }
+  if (o.brick_poll_s < 0) return absl::InvalidArgumentError("--brick_poll_s must be >= 0");
+  if (!port_ok(o.admin_port)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--admin_port=", o.admin_port, " is not a port"));
+  }
+  if (!o.brick_dir.empty() && o.admin_token_file.empty() && !IsLoopback(o.admin_host)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--admin_host=", o.admin_host,
+                     " is not a loopback address: BrickAdmin there needs --admin_token_file"));
   }
   return absl::OkStatus();
 }
@@ -163,6 +227,9 @@ int RunServe(const ServeOptions& options) {
   // Declared before the batcher, so it is destroyed after it: the jobs the
   // batcher still holds keep brick pins.
   std::unique_ptr<BrickManager> bricks;
+  std::unique_ptr<BrickPoller> poller;
+  std::unique_ptr<AdminService> admin;
+  std::unique_ptr<grpc::Server> admin_server;
   if (!o.brick_dir.empty()) {
     BrickCache::Hooks brick_hooks;
     brick_hooks.on_load = [m](const BrickKey& key, absl::Duration took, bool ok) {
@@ -191,6 +258,35 @@ int RunServe(const ServeOptions& options) {
       server->Shutdown();
       return 2;
     }
+    if (o.brick_poll_s > 0) {
+      poller = std::make_unique<BrickPoller>(bricks.get(), absl::Seconds(o.brick_poll_s));
+    }
+    std::string token;
+    if (!o.admin_token_file.empty()) {
+      absl::StatusOr<std::string> read = ReadToken(o.admin_token_file);
+      if (!read.ok()) {
+        std::cerr << "kiln serve: " << read.status().message() << "\n";
+        server->Shutdown();
+        return 2;
+      }
+      token = *std::move(read);
+    }
+    admin = std::make_unique<AdminService>(AdminService::Options{.token = token}, bricks.get());
+    grpc::ServerBuilder admin_builder;
+    int admin_port = 0;
+    const std::string admin_address = HostPort(o.admin_host, o.admin_port);
+    admin_builder.AddListeningPort(admin_address, grpc::InsecureServerCredentials(), &admin_port);
+    admin_builder.RegisterService(admin.get());
+    admin_builder.SetMaxReceiveMessageSize(256 << 20);  // uploaded brick files
+    admin_server = admin_builder.BuildAndStart();
+    if (admin_server == nullptr || admin_port == 0) {
+      std::cerr << "kiln serve: cannot listen on " << admin_address
+                << " for BrickAdmin (address in use or not local?)\n";
+      server->Shutdown();
+      return 1;
+    }
+    KLOG(INFO) << "BrickAdmin listening on " << HostPort(o.admin_host, admin_port)
+               << (token.empty() ? " (no token)" : " (bearer token required)");
     const std::vector<BrickStore::Entry> listed = bricks->store().List();
     KLOG(INFO) << "bricks: " << listed.size() << " in " << bricks->store().root() << ", cache "
                << o.brick_cache_bytes << " bytes, " << o.preload_bricks.size() << " preloaded";
@@ -245,6 +341,11 @@ int RunServe(const ServeOptions& options) {
   server->Shutdown(absl::ToChronoTime(std::min(deadline, absl::Now() + absl::Seconds(1)) +
                                       absl::Milliseconds(100)));
   server->Wait();
+  poller.reset();
+  if (admin_server != nullptr) {
+    admin_server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
+    admin_server->Wait();
+  }
   KLOG(INFO) << (drained ? "drained; exiting" : "drain timeout passed; exiting");
   return 0;
 }

@@ -28,6 +28,11 @@ struct ServeOptions {
   int max_bricks_per_request = 4;
   float max_brick_weight = 2.0f;
   int brick_metrics_max = 100;
+  int brick_poll_s = 0;  // 0 = never poll the store for new versions
+  // BrickAdmin (only served with a brick store).
+  std::string admin_host = "127.0.0.1";
+  int admin_port = 50052;        // 0 = any free port (logged)
+  std::string admin_token_file;  // empty = no token (loopback hosts only)
 };
 
 // Runs the server until SIGTERM or SIGINT, then drains and returns the

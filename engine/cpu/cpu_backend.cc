@@ -249,25 +249,59 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
   }
 }
 
-void CpuBackend::LowRankAdd(const float* x, int rows, int in, const float* a, int rank,
-                            const float* b, int out, float scale, float* y, int ldy, float* tmp) {
-  if (rows <= 0) return;
-  // Row blocks across threads as in Linear; each block runs both thin
-  // products on one thread (its rows of tmp are its own).
-  const int64_t macs = int64_t{rows} * rank * (in + out);
-  const bool parallel = macs >= kParallelMacs;
+void CpuBackend::LowRankAdd(const float* x, int in, int out, absl::Span<const LowRankTask> tasks,
+                            float* y, int ldy, float* tmp, int tmp_ld) {
+  if (tasks.empty()) return;
+  // Work items: a row range and the run of tasks (one segment's bricks) that
+  // share it. A segment is cut into row chunks when there are fewer
+  // segments than threads, so one big segment still uses every thread; each
+  // item runs its tasks in order on one thread (single-threaded GEMMs), and
+  // items touch disjoint rows of y and tmp.
+  struct Item {
+    int row_begin, row_end;
+    size_t first, last;  // tasks [first, last)
+  };
+  int64_t macs = 0;
+  std::vector<Item> groups;
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    const LowRankTask& task = tasks[t];
+    macs += int64_t{task.row_end - task.row_begin} * task.rank * (in + out);
+    if (!groups.empty() && groups.back().row_begin == task.row_begin &&
+        groups.back().row_end == task.row_end) {
+      groups.back().last = t + 1;
+    } else {
+      groups.push_back({task.row_begin, task.row_end, t, t + 1});
+    }
+  }
+  const bool parallel = macs >= kParallelMacs && threads_ > 1;
+  std::vector<Item> items;
+  if (!parallel || groups.size() >= static_cast<size_t>(2 * threads_)) {
+    items = std::move(groups);
+  } else {
+    for (const Item& g : groups) {
+      const int rows = g.row_end - g.row_begin;
+      const int chunk = std::max(32, (rows + threads_ - 1) / threads_);
+      for (int r = g.row_begin; r < g.row_end; r += chunk) {
+        items.push_back({r, std::min(g.row_end, r + chunk), g.first, g.last});
+      }
+    }
+  }
   SerialBlasScope serial(!parallel);
-  const int block = parallel ? std::max(32, (rows + threads_ - 1) / threads_) : rows;
-  const int blocks = (rows + block - 1) / block;
-#pragma omp parallel for schedule(static, 1) num_threads(threads_) if (parallel)
-  for (int blk = 0; blk < blocks; ++blk) {
-    const int r0 = blk * block;
-    const int n = std::min(rows, r0 + block) - r0;
-    float* t = tmp + static_cast<int64_t>(r0) * rank;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, rank, in, 1.0f,
-                x + static_cast<int64_t>(r0) * in, in, a, in, 0.0f, t, rank);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, rank, scale, t, rank, b, rank,
-                1.0f, y + static_cast<int64_t>(r0) * ldy, ldy);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_) if (parallel)
+  for (size_t i = 0; i < items.size(); ++i) {
+    const Item& item = items[i];
+    const int n = item.row_end - item.row_begin;
+    if (n <= 0) continue;
+    const float* xr = x + static_cast<int64_t>(item.row_begin) * in;
+    float* t = tmp + static_cast<int64_t>(item.row_begin) * tmp_ld;
+    float* yr = y + static_cast<int64_t>(item.row_begin) * ldy;
+    for (size_t k = item.first; k < item.last; ++k) {
+      const LowRankTask& task = tasks[k];
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, task.rank, in, 1.0f, xr, in, task.a,
+                  in, 0.0f, t, tmp_ld);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, task.rank, task.scale, t, tmp_ld,
+                  task.b, task.rank, 1.0f, yr, ldy);
+    }
   }
 }
 

@@ -37,8 +37,8 @@ class CpuBackend final : public Backend {
                     absl::Span<const int32_t> type_ids, int hidden, float* out) override;
   void Linear(const float* x, int rows, int in, const float* w, const float* bias, int out,
               Activation act, float* y) override;
-  void LowRankAdd(const float* x, int rows, int in, const float* a, int rank, const float* b,
-                  int out, float scale, float* y, int ldy, float* tmp) override;
+  void LowRankAdd(const float* x, int in, int out, absl::Span<const LowRankTask> tasks, float* y,
+                  int ldy, float* tmp, int tmp_ld) override;
   void Activate(float* y, int64_t count, Activation act) override;
   void AddLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,
                     int rows, int cols, float eps) override;

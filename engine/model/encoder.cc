@@ -115,6 +115,8 @@ void Encoder::ApplyLora(int layer, LoraTarget target, const float* x, float* y, 
                         absl::Span<const Segment> segments, absl::Span<const int32_t> starts,
                         int live_rows, absl::Span<const LoraPlan> plans) {
   const int in = LoraTargetIn(config_, target), out = LoraTargetOut(config_, target);
+  std::vector<Backend::LowRankTask>& tasks = lora_tasks_;
+  tasks.clear();
   for (const Segment& seg : segments) {
     if (seg.plan < 0) continue;
     const int r0 = starts[seg.first];
@@ -123,11 +125,15 @@ void Encoder::ApplyLora(int layer, LoraTarget target, const float* x, float* y, 
     for (const LoraTerm& term : plans[seg.plan]) {
       const LoraAdapter::Module* m = term.adapter->module(layer, target);
       if (m == nullptr || term.weight == 0.0f) continue;
-      backend_->LowRankAdd(x + static_cast<int64_t>(r0) * in, r1 - r0, in, m->a.get(), m->rank,
-                           m->b.get(), out, term.weight * m->scale,
-                           y + static_cast<int64_t>(r0) * ldy, ldy, ws_.lora_tmp.get());
+      tasks.push_back({.row_begin = r0,
+                       .row_end = r1,
+                       .a = m->a.get(),
+                       .b = m->b.get(),
+                       .rank = m->rank,
+                       .scale = term.weight * m->scale});
     }
   }
+  backend_->LowRankAdd(x, in, out, tasks, y, ldy, ws_.lora_tmp.get(), lora_tmp_ld_);
 }
 
 bool Encoder::AnyLora(int layer, LoraTarget target, absl::Span<const Segment> segments,
@@ -231,6 +237,7 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out,
   RETURN_IF_ERROR(EnsureWorkspace(total));
   if (any_lora) {
     const size_t need = static_cast<size_t>(total) * static_cast<size_t>(max_rank);
+    lora_tmp_ld_ = max_rank;
     if (ws_.lora_capacity < need) {
       ASSIGN_OR_RETURN(ws_.lora_tmp, backend_->Allocate(need));
       ws_.lora_capacity = need;

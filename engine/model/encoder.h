@@ -107,6 +107,8 @@ class Encoder {
   DeviceArray word_emb_, pos_emb_, type_emb_, emb_ln_g_, emb_ln_b_;
   std::vector<Layer> layers_;
   Workspace ws_;
+  int lora_tmp_ld_ = 0;                           // row stride of ws_.lora_tmp in this Forward
+  std::vector<Backend::LowRankTask> lora_tasks_;  // ApplyLora's scratch
 };
 
 }  // namespace kiln

@@ -21,48 +21,6 @@ namespace {
 namespace fs = std::filesystem;
 using ::testing::HasSubstr;
 
-const std::string kTestdata = std::string(KILN_SOURCE_DIR) + "/tests/router/testdata";
-
-nlohmann::json Fixture() {
-  std::ifstream in(kTestdata + "/brick_embeddings.json");
-  EXPECT_TRUE(in) << "missing brick_embeddings.json";
-  return nlohmann::json::parse(in);
-}
-
-// A fresh brick root under the test's temp dir.
-std::string NewRoot(const std::string& name) {
-  const fs::path root = fs::path(::testing::TempDir()) / ("kiln_bricks_" + name);
-  fs::remove_all(root);
-  fs::create_directories(root);
-  return root.string();
-}
-
-// Copies fixture brick `from` (fx-a / fx-b, version 1) to <root>/<id>/<version>,
-// rewriting the manifest's id and version (and, if given, its fingerprint).
-void CopyBrick(const std::string& from, const std::string& root, const std::string& id, int version,
-               const std::string& fingerprint = "") {
-  const fs::path dst = fs::path(root) / id / std::to_string(version);
-  fs::create_directories(dst);
-  const fs::path src = fs::path(kTestdata) / "bricks" / from / "1";
-  fs::copy_file(src / "adapter_config.json", dst / "adapter_config.json");
-  fs::copy_file(src / "adapter_model.safetensors", dst / "adapter_model.safetensors");
-  std::ifstream in(src / "brick.json");
-  nlohmann::json manifest = nlohmann::json::parse(in);
-  manifest["id"] = id;
-  manifest["version"] = version;
-  if (!fingerprint.empty()) manifest["base_model"]["fingerprint"] = fingerprint;
-  std::ofstream(dst / "brick.json") << manifest.dump(2);
-}
-
-v1::BrickRef* AddBrick(EmbedRequest& req, const std::string& id, uint32_t version = 0,
-                       std::optional<float> weight = std::nullopt) {
-  v1::BrickRef* b = req.add_bricks();
-  b->set_id(id);
-  b->set_version(version);
-  if (weight.has_value()) b->set_weight(*weight);
-  return b;
-}
-
 class KilnServiceBricksTest : public KilnServiceTest {
  protected:
   void StartWith(const std::string& root, int64_t cache_bytes = int64_t{64} << 20,

@@ -95,33 +95,55 @@ TEST_P(BackendOpsTest, LinearWithZeroRowsIsANoOp) {
   EXPECT_EQ(Down(dy, 1)[0], 7.0f);
 }
 
-TEST_P(BackendOpsTest, LowRankAddAccumulatesIntoAStridedSlice) {
-  // y has row stride ldy > out (a third of a fused QKV row); the columns
-  // outside [col, col + out) must stay as they were.
+TEST_P(BackendOpsTest, LowRankAddAppliesEverySegmentsTasks) {
+  // Segments of rows, each with its own tasks (two bricks on one, none on
+  // another); y has row stride ldy > out (a third of a fused QKV row) and
+  // the columns outside [col, col + out) must stay as they were. A small
+  // batch (serial) and one above the parallel threshold, where one big
+  // segment is split across threads.
   struct Shape {
-    int rows, in, rank, out;
+    int rows, in, out;
+    std::vector<std::pair<int, int>> segments;  // row ranges with tasks
   };
-  for (const Shape& shape : {Shape{5, 24, 3, 16}, Shape{300, 384, 16, 384}}) {
-    const int rows = shape.rows, in = shape.in, rank = shape.rank, out = shape.out;
-    const int ldy = 3 * out, col = out;
-    const float scale = -0.75f;
-    const auto x = RandomVector(rows * in, 21), a = RandomVector(rank * in, 22, 0.3f),
-               b = RandomVector(out * rank, 23, 0.3f), y0 = RandomVector(rows * ldy, 24);
+  for (const Shape& shape : {Shape{9, 24, 16, {{0, 4}, {6, 9}}},
+                             Shape{600, 384, 384, {{0, 500}, {500, 520}, {540, 600}}}}) {
+    const int rows = shape.rows, in = shape.in, out = shape.out;
+    const int ldy = 3 * out, col = out, max_rank = 5;
+    const auto x = RandomVector(rows * in, 21), y0 = RandomVector(rows * ldy, 24);
     std::vector<float> want = y0;
-    for (int r = 0; r < rows; ++r) {
-      for (int o = 0; o < out; ++o) {
-        double acc = 0;
-        for (int k = 0; k < rank; ++k) {
-          double t = 0;
-          for (int i = 0; i < in; ++i) t += double(x[r * in + i]) * a[k * in + i];
-          acc += t * b[o * rank + k];
+    std::vector<std::vector<float>> as, bs;
+    std::vector<Backend::LowRankTask> tasks;
+    std::vector<DeviceArray> device;
+    uint32_t seed = 30;
+    for (const auto& [r0, r1] : shape.segments) {
+      for (int term = 0; term < (r0 == 0 ? 2 : 1); ++term) {
+        const int rank = term == 0 ? max_rank : 2;
+        const float scale = term == 0 ? -0.75f : 1.5f;
+        const auto a = RandomVector(rank * in, seed++, 0.3f),
+                   b = RandomVector(out * rank, seed++, 0.3f);
+        for (int r = r0; r < r1; ++r) {
+          for (int o = 0; o < out; ++o) {
+            double acc = 0;
+            for (int k = 0; k < rank; ++k) {
+              double t = 0;
+              for (int i = 0; i < in; ++i) t += double(x[r * in + i]) * a[k * in + i];
+              acc += t * b[o * rank + k];
+            }
+            want[r * ldy + col + o] += static_cast<float>(scale * acc);
+          }
         }
-        want[r * ldy + col + o] += static_cast<float>(scale * acc);
+        device.push_back(Up(a));
+        device.push_back(Up(b));
+        tasks.push_back({.row_begin = r0,
+                         .row_end = r1,
+                         .a = device[device.size() - 2].get(),
+                         .b = device.back().get(),
+                         .rank = rank,
+                         .scale = scale});
       }
     }
-    auto dx = Up(x), da = Up(a), db = Up(b), dy = Up(y0), tmp = Zeros(rows * rank);
-    backend_->LowRankAdd(dx.get(), rows, in, da.get(), rank, db.get(), out, scale, dy.get() + col,
-                         ldy, tmp.get());
+    auto dx = Up(x), dy = Up(y0), tmp = Zeros(rows * max_rank);
+    backend_->LowRankAdd(dx.get(), in, out, tasks, dy.get() + col, ldy, tmp.get(), max_rank);
     ExpectNear(Down(dy, rows * ldy), want, 2e-5f);
   }
 }
