@@ -307,8 +307,18 @@ void CpuBackend::LowRankAdd(const float* x, int in, int out, absl::Span<const Lo
 
 void CpuBackend::Activate(float* y, int64_t count, Activation act) {
   if (act != Activation::kGelu) return;
-#pragma omp parallel for simd schedule(static) num_threads(threads_) if (count > kParallelElements)
-  for (int64_t i = 0; i < count; ++i) y[i] = cpu::GeluErf(y[i]);
+  // Chunks across threads, each an `omp simd` loop (as in Linear): a
+  // combined `parallel for simd` left GeluErf scalar and cost 8% of a
+  // forward pass with bricks.
+  constexpr int64_t kChunk = int64_t{1} << 16;
+  const int64_t chunks = (count + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) num_threads(threads_) if (count > kParallelElements)
+  for (int64_t c = 0; c < chunks; ++c) {
+    float* p = y + c * kChunk;
+    const int64_t n = std::min(kChunk, count - c * kChunk);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) p[i] = cpu::GeluErf(p[i]);
+  }
 }
 
 void CpuBackend::AddLayerNorm(float* x, const float* residual, const float* gamma,

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -136,6 +137,9 @@ class KilnServer:
             "threads": 2,
             "drain_timeout_s": 20,
         }
+        if "brick_dir" in flags:
+            # BrickAdmin's default port (50052) would collide between servers.
+            self.flags["admin_port"] = 0
         self.flags.update(flags)
         self.args = [kiln_binary(), "serve"] + [f"--{k}={v}" for k, v in self.flags.items()]
         self.log_path = Path(log_path)
@@ -149,6 +153,8 @@ class KilnServer:
         self.stub = pb_grpc.KilnStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.exit_code: int | None = None
+        self._admin_channel: grpc.Channel | None = None
+        self._admin_stub = None
 
     # -- state
     def alive(self) -> bool:
@@ -193,6 +199,31 @@ class KilnServer:
         raise AssertionError(f"kiln serve not SERVING after {timeout}s (last: {last}): "
                              f"{self.describe()}")
 
+    # -- BrickAdmin
+    def admin_target(self, timeout: float = 30.0) -> str:
+        """host:port of BrickAdmin, read from the log line "BrickAdmin listening
+        on HOST:PORT" (so --admin_port=0 works). Needs --brick_dir."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = _ADMIN_LISTENING.search(self.log_tail(100000))
+            if m:
+                host, port = m.group(1), int(m.group(2))
+                if host in ("0.0.0.0", "::", "[::]"):
+                    host = "127.0.0.1"
+                return f"{host}:{port}"
+            if not self.alive() or time.monotonic() > deadline:
+                raise AssertionError(f"no \"BrickAdmin listening on\" line in the log: "
+                                     f"{self.describe()}")
+            time.sleep(0.05)
+
+    @property
+    def admin(self):
+        """A BrickAdminStub on its own channel (created on first use)."""
+        if self._admin_stub is None:
+            self._admin_channel = channel(self.admin_target())
+            self._admin_stub = pb_grpc.BrickAdminStub(self._admin_channel)
+        return self._admin_stub
+
     # -- stopping
     def signal(self, sig=signal.SIGTERM) -> None:
         if self.alive():
@@ -211,6 +242,8 @@ class KilnServer:
         # answer the server's graceful-GOAWAY ping, which holds the server's
         # exit until its drain deadline.
         self.channel.close()
+        if self._admin_channel is not None:
+            self._admin_channel.close()
         if self.alive():
             self.proc.send_signal(signal.SIGTERM)
             if self.wait_exit(timeout) is None:
@@ -232,6 +265,9 @@ class KilnServer:
         assert len(resp.embeddings) == 1
         assert len(resp.embeddings[0].values) == DIM
         assert self.alive()
+
+
+_ADMIN_LISTENING = re.compile(r"BrickAdmin listening on (\[[^\]]*\]|[^\s:]+):(\d+)")
 
 
 def http_get(url: str, timeout: float = 10.0) -> bytes:
@@ -349,3 +385,131 @@ def parse_metrics(text: str):
         labels = dict(_LABEL.findall(m.group(3) or ""))
         samples.append((m.group(1), labels, float(m.group(4))))
     return samples, types
+
+
+# --- bricks --------------------------------------------------------------------------
+
+# PEFT-made LoRA fixtures for the default model (docs/BRICKS.md layout).
+FIXTURE_BRICKS = REPO / "tests" / "router" / "testdata" / "bricks"
+FX_A = FIXTURE_BRICKS / "fx-a" / "1"
+FX_B = FIXTURE_BRICKS / "fx-b" / "1"
+BRICK_FILES = ("adapter_config.json", "adapter_model.safetensors", "brick.json")
+
+
+def write_brick(dest: Path, source: Path, brick_id: str, version: int,
+                manifest: dict | None = None) -> Path:
+    """Copies the brick folder `source` to `dest` (created; need not be inside
+    a brick root), with brick.json's id and version set to `brick_id` /
+    `version` and `manifest` merged over it. brick.json is written last, as a
+    publisher must (docs/BRICKS.md)."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in BRICK_FILES[:2]:
+        shutil.copyfile(source / name, dest / name)
+    m = json.loads((source / "brick.json").read_text())
+    m["id"], m["version"] = brick_id, version
+    m.update(manifest or {})
+    (dest / "brick.json").write_text(json.dumps(m, indent=2))
+    return dest
+
+
+def add_brick(root: Path, source: Path, brick_id: str, version: int = 1,
+              manifest: dict | None = None) -> Path:
+    """write_brick into <root>/<id>/<version>/."""
+    return write_brick(Path(root) / brick_id / str(version), source, brick_id, version, manifest)
+
+
+def brick_files(source: Path, manifest: dict | None = None):
+    """pb.BrickFiles with the three files of `source` (for RegisterBrick);
+    `manifest` is merged over its brick.json."""
+    m = json.loads((Path(source) / "brick.json").read_text())
+    m.update(manifest or {})
+    return pb.BrickFiles(
+        adapter_config_json=(Path(source) / "adapter_config.json").read_bytes(),
+        adapter_model_safetensors=(Path(source) / "adapter_model.safetensors").read_bytes(),
+        brick_json=json.dumps(m).encode())
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    """BrickAdmin call metadata for --admin_token_file's token."""
+    return [("authorization", f"Bearer {token}")]
+
+
+# --- a real Prometheus server ------------------------------------------------------------
+
+class Prometheus:
+    """Debian's `prometheus` scraping `targets` (host:port of /metrics pages)
+    every second, on a free loopback port, with its data in `workdir`. A
+    context manager: the process is stopped on exit."""
+
+    def __init__(self, workdir: Path, targets: list[str], job: str = "kiln"):
+        binary = shutil.which("prometheus")
+        assert binary, "prometheus not on PATH (run_e2e.sh installs Debian's prometheus package)"
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.web_port,) = free_ports(1)
+        config = self.workdir / "prometheus.yml"
+        listed = ", ".join(f"'{t}'" for t in targets)
+        config.write_text(f"""\
+global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: {job}
+    static_configs:
+      - targets: [{listed}]
+""")
+        self.log_path = self.workdir / "prometheus.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+             f"--web.listen-address=127.0.0.1:{self.web_port}", "--log.level=warn"],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.workdir)
+        self.api = f"http://127.0.0.1:{self.web_port}/api/v1"
+
+    def __enter__(self) -> "Prometheus":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+    def query(self, expr: str) -> list[dict]:
+        """The instant query's result vector (raises OSError while not up)."""
+        q = urllib.parse.urlencode({"query": expr})
+        answer = json.loads(http_get(f"{self.api}/query?{q}", timeout=5))
+        assert answer.get("status") == "success", f"query {expr!r}: {answer}"
+        return answer["data"]["result"]
+
+    def wait_for(self, expr: str, timeout: float = 60.0) -> list[dict]:
+        """Polls `expr` until its result is non-empty; fails after `timeout`."""
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (
+                f"prometheus exited {self.proc.returncode}: "
+                f"{self.log_path.read_text(errors='replace')[-3000:]}")
+            try:
+                result = self.query(expr)
+                if result:
+                    return result
+                last = result
+            except OSError as e:  # not listening yet
+                last = repr(e)
+            time.sleep(0.5)
+        raise AssertionError(f"no result for {expr!r} from Prometheus after {timeout} s; "
+                             f"last answer: {last}")
+
+    def targets(self) -> list[dict]:
+        return json.loads(http_get(f"{self.api}/targets", timeout=5))["data"]["activeTargets"]
