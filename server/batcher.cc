@@ -65,6 +65,14 @@ Batcher::~Batcher() {
 }
 
 absl::Status Batcher::Enqueue(std::unique_ptr<EmbedJob> job) {
+  return EnqueueImpl(std::move(job), /*admitted=*/false);
+}
+
+absl::Status Batcher::EnqueueAdmitted(std::unique_ptr<EmbedJob> job) {
+  return EnqueueImpl(std::move(job), /*admitted=*/true);
+}
+
+absl::Status Batcher::EnqueueImpl(std::unique_ptr<EmbedJob> job, bool admitted) {
   if (job == nullptr) return absl::InvalidArgumentError("Batcher::Enqueue: job is null");
   if (!job->done) return absl::InvalidArgumentError("Batcher::Enqueue: job has no done callback");
   if (job->inputs.empty()) return absl::InvalidArgumentError("Batcher::Enqueue: job has no inputs");
@@ -79,7 +87,9 @@ absl::Status Batcher::Enqueue(std::unique_ptr<EmbedJob> job) {
   job->tokens = tokens;
 
   std::unique_lock<std::mutex> lock(mu_);
-  if (draining_ || stopping_) return absl::UnavailableError("server is draining");
+  if ((draining_ && !admitted) || stopping_) {
+    return absl::UnavailableError("server is draining");
+  }
   if (queue_.size() >= static_cast<size_t>(options_.max_queue_requests)) {
     return absl::ResourceExhaustedError(
         absl::StrCat("queue is full: ", queue_.size(), " requests waiting (--max_queue_requests)"));

@@ -111,6 +111,11 @@ class Batcher {
   //  - RESOURCE_EXHAUSTED "queue is full: N requests waiting
   //    (--max_queue_requests)" when N = max_queue_requests jobs are queued.
   absl::Status Enqueue(std::unique_ptr<EmbedJob> job);
+  // As Enqueue, for a job the front end admitted before Drain began (one that
+  // waited for its bricks to load): accepted while draining, so that Drain,
+  // called once every admitted job has been handed over, finishes it too.
+  // Still UNAVAILABLE once the Batcher is being destroyed.
+  absl::Status EnqueueAdmitted(std::unique_ptr<EmbedJob> job);
 
   // Any thread, once; blocks. Stops accepting (Enqueue answers UNAVAILABLE
   // from now on), then waits for every queued and in-flight job to finish;
@@ -146,6 +151,7 @@ class Batcher {
 
   Batcher(const Options& options, EmbeddingModel* model, Hooks hooks);
 
+  absl::Status EnqueueImpl(std::unique_ptr<EmbedJob> job, bool admitted);
   void BatcherLoop();
   // Batcher thread: carries out `decision` on the queue and slot. False if it
   // asked for nothing (no drop, no batch).

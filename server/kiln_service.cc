@@ -155,9 +155,41 @@ absl::StatusOr<Encoding> KilnService::TokenizeInput(const std::string& instructi
   return enc;
 }
 
+// Counts one admitted Embed until it has been handed to the batcher (or
+// failed): held by SubmitEmbed and, while its bricks load, by the callback.
+class KilnService::AdmittedTicket {
+ public:
+  explicit AdmittedTicket(KilnService* service) : service_(service) {
+    std::lock_guard<std::mutex> lock(service_->admitted_mu_);
+    ++service_->admitted_pending_;
+  }
+  ~AdmittedTicket() {
+    std::lock_guard<std::mutex> lock(service_->admitted_mu_);
+    if (--service_->admitted_pending_ == 0) service_->admitted_cv_.notify_all();
+  }
+  AdmittedTicket(const AdmittedTicket&) = delete;
+  AdmittedTicket& operator=(const AdmittedTicket&) = delete;
+
+ private:
+  KilnService* service_;
+};
+
+bool KilnService::WaitForAdmitted(absl::Time deadline) {
+  std::unique_lock<std::mutex> lock(admitted_mu_);
+  while (admitted_pending_ > 0) {
+    const absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) return false;
+    admitted_cv_.wait_for(lock, absl::ToChronoNanoseconds(std::min(left, absl::Seconds(1))));
+  }
+  return true;
+}
+
 void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedRequest& request,
                               const std::string& request_id,
                               std::function<void(absl::StatusOr<EmbedResponse>)> done) {
+  // Taken before the availability check, so a drain that starts meanwhile
+  // either turns this request away or waits for it.
+  auto ticket = std::make_shared<AdmittedTicket>(this);
   if (absl::Status st = CheckAvailable(); !st.ok()) return done(st);
   const int n = request.inputs_size();
   if (n == 0) return done(absl::InvalidArgumentError("inputs: at least one input is required"));
@@ -266,7 +298,9 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
     (*shared_done)(std::move(response));
   };
   if (bricks.empty()) {
-    if (absl::Status st = batcher_->Enqueue(std::move(job)); !st.ok()) (*shared_done)(st);
+    if (absl::Status st = batcher_->EnqueueAdmitted(std::move(job)); !st.ok()) {
+      (*shared_done)(st);
+    }
     return;
   }
   // The job enters the queue once its bricks are resident and pinned: at
@@ -274,14 +308,20 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
   // finish. Requests that need other bricks are not held up meanwhile.
   std::shared_ptr<EmbedJob> pending(std::move(job));
   Batcher* batcher = batcher_;
-  bricks_->Acquire(std::move(bricks), [pending, batcher](absl::StatusOr<BrickManager::Held> held) {
-    if (!held.ok()) return pending->done(held.status());
-    auto job = std::make_unique<EmbedJob>(std::move(*pending));
-    job->plan = std::move(held->plan);
-    job->bricks_hold = std::move(held->hold);
-    auto done = job->done;
-    if (absl::Status st = batcher->Enqueue(std::move(job)); !st.ok()) done(st);
-  });
+  bricks_->Acquire(std::move(bricks),
+                   [pending, batcher, ticket](absl::StatusOr<BrickManager::Held> held) mutable {
+                     if (!held.ok()) {
+                       pending->done(held.status());
+                     } else {
+                       auto job = std::make_unique<EmbedJob>(std::move(*pending));
+                       job->plan = std::move(held->plan);
+                       job->bricks_hold = std::move(held->hold);
+                       auto done = job->done;
+                       if (absl::Status st = batcher->EnqueueAdmitted(std::move(job)); !st.ok())
+                         done(st);
+                     }
+                     ticket.reset();  // handed over: a drain may proceed
+                   });
 }
 
 grpc::ServerUnaryReactor* KilnService::Embed(grpc::CallbackServerContext* ctx,

@@ -11,6 +11,8 @@
 #define KILN_SERVER_KILN_SERVICE_H_
 
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <string>
 
 #include "engine/model/embedding_model.h"
@@ -40,6 +42,11 @@ class KilnService final : public kiln::v1::Kiln::CallbackService {
   void Attach(EmbeddingModel* model, Batcher* batcher, BrickManager* bricks = nullptr);
   void SetReady(bool ready) { ready_.store(ready, std::memory_order_release); }
   void StartDraining() { draining_.store(true, std::memory_order_release); }
+  // After StartDraining: waits until every Embed admitted before it has been
+  // handed to the batcher (or failed) — requests still inside SubmitEmbed or
+  // waiting for their bricks to load — or until `deadline`. True if none is
+  // left. Call before Batcher::Drain, so the drain covers them.
+  bool WaitForAdmitted(absl::Time deadline);
   // When the last RPC of any kind arrived (for the drain's quiet period).
   absl::Time last_arrival() const {
     return absl::FromUnixNanos(last_arrival_ns_.load(std::memory_order_relaxed));
@@ -80,6 +87,11 @@ class KilnService final : public kiln::v1::Kiln::CallbackService {
   EmbeddingModel* model_ = nullptr;
   Batcher* batcher_ = nullptr;
   BrickManager* bricks_ = nullptr;
+  // Embeds admitted (past CheckAvailable) and not yet handed to the batcher.
+  class AdmittedTicket;
+  std::mutex admitted_mu_;
+  std::condition_variable admitted_cv_;
+  int64_t admitted_pending_ = 0;
   std::atomic<bool> ready_{false};
   std::atomic<bool> draining_{false};
   mutable std::atomic<int64_t> last_arrival_ns_{0};  // written by const CheckAvailable

@@ -327,6 +327,11 @@ int RunServe(const ServeOptions& options) {
   SetHealth(server.get(), false);
   m->SetReady(false);
   service.StartDraining();
+  // Requests admitted before the drain but still waiting for their bricks to
+  // load enter the queue first, so the drain below finishes them too.
+  if (!service.WaitForAdmitted(deadline)) {
+    KLOG(WARNING) << "drain deadline passed with requests still waiting for their bricks";
+  }
   const bool drained = (*batcher)->Drain(deadline);
   // Quiet period: until no RPC has arrived for kQuietPeriod (or the deadline),
   // late callers still get UNAVAILABLE "draining" from the service — once
