@@ -41,6 +41,28 @@ struct DeviceDeleter {
 // Owning device array of floats.
 using DeviceArray = std::unique_ptr<float[], DeviceDeleter>;
 
+// LoRA deltas a Linear adds before its activation, one task per (segment,
+// brick): for each task t,
+//   y[r, t.col : t.col + t.cols] += t.scale * (x[r] * t.a^T) * t.b^T
+// for r in [t.row_begin, t.row_end), with t.a: [t.rank, in] and t.b:
+// [t.cols, t.rank] (x, in and y's row stride `out` are the Linear's; `col`
+// lets a delta land in one third of the fused QKV output). Two thin
+// products per task, never the dense b * a. tmp: scratch of rows * tmp_ld
+// floats, tmp_ld >= every task's rank.
+struct LowRankTask {
+  int row_begin = 0, row_end = 0;
+  int col = 0, cols = 0;
+  const float* a = nullptr;
+  const float* b = nullptr;
+  int rank = 0;
+  float scale = 0.0f;
+};
+struct LowRankDeltas {
+  absl::Span<const LowRankTask> tasks;
+  float* tmp = nullptr;
+  int tmp_ld = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -70,32 +92,12 @@ class Backend {
                             absl::Span<const int32_t> ids, absl::Span<const int32_t> positions,
                             absl::Span<const int32_t> type_ids, int hidden, float* out) = 0;
 
-  // y[rows, out] = act(x[rows, in] * w[out, in]^T + bias[out]). `w` is laid out
-  // as PyTorch's nn.Linear stores it; `bias` may be null. `y` must not alias x.
+  // y[rows, out] = act(x[rows, in] * w[out, in]^T + bias[out] + deltas).
+  // `w` is laid out as PyTorch's nn.Linear stores it; `bias` may be null; `y`
+  // must not alias x. The deltas (see LowRankDeltas) are added to each block
+  // of rows right after its GEMM, on the same thread, before the activation.
   virtual void Linear(const float* x, int rows, int in, const float* w, const float* bias, int out,
-                      Activation act, float* y) = 0;
-
-  // LoRA deltas on one linear layer, for every segment of a batch at once:
-  // for each task t (in order),
-  //   y[r, 0:out] += t.scale * (x[r] * t.a^T) * t.b^T   for r in [t.row_begin, t.row_end),
-  // x: [rows, in] (row stride in), t.a: [t.rank, in], t.b: [out, t.rank]; y
-  // has row stride ldy >= out (so a delta can land in one third of the fused
-  // QKV output). Tasks on the same rows must be consecutive (one segment's
-  // bricks); tasks on different rows may run in parallel. tmp: scratch of
-  // rows * tmp_ld floats, tmp_ld >= every task's rank. Two thin products
-  // per task, never the dense b * a.
-  struct LowRankTask {
-    int row_begin = 0, row_end = 0;
-    const float* a = nullptr;
-    const float* b = nullptr;
-    int rank = 0;
-    float scale = 0.0f;
-  };
-  virtual void LowRankAdd(const float* x, int in, int out, absl::Span<const LowRankTask> tasks,
-                          float* y, int ldy, float* tmp, int tmp_ld) = 0;
-
-  // y[i] = act(y[i]) for i in [0, count), in place.
-  virtual void Activate(float* y, int64_t count, Activation act) = 0;
+                      Activation act, float* y, const LowRankDeltas& lora = {}) = 0;
 
   // x[r] = LayerNorm(x[r] + residual[r]) * gamma + beta for each of `rows`
   // rows of width `cols`, in place. `residual` may be null.

@@ -200,8 +200,27 @@ void CpuBackend::EmbeddingSum(const float* word, const float* position, const fl
   }
 }
 
+namespace {
+
+// Adds the deltas of `lora` that fall in rows [r0, r0 + n) to y (row stride
+// out), single-threaded; tmp rows [r0, r0 + n) are this call's own.
+void AddDeltas(const float* x, int in, int out, int r0, int n, const LowRankDeltas& lora,
+               float* y) {
+  for (const LowRankTask& t : lora.tasks) {
+    const int a0 = std::max(t.row_begin, r0), a1 = std::min(t.row_end, r0 + n);
+    if (a1 <= a0) continue;
+    float* tmp = lora.tmp + static_cast<int64_t>(a0) * lora.tmp_ld;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a1 - a0, t.rank, in, 1.0f,
+                x + static_cast<int64_t>(a0) * in, in, t.a, in, 0.0f, tmp, lora.tmp_ld);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, a1 - a0, t.cols, t.rank, t.scale, tmp,
+                lora.tmp_ld, t.b, t.rank, 1.0f, y + static_cast<int64_t>(a0) * out + t.col, out);
+  }
+}
+
+}  // namespace
+
 void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const float* bias,
-                        int out, Activation act, float* y) {
+                        int out, Activation act, float* y, const LowRankDeltas& lora) {
   if (rows == 0) return;
   if (rows <= cpu::kSkinnyGemmMaxRows) {
     // A short batch: stream the weights once instead of having OpenBLAS pack
@@ -211,6 +230,10 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
         std::memcpy(y + static_cast<int64_t>(r) * out, bias, out * sizeof(float));
     }
     cpu::SkinnyGemm(x, rows, in, w, out, bias != nullptr, y);
+    if (!lora.tasks.empty()) {
+      SerialBlasScope serial(true);
+      AddDeltas(x, in, out, 0, rows, lora, y);
+    }
     if (act == Activation::kGelu) {
       const int64_t count = static_cast<int64_t>(rows) * out;
 #pragma omp simd
@@ -223,7 +246,8 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
   // choices below each remove a pass over the output or a repeated packing:
   //  - y starts as the bias rows and the GEMM accumulates with beta = 1, so
   //    there is neither OpenBLAS's zeroing pass (beta = 0) nor a bias pass;
-  //  - the activation runs on the block while it is still in cache;
+  //  - LoRA deltas and the activation run on the block while it is still in
+  //    cache, in the same parallel region (no extra fork-join per layer);
   //  - few, large blocks: OpenBLAS re-packs `w` on every call.
   const bool parallel = int64_t{rows} * in * out >= kParallelMacs;
   SerialBlasScope serial(!parallel);
@@ -241,83 +265,12 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f,
                 x + static_cast<int64_t>(r0) * in, in, w, in, bias != nullptr ? 1.0f : 0.0f, yb,
                 out);
+    if (!lora.tasks.empty()) AddDeltas(x, in, out, r0, n, lora, y);
     if (act == Activation::kGelu) {
       const int64_t count = static_cast<int64_t>(n) * out;
 #pragma omp simd
       for (int64_t i = 0; i < count; ++i) yb[i] = cpu::GeluErf(yb[i]);
     }
-  }
-}
-
-void CpuBackend::LowRankAdd(const float* x, int in, int out, absl::Span<const LowRankTask> tasks,
-                            float* y, int ldy, float* tmp, int tmp_ld) {
-  if (tasks.empty()) return;
-  // Work items: a row range and the run of tasks (one segment's bricks) that
-  // share it. A segment is cut into row chunks when there are fewer
-  // segments than threads, so one big segment still uses every thread; each
-  // item runs its tasks in order on one thread (single-threaded GEMMs), and
-  // items touch disjoint rows of y and tmp.
-  struct Item {
-    int row_begin, row_end;
-    size_t first, last;  // tasks [first, last)
-  };
-  int64_t macs = 0;
-  std::vector<Item> groups;
-  for (size_t t = 0; t < tasks.size(); ++t) {
-    const LowRankTask& task = tasks[t];
-    macs += int64_t{task.row_end - task.row_begin} * task.rank * (in + out);
-    if (!groups.empty() && groups.back().row_begin == task.row_begin &&
-        groups.back().row_end == task.row_end) {
-      groups.back().last = t + 1;
-    } else {
-      groups.push_back({task.row_begin, task.row_end, t, t + 1});
-    }
-  }
-  const bool parallel = macs >= kParallelMacs && threads_ > 1;
-  std::vector<Item> items;
-  if (!parallel || groups.size() >= static_cast<size_t>(2 * threads_)) {
-    items = std::move(groups);
-  } else {
-    for (const Item& g : groups) {
-      const int rows = g.row_end - g.row_begin;
-      const int chunk = std::max(32, (rows + threads_ - 1) / threads_);
-      for (int r = g.row_begin; r < g.row_end; r += chunk) {
-        items.push_back({r, std::min(g.row_end, r + chunk), g.first, g.last});
-      }
-    }
-  }
-  SerialBlasScope serial(!parallel);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_) if (parallel)
-  for (size_t i = 0; i < items.size(); ++i) {
-    const Item& item = items[i];
-    const int n = item.row_end - item.row_begin;
-    if (n <= 0) continue;
-    const float* xr = x + static_cast<int64_t>(item.row_begin) * in;
-    float* t = tmp + static_cast<int64_t>(item.row_begin) * tmp_ld;
-    float* yr = y + static_cast<int64_t>(item.row_begin) * ldy;
-    for (size_t k = item.first; k < item.last; ++k) {
-      const LowRankTask& task = tasks[k];
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, task.rank, in, 1.0f, xr, in, task.a,
-                  in, 0.0f, t, tmp_ld);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, task.rank, task.scale, t, tmp_ld,
-                  task.b, task.rank, 1.0f, yr, ldy);
-    }
-  }
-}
-
-void CpuBackend::Activate(float* y, int64_t count, Activation act) {
-  if (act != Activation::kGelu) return;
-  // Chunks across threads, each an `omp simd` loop (as in Linear): a
-  // combined `parallel for simd` left GeluErf scalar and cost 8% of a
-  // forward pass with bricks.
-  constexpr int64_t kChunk = int64_t{1} << 16;
-  const int64_t chunks = (count + kChunk - 1) / kChunk;
-#pragma omp parallel for schedule(static) num_threads(threads_) if (count > kParallelElements)
-  for (int64_t c = 0; c < chunks; ++c) {
-    float* p = y + c * kChunk;
-    const int64_t n = std::min(kChunk, count - c * kChunk);
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) p[i] = cpu::GeluErf(p[i]);
   }
 }
 

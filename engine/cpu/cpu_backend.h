@@ -36,10 +36,7 @@ class CpuBackend final : public Backend {
                     absl::Span<const int32_t> ids, absl::Span<const int32_t> positions,
                     absl::Span<const int32_t> type_ids, int hidden, float* out) override;
   void Linear(const float* x, int rows, int in, const float* w, const float* bias, int out,
-              Activation act, float* y) override;
-  void LowRankAdd(const float* x, int in, int out, absl::Span<const LowRankTask> tasks, float* y,
-                  int ldy, float* tmp, int tmp_ld) override;
-  void Activate(float* y, int64_t count, Activation act) override;
+              Activation act, float* y, const LowRankDeltas& lora) override;
   void AddLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,
                     int rows, int cols, float eps) override;
   void Attention(const float* qkv, absl::Span<const int32_t> seq_starts, int heads, int head_dim,

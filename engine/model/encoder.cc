@@ -111,12 +111,10 @@ absl::Status Encoder::EnsureWorkspace(size_t tokens) {
   return absl::OkStatus();
 }
 
-void Encoder::ApplyLora(int layer, LoraTarget target, const float* x, float* y, int ldy,
-                        absl::Span<const Segment> segments, absl::Span<const int32_t> starts,
-                        int live_rows, absl::Span<const LoraPlan> plans) {
-  const int in = LoraTargetIn(config_, target), out = LoraTargetOut(config_, target);
-  std::vector<Backend::LowRankTask>& tasks = lora_tasks_;
-  tasks.clear();
+void Encoder::CollectLora(int layer, LoraTarget target, int col, absl::Span<const Segment> segments,
+                          absl::Span<const int32_t> starts, int live_rows,
+                          absl::Span<const LoraPlan> plans, std::vector<LowRankTask>& tasks) const {
+  const int cols = LoraTargetOut(config_, target);
   for (const Segment& seg : segments) {
     if (seg.plan < 0) continue;
     const int r0 = starts[seg.first];
@@ -127,25 +125,14 @@ void Encoder::ApplyLora(int layer, LoraTarget target, const float* x, float* y, 
       if (m == nullptr || term.weight == 0.0f) continue;
       tasks.push_back({.row_begin = r0,
                        .row_end = r1,
+                       .col = col,
+                       .cols = cols,
                        .a = m->a.get(),
                        .b = m->b.get(),
                        .rank = m->rank,
                        .scale = term.weight * m->scale});
     }
   }
-  backend_->LowRankAdd(x, in, out, tasks, y, ldy, ws_.lora_tmp.get(), lora_tmp_ld_);
-}
-
-bool Encoder::AnyLora(int layer, LoraTarget target, absl::Span<const Segment> segments,
-                      absl::Span<const int32_t> starts, int live_rows,
-                      absl::Span<const LoraPlan> plans) {
-  for (const Segment& seg : segments) {
-    if (seg.plan < 0 || starts[seg.first] >= live_rows) continue;
-    for (const LoraTerm& term : plans[seg.plan]) {
-      if (term.weight != 0.0f && term.adapter->module(layer, target) != nullptr) return true;
-    }
-  }
-  return false;
 }
 
 absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out,
@@ -257,36 +244,32 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out,
     if (live == 0) break;
     const int rows = starts[live];
     const Layer& L = layers_[l];
-    // Each Linear is followed by the live segments' LoRA deltas on it.
-    auto lora = [&](LoraTarget target, const float* in, float* y, int ldy) {
-      if (any_lora) ApplyLora(l, target, in, y, ldy, segments, starts, rows, plans);
+    // Each Linear adds the live segments' LoRA deltas on it (before its
+    // activation), block by block on the thread that computed the block.
+    std::vector<LowRankTask>& tasks = lora_tasks_;
+    auto deltas = [&](std::initializer_list<std::pair<LoraTarget, int>> targets) {
+      tasks.clear();
+      if (any_lora) {
+        for (const auto& [target, col] : targets) {
+          CollectLora(l, target, col, segments, starts, rows, plans, tasks);
+        }
+      }
+      return LowRankDeltas{.tasks = tasks, .tmp = ws_.lora_tmp.get(), .tmp_ld = lora_tmp_ld_};
     };
-    backend_->Linear(x, rows, h, L.qkv_w.get(), L.qkv_b.get(), 3 * h, Activation::kNone,
-                     ws_.qkv.get());
-    lora(LoraTarget::kQuery, x, ws_.qkv.get(), 3 * h);
-    lora(LoraTarget::kKey, x, ws_.qkv.get() + h, 3 * h);
-    lora(LoraTarget::kValue, x, ws_.qkv.get() + 2 * h, 3 * h);
+    backend_->Linear(
+        x, rows, h, L.qkv_w.get(), L.qkv_b.get(), 3 * h, Activation::kNone, ws_.qkv.get(),
+        deltas({{LoraTarget::kQuery, 0}, {LoraTarget::kKey, h}, {LoraTarget::kValue, 2 * h}}));
     backend_->Attention(ws_.qkv.get(), absl::MakeConstSpan(starts.data(), live + 1),
                         config_.num_heads, config_.head_dim(), ws_.ctx.get());
     backend_->Linear(ws_.ctx.get(), rows, h, L.attn_out_w.get(), L.attn_out_b.get(), h,
-                     Activation::kNone, ws_.attn.get());
-    lora(LoraTarget::kAttnOut, ws_.ctx.get(), ws_.attn.get(), h);
+                     Activation::kNone, ws_.attn.get(), deltas({{LoraTarget::kAttnOut, 0}}));
     backend_->AddLayerNorm(ws_.attn.get(), x, L.ln1_g.get(), L.ln1_b.get(), rows, h, eps);
-    // The activation is fused into the Linear unless a delta must land
-    // before it.
-    const bool ffn_in_lora =
-        any_lora && AnyLora(l, LoraTarget::kFfnIn, segments, starts, rows, plans);
     backend_->Linear(ws_.attn.get(), rows, h, L.ffn_in_w.get(), L.ffn_in_b.get(), ff,
-                     ffn_in_lora ? Activation::kNone : config_.hidden_act, ws_.ffn.get());
-    if (ffn_in_lora) {
-      lora(LoraTarget::kFfnIn, ws_.attn.get(), ws_.ffn.get(), ff);
-      backend_->Activate(ws_.ffn.get(), static_cast<int64_t>(rows) * ff, config_.hidden_act);
-    }
+                     config_.hidden_act, ws_.ffn.get(), deltas({{LoraTarget::kFfnIn, 0}}));
     // The FFN output lands in x (the layer input is no longer needed) and the
     // residual is the attention block's output.
     backend_->Linear(ws_.ffn.get(), rows, ff, L.ffn_out_w.get(), L.ffn_out_b.get(), h,
-                     Activation::kNone, x);
-    lora(LoraTarget::kFfnOut, ws_.ffn.get(), x, h);
+                     Activation::kNone, x, deltas({{LoraTarget::kFfnOut, 0}}));
     backend_->AddLayerNorm(x, ws_.attn.get(), L.ln2_g.get(), L.ln2_b.get(), rows, h, eps);
   }
 

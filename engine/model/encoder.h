@@ -85,16 +85,12 @@ class Encoder {
     int first = 0, last = 0;  // sequences [first, last)
     int plan = -1;
   };
-  // Adds every live segment's deltas for (layer, target) to y. x is the
-  // Linear's input [rows, in]; y its output with row stride ldy, starting at
-  // the target's column. live_rows clips the segments to the running prefix.
-  void ApplyLora(int layer, LoraTarget target, const float* x, float* y, int ldy,
-                 absl::Span<const Segment> segments, absl::Span<const int32_t> starts,
-                 int live_rows, absl::Span<const LoraPlan> plans);
-  // True if a live segment's plan has a module on (layer, target).
-  static bool AnyLora(int layer, LoraTarget target, absl::Span<const Segment> segments,
-                      absl::Span<const int32_t> starts, int live_rows,
-                      absl::Span<const LoraPlan> plans);
+  // Appends the LoRA tasks of every live segment for (layer, target) to
+  // `tasks`, landing at column `col` of the Linear's output; live_rows clips
+  // the segments to the running prefix.
+  void CollectLora(int layer, LoraTarget target, int col, absl::Span<const Segment> segments,
+                   absl::Span<const int32_t> starts, int live_rows,
+                   absl::Span<const LoraPlan> plans, std::vector<LowRankTask>& tasks) const;
 
   Encoder(const EncoderConfig& config, const PoolingConfig& pooling, Backend* backend)
       : config_(config), pooling_(pooling), backend_(backend) {}
@@ -107,8 +103,8 @@ class Encoder {
   DeviceArray word_emb_, pos_emb_, type_emb_, emb_ln_g_, emb_ln_b_;
   std::vector<Layer> layers_;
   Workspace ws_;
-  int lora_tmp_ld_ = 0;                           // row stride of ws_.lora_tmp in this Forward
-  std::vector<Backend::LowRankTask> lora_tasks_;  // ApplyLora's scratch
+  int lora_tmp_ld_ = 0;                  // row stride of ws_.lora_tmp in this Forward
+  std::vector<LowRankTask> lora_tasks_;  // Forward's scratch
 };
 
 }  // namespace kiln

@@ -95,71 +95,82 @@ TEST_P(BackendOpsTest, LinearWithZeroRowsIsANoOp) {
   EXPECT_EQ(Down(dy, 1)[0], 7.0f);
 }
 
-TEST_P(BackendOpsTest, LowRankAddAppliesEverySegmentsTasks) {
-  // Segments of rows, each with its own tasks (two bricks on one, none on
-  // another); y has row stride ldy > out (a third of a fused QKV row) and
-  // the columns outside [col, col + out) must stay as they were. A small
-  // batch (serial) and one above the parallel threshold, where one big
-  // segment is split across threads.
+TEST_P(BackendOpsTest, LinearAddsLoraDeltasBeforeTheActivation) {
+  // Segments of rows with their own tasks (two bricks on the first, none on
+  // the rows between), deltas landing in a column slice of y (as Q/K/V land
+  // in the fused QKV output), with and without GELU. Shapes: few rows (the
+  // skinny path), a small batch (one OpenBLAS call) and one above the
+  // parallel threshold, where segments straddle the per-thread row blocks.
   struct Shape {
-    int rows, in, out;
+    int rows, in, out, col, cols;
     std::vector<std::pair<int, int>> segments;  // row ranges with tasks
   };
-  for (const Shape& shape : {Shape{9, 24, 16, {{0, 4}, {6, 9}}},
-                             Shape{600, 384, 384, {{0, 500}, {500, 520}, {540, 600}}}}) {
-    const int rows = shape.rows, in = shape.in, out = shape.out;
-    const int ldy = 3 * out, col = out, max_rank = 5;
-    const auto x = RandomVector(rows * in, 21), y0 = RandomVector(rows * ldy, 24);
-    std::vector<float> want = y0;
-    std::vector<std::vector<float>> as, bs;
-    std::vector<Backend::LowRankTask> tasks;
+  const std::vector<Shape> shapes = {{7, 24, 48, 16, 16, {{0, 3}, {5, 7}}},
+                                     {40, 24, 48, 0, 48, {{0, 20}, {25, 40}}},
+                                     {300, 256, 384, 128, 128, {{0, 140}, {140, 160}, {200, 300}}}};
+  for (const Shape& shape : shapes) {
+    const int rows = shape.rows, in = shape.in, out = shape.out, max_rank = 5;
+    const auto x = RandomVector(rows * in, 21), w = RandomVector(out * in, 22, 0.2f),
+               bias = RandomVector(out, 23);
+    std::vector<LowRankTask> tasks;
+    std::vector<std::vector<float>> host;
     std::vector<DeviceArray> device;
     uint32_t seed = 30;
     for (const auto& [r0, r1] : shape.segments) {
       for (int term = 0; term < (r0 == 0 ? 2 : 1); ++term) {
         const int rank = term == 0 ? max_rank : 2;
-        const float scale = term == 0 ? -0.75f : 1.5f;
-        const auto a = RandomVector(rank * in, seed++, 0.3f),
-                   b = RandomVector(out * rank, seed++, 0.3f);
-        for (int r = r0; r < r1; ++r) {
-          for (int o = 0; o < out; ++o) {
-            double acc = 0;
-            for (int k = 0; k < rank; ++k) {
-              double t = 0;
-              for (int i = 0; i < in; ++i) t += double(x[r * in + i]) * a[k * in + i];
-              acc += t * b[o * rank + k];
-            }
-            want[r * ldy + col + o] += static_cast<float>(scale * acc);
-          }
-        }
-        device.push_back(Up(a));
-        device.push_back(Up(b));
+        host.push_back(RandomVector(rank * in, seed++, 0.3f));
+        host.push_back(RandomVector(shape.cols * rank, seed++, 0.3f));
+        device.push_back(Up(host[host.size() - 2]));
+        device.push_back(Up(host.back()));
         tasks.push_back({.row_begin = r0,
                          .row_end = r1,
+                         .col = shape.col,
+                         .cols = shape.cols,
                          .a = device[device.size() - 2].get(),
                          .b = device.back().get(),
                          .rank = rank,
-                         .scale = scale});
+                         .scale = term == 0 ? -0.75f : 1.5f});
       }
     }
-    auto dx = Up(x), dy = Up(y0), tmp = Zeros(rows * max_rank);
-    backend_->LowRankAdd(dx.get(), in, out, tasks, dy.get() + col, ldy, tmp.get(), max_rank);
-    ExpectNear(Down(dy, rows * ldy), want, 2e-5f);
+    for (Activation act : {Activation::kNone, Activation::kGelu}) {
+      SCOPED_TRACE(testing::Message() << rows << " rows, gelu=" << (act == Activation::kGelu));
+      std::vector<double> pre(static_cast<size_t>(rows) * out);
+      for (int r = 0; r < rows; ++r) {
+        for (int o = 0; o < out; ++o) {
+          double acc = bias[o];
+          for (int k = 0; k < in; ++k) acc += double(x[r * in + k]) * w[o * in + k];
+          pre[r * out + o] = acc;
+        }
+      }
+      for (size_t t = 0; t < tasks.size(); ++t) {
+        const std::vector<float>& a = host[2 * t];
+        const std::vector<float>& b = host[2 * t + 1];
+        for (int r = tasks[t].row_begin; r < tasks[t].row_end; ++r) {
+          for (int c = 0; c < shape.cols; ++c) {
+            double acc = 0;
+            for (int k = 0; k < tasks[t].rank; ++k) {
+              double d = 0;
+              for (int i = 0; i < in; ++i) d += double(x[r * in + i]) * a[k * in + i];
+              acc += d * b[c * tasks[t].rank + k];
+            }
+            pre[r * out + shape.col + c] += tasks[t].scale * acc;
+          }
+        }
+      }
+      std::vector<float> want(pre.size());
+      for (size_t i = 0; i < pre.size(); ++i) {
+        const double v = pre[i];
+        want[i] = static_cast<float>(
+            act == Activation::kGelu ? 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))) : v);
+      }
+      auto dx = Up(x), dw = Up(w), db = Up(bias), dy = Zeros(rows * out),
+           tmp = Zeros(rows * max_rank);
+      backend_->Linear(dx.get(), rows, in, dw.get(), db.get(), out, act, dy.get(),
+                       {.tasks = tasks, .tmp = tmp.get(), .tmp_ld = max_rank});
+      ExpectNear(Down(dy, rows * out), want, 3e-5f);
+    }
   }
-}
-
-TEST_P(BackendOpsTest, ActivateAppliesGeluInPlace) {
-  const auto x = RandomVector(1000, 25, 3.0f);
-  std::vector<float> want(x.size());
-  for (size_t i = 0; i < x.size(); ++i) {
-    want[i] = static_cast<float>(0.5 * x[i] * (1.0 + std::erf(x[i] / std::sqrt(2.0))));
-  }
-  auto d = Up(x);
-  backend_->Activate(d.get(), static_cast<int64_t>(x.size()), Activation::kGelu);
-  const std::vector<float> gelu = Down(d, x.size());
-  ExpectNear(gelu, want, 2e-6f);
-  backend_->Activate(d.get(), static_cast<int64_t>(x.size()), Activation::kNone);
-  EXPECT_EQ(Down(d, x.size()), gelu);
 }
 
 TEST_P(BackendOpsTest, AddLayerNormMatchesReference) {
