@@ -78,7 +78,7 @@ class Encoder {
     size_t capacity_tokens = 0;
     DeviceArray hidden, qkv, ctx, attn, ffn;
     size_t lora_capacity = 0;  // floats in lora_tmp
-    DeviceArray lora_tmp;      // LowRankAdd scratch: tokens x the largest rank
+    DeviceArray lora_tmp;      // LoRA scratch (LowRankDeltas::tmp): tokens x the largest rank
   };
   // A run of consecutive sequences (in Forward's exit order) sharing a plan.
   struct Segment {
