@@ -129,6 +129,16 @@ absl::Status AdminService::Check(grpc::CallbackServerContext* ctx) const {
   return absl::OkStatus();
 }
 
+absl::StatusOr<BrickKey> AdminService::Resolve(grpc::CallbackServerContext* ctx,
+                                               const kiln::v1::BrickVersionRef& ref) const {
+  if (absl::Status st = Check(ctx); !st.ok()) return st;
+  absl::StatusOr<int> version = VersionOf(ref.version(), "version");
+  if (!version.ok()) return version.status();
+  absl::StatusOr<int> resolved = bricks_->ResolveVersion(ref.id(), *version);
+  if (!resolved.ok()) return resolved.status();
+  return BrickKey{ref.id(), *resolved};
+}
+
 absl::StatusOr<BrickInfo> AdminService::Info(const std::string& id, int version) const {
   absl::StatusOr<int> v = bricks_->ResolveVersion(id, version);
   if (!v.ok()) return v.status();
@@ -256,15 +266,12 @@ grpc::ServerUnaryReactor* AdminService::LoadBrick(grpc::CallbackServerContext* c
                                                   const kiln::v1::BrickVersionRef* request,
                                                   BrickInfo* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  absl::Status st = Check(ctx);
-  absl::StatusOr<int> version = VersionOf(request->version(), "version");
-  if (st.ok()) st = version.status();
-  absl::StatusOr<int> resolved = st.ok() ? bricks_->ResolveVersion(request->id(), *version) : st;
+  absl::StatusOr<BrickKey> resolved = Resolve(ctx, *request);
   if (!resolved.ok()) {
     Finish(reactor, response, resolved.status(), "LoadBrick");
     return reactor;
   }
-  const BrickKey key{request->id(), *resolved};
+  const BrickKey key = *std::move(resolved);
   auto answer = [this, reactor, response, key](absl::Status loaded) {
     if (loaded.ok()) {
       absl::StatusOr<BrickInfo> info = Info(key.id, key.version);
@@ -287,18 +294,14 @@ grpc::ServerUnaryReactor* AdminService::UnloadBrick(grpc::CallbackServerContext*
                                                     const kiln::v1::BrickVersionRef* request,
                                                     BrickInfo* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  absl::Status st = Check(ctx);
-  absl::StatusOr<int> version = VersionOf(request->version(), "version");
-  if (st.ok()) st = version.status();
-  absl::StatusOr<int> resolved = st.ok() ? bricks_->ResolveVersion(request->id(), *version) : st;
-  st = resolved.status();
-  if (st.ok()) {
-    bricks_->cache().Unload({request->id(), *resolved});
-    response->set_id(request->id());
-    response->set_version(static_cast<uint32_t>(*resolved));
+  absl::StatusOr<BrickKey> key = Resolve(ctx, *request);
+  if (key.ok()) {
+    bricks_->cache().Unload(*key);
+    response->set_id(key->id);
+    response->set_version(static_cast<uint32_t>(key->version));
     response->set_resident(false);
   }
-  Finish(reactor, response, st, "UnloadBrick");
+  Finish(reactor, response, key.status(), "UnloadBrick");
   return reactor;
 }
 
@@ -306,12 +309,9 @@ grpc::ServerUnaryReactor* AdminService::DeleteBrick(grpc::CallbackServerContext*
                                                     const kiln::v1::BrickVersionRef* request,
                                                     kiln::v1::DeleteBrickResponse* response) {
   grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
-  absl::Status st = Check(ctx);
-  absl::StatusOr<int> version = VersionOf(request->version(), "version");
-  if (st.ok()) st = version.status();
-  absl::StatusOr<int> resolved = st.ok() ? bricks_->ResolveVersion(request->id(), *version) : st;
-  st = resolved.ok() ? bricks_->Delete(request->id(), *resolved) : resolved.status();
-  Finish(reactor, response, st, "DeleteBrick");
+  absl::StatusOr<BrickKey> key = Resolve(ctx, *request);
+  Finish(reactor, response, key.ok() ? bricks_->Delete(key->id, key->version) : key.status(),
+         "DeleteBrick");
   return reactor;
 }
 

@@ -61,6 +61,9 @@ class AdminService final : public kiln::v1::BrickAdmin::CallbackService {
  private:
   // OK, or UNAUTHENTICATED / FAILED_PRECONDITION (no brick store).
   absl::Status Check(grpc::CallbackServerContext* ctx) const;
+  // Check, then the exact version `ref` names (0 = latest).
+  absl::StatusOr<BrickKey> Resolve(grpc::CallbackServerContext* ctx,
+                                   const kiln::v1::BrickVersionRef& ref) const;
   // The manifest and state of one version (0 = latest).
   absl::StatusOr<kiln::v1::BrickInfo> Info(const std::string& id, int version) const;
   // Queues `work` for the worker thread.
