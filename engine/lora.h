@@ -23,6 +23,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "engine/backend.h"
+#include "engine/device_brick.h"
 #include "engine/model/config.h"
 
 namespace kiln {
@@ -58,7 +59,7 @@ struct LoraHostModule {
 };
 
 // A LoRA brick resident on a backend.
-class LoraAdapter {
+class LoraAdapter final : public DeviceBrick {
  public:
   struct Module {
     int rank = 0;
@@ -83,8 +84,8 @@ class LoraAdapter {
   int num_layers() const { return static_cast<int>(modules_.size()); }
   int max_rank() const { return max_rank_; }
   // Bytes of device memory held (the A and B arrays).
-  size_t device_bytes() const { return device_bytes_; }
-  const std::string& name() const { return name_; }
+  size_t device_bytes() const override { return device_bytes_; }
+  const std::string& name() const override { return name_; }
 
  private:
   LoraAdapter() = default;
