@@ -1,0 +1,626 @@
+#!/usr/bin/env python3
+"""Evaluates Kiln's instruction-aware router against a running server: how
+often Route picks the right brick for instructions it has never seen, and what
+ROUTING_AUTO costs in retrieval quality against naming the brick explicitly.
+
+Instructions: tools/routing_instructions.json holds, per task (brick id) and
+side (query / document), >= 32 hand-written paraphrases a client developer
+might send. None is in any brick manifest (the manifests' examples are the
+router's keys, so testing on them would be testing on the training data);
+--self-check verifies that, case- and whitespace-insensitively.
+
+(a) Routing accuracy. Every paraphrase is sent to Route. It is correct when
+    the plan (RouteResponse.bricks) is exactly [the task's brick] (top-1; a
+    plan of two bricks, or the base model, is a miss). Also reported: how
+    often the best-scoring candidate is the task's brick (candidates[0]),
+    which differs from the plan only when --router_top_k > 1 or a score is
+    below --router_min_score. Prints n / correct / accuracy per task and
+    side, overall (target >= 90%), and every misroute with its candidates.
+
+(b) End-to-end retrieval, MRR@10 and recall@1 per task over
+    .cache/retrieval/<task>/test.jsonl, every test query against all of the
+    task's test documents (query i's right document is document i), as
+    tools/eval_retrieval.py does: the server embeds "<instruction> <text>",
+    L2-normalised; score = dot product; the rank of the right document counts
+    every document scoring >= it (a tie counts against it); 1/rank if <= 10.
+    Three settings:
+      explicit-manifest   ROUTING_EXPLICIT, bricks=[task], the manifest's
+                          FIRST query / document instruction: docs/QUALITY.md's
+                          "brick + instructions" column (printed alongside;
+                          note the server truncates at Info.max_input_tokens
+                          while eval_retrieval.py cut at 128 tokens, so long
+                          documents can differ slightly).
+      auto                ROUTING_AUTO, no bricks; query i is sent with the
+                          task's query paraphrase i % n, document i with
+                          document paraphrase i % n (deterministic round
+                          robin); the server picks the plan per call.
+      explicit-same-text  the same paraphrases as auto, with bricks=[task]
+                          named explicitly: the fair baseline. AUTO minus this
+                          is reported in points (x100; target: within 1).
+    Inputs are grouped by their instruction (all inputs of one call share
+    it) and sent up to --batch (<= Info.max_client_batch) per Embed call.
+    For auto, every call whose EmbedResponse.bricks is not exactly [task] is
+    counted as a wrong-brick call (with its inputs and the plans seen).
+
+API assumption: EmbedRequest gets a `routing` field (enum Routing). If the
+proto in use has none, auto is sent as ROUTING_UNSPECIFIED with no bricks,
+which means the server's --default_routing, so the run then requires
+Info.default_routing == ROUTING_AUTO; explicit settings just list the brick.
+
+Stubs are generated from proto/kiln/v1/kiln.proto at run time with
+grpc_tools (as tests/e2e/kiln_e2e.py does). Uses numpy when importable, else
+pure Python (about 10 s per task and setting at the full test sets).
+
+Usage: .cache/e2e-venv/bin/python tools/eval_routing.py
+         [--target 127.0.0.1:50051] [--task all|TASK ...] [--max-inputs N]
+         [--batch 32] [--deadline 600] [--skip-routing] [--skip-retrieval]
+         [--instructions tools/routing_instructions.json]
+         [--bricks deploy/bricks] [--sets .cache/retrieval] [--json OUT]
+         [--strict]
+       .cache/e2e-venv/bin/python tools/eval_routing.py --self-check
+Start a server with the bricks first, e.g. scripts/run.sh (brick dir
+deploy/bricks). --strict exits 1 when a target is missed.
+"""
+import argparse
+import atexit
+import datetime
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from operator import mul
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROTO_ROOT = os.path.join(ROOT, "proto")
+KILN_PROTO = os.path.join(PROTO_ROOT, "kiln", "v1", "kiln.proto")
+DEFAULT_INSTRUCTIONS = os.path.join(ROOT, "tools", "routing_instructions.json")
+DEFAULT_BRICKS = os.path.join(ROOT, "deploy", "bricks")
+DEFAULT_SETS = os.path.join(ROOT, ".cache", "retrieval")
+QUALITY_MD = os.path.join(ROOT, "docs", "QUALITY.md")
+TASKS = ("py-docstring", "man-synopsis", "deb-description")
+SIDES = ("query", "document")
+MIN_PER_SIDE = 30
+ROUTING_TARGET = 0.90
+AUTO_GAP_TARGET_POINTS = 1.0
+
+try:
+    import numpy as np
+except ImportError:  # the e2e venv has no numpy
+    np = None
+
+
+# --- inputs -----------------------------------------------------------------
+
+def norm_instruction(s):
+    """For comparisons: case-folded, whitespace collapsed, trailing
+    punctuation and spaces dropped ("Command usage:" == "command usage")."""
+    return re.sub(r"\s+", " ", s).strip().casefold().rstrip(" :?.!;,-")
+
+
+def latest_version_dir(task_dir):
+    versions = [int(v) for v in os.listdir(task_dir)
+                if v.isdigit() and os.path.exists(os.path.join(task_dir, v, "brick.json"))]
+    return os.path.join(task_dir, str(max(versions))) if versions else None
+
+
+def load_manifests(bricks_dir):
+    """{task: {"version": int, "query": [...], "document": [...]}} (latest
+    version of each task's brick) and every example instruction of every
+    version of every brick (for the overlap check)."""
+    latest, every = {}, []
+    for brick_id in sorted(os.listdir(bricks_dir)):
+        task_dir = os.path.join(bricks_dir, brick_id)
+        if not os.path.isdir(task_dir):
+            continue
+        for v in sorted(os.listdir(task_dir)):
+            path = os.path.join(task_dir, v, "brick.json")
+            if not os.path.exists(path):
+                continue
+            with open(path) as f:
+                instr = json.load(f).get("instructions", {})
+            for side in SIDES:
+                every += [(brick_id, v, side, s) for s in instr.get(side, [])]
+        top = latest_version_dir(task_dir)
+        if top:
+            with open(os.path.join(top, "brick.json")) as f:
+                m = json.load(f)
+            latest[brick_id] = {"version": int(os.path.basename(top)),
+                                "query": m["instructions"]["query"],
+                                "document": m["instructions"]["document"]}
+    return latest, every
+
+
+def load_instructions(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def self_check(path, bricks_dir):
+    """Validates the instruction file; returns a list of problems."""
+    problems = []
+    try:
+        data = load_instructions(path)
+    except (OSError, ValueError) as e:
+        return [f"{path}: cannot read: {e}"]
+    _, every = load_manifests(bricks_dir)
+    manifest = {norm_instruction(s): f"{b}/{v} {side}: {s!r}" for b, v, side, s in every}
+    if not isinstance(data.get("_about"), str) or not data["_about"].strip():
+        problems.append('missing "_about" string')
+    seen = {}
+    for task in TASKS:
+        if task not in data:
+            problems.append(f"{task}: missing")
+            continue
+        for side in SIDES:
+            items = data[task].get(side)
+            if not isinstance(items, list):
+                problems.append(f"{task}.{side}: missing or not a list")
+                continue
+            if len(items) < MIN_PER_SIDE:
+                problems.append(f"{task}.{side}: {len(items)} instructions (< {MIN_PER_SIDE})")
+            for s in items:
+                if not isinstance(s, str) or not s.strip():
+                    problems.append(f"{task}.{side}: empty or non-string item {s!r}")
+                    continue
+                k = norm_instruction(s)
+                if k in manifest:
+                    problems.append(f"{task}.{side}: {s!r} equals manifest example {manifest[k]}")
+                if k in seen:
+                    problems.append(f"{task}.{side}: {s!r} duplicates {seen[k]}")
+                seen[k] = f"{task}.{side} {s!r}"
+    extra = set(data) - set(TASKS) - {"_about"}
+    if extra:
+        problems.append(f"unexpected keys: {sorted(extra)}")
+    return problems
+
+
+def load_rows(sets_dir, task, cap):
+    path = os.path.join(sets_dir, task, "test.jsonl")
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f]
+    return rows[:cap] if cap else rows
+
+
+def quality_md_reference():
+    """{task: MRR@10} from docs/QUALITY.md's "brick + instructions" column."""
+    ref = {}
+    try:
+        with open(QUALITY_MD, encoding="utf-8") as f:
+            for line in f:
+                m = re.match(r"\|\s*([a-z0-9-]+) \((\d+)\)\s*\|(.*)", line)
+                if not m:
+                    continue
+                cells = [c.strip() for c in m.group(3).split("|")]
+                if len(cells) >= 3:
+                    v = re.search(r"\d+\.\d+", cells[2])
+                    if v:
+                        ref[m.group(1)] = float(v.group(0))
+    except OSError:
+        pass
+    return ref
+
+
+# --- stubs --------------------------------------------------------------------
+
+def generate_stubs():
+    """kiln_pb2 / kiln_pb2_grpc generated from the proto into a temporary
+    folder removed at exit (tests/e2e/kiln_e2e.py's approach)."""
+    import grpc_tools
+    from grpc_tools import protoc
+
+    out = tempfile.mkdtemp(prefix="kiln-routing-stubs-")
+    atexit.register(shutil.rmtree, out, True)
+    wkt = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
+    rc = protoc.main(["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{wkt}",
+                      f"--python_out={out}", f"--grpc_python_out={out}", KILN_PROTO])
+    if rc != 0:
+        raise RuntimeError(f"grpc_tools.protoc failed ({rc}) on {KILN_PROTO}")
+    for sub in ("kiln", os.path.join("kiln", "v1")):
+        open(os.path.join(out, sub, "__init__.py"), "a").close()
+    sys.path.insert(0, out)
+    from kiln.v1 import kiln_pb2, kiln_pb2_grpc  # noqa: E402
+    return kiln_pb2, kiln_pb2_grpc
+
+
+def api_features(pb):
+    req = pb.EmbedRequest.DESCRIPTOR.fields_by_name
+    return {"embed_request_routing": "routing" in req,
+            "route_rpc": "Route" in pb.DESCRIPTOR.services_by_name["Kiln"].methods_by_name,
+            "routing_enum": "Routing" in pb.DESCRIPTOR.enum_types_by_name}
+
+
+# --- scoring ------------------------------------------------------------------
+
+def mrr_at_10(q, d):
+    """{"mrr@10", "recall@1", "n"}; q[i]'s right document is d[i]."""
+    n = len(q)
+    if n == 0:
+        return {"mrr@10": None, "recall@1": None, "n": 0}
+    if np is not None:
+        qa, da = np.asarray(q, dtype=np.float64), np.asarray(d, dtype=np.float64)
+        sims = qa @ da.T
+        right = np.diag(sims)[:, None]
+        ranks = (sims >= right).sum(1).tolist()
+    else:
+        ranks = []
+        for i, qv in enumerate(q):
+            sims = [sum(map(mul, qv, dv)) for dv in d]
+            r = sims[i]
+            ranks.append(sum(1 for s in sims if s >= r))
+    rr = [1.0 / r if r <= 10 else 0.0 for r in ranks]
+    return {"mrr@10": round(sum(rr) / n, 4),
+            "recall@1": round(sum(1 for r in ranks if r == 1) / n, 4), "n": n}
+
+
+# --- the evaluation -----------------------------------------------------------
+
+class Evaluator:
+    def __init__(self, args, pb, pb_grpc):
+        import grpc
+        self.grpc = grpc
+        self.args, self.pb = args, pb
+        self.api = api_features(pb)
+        self.channel = grpc.insecure_channel(args.target, options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.max_send_message_length", 64 << 20)])
+        self.stub = pb_grpc.KilnStub(self.channel)
+        self.info = None
+        self.batch = args.batch
+
+    def rpc_error(self, e):
+        return f"{e.code().name}: {e.details()}"
+
+    def connect(self):
+        self.grpc.channel_ready_future(self.channel).result(timeout=self.args.connect_timeout)
+        self.info = self.stub.Info(self.pb.InfoRequest(), timeout=30)
+        if self.info.max_client_batch:
+            self.batch = max(1, min(self.batch, self.info.max_client_batch))
+
+    def route(self, instruction):
+        return self.stub.Route(self.pb.RouteRequest(instruction=instruction),
+                               timeout=self.args.deadline)
+
+    # (a)
+    def routing_accuracy(self, tasks, instructions):
+        per, misroutes, errors = {}, [], []
+        total = correct_total = top1_total = 0
+        for task in tasks:
+            for side in SIDES:
+                n = correct = top1 = 0
+                for s in instructions[task][side]:
+                    try:
+                        r = self.route(s)
+                    except self.grpc.RpcError as e:
+                        errors.append({"task": task, "side": side, "instruction": s,
+                                       "error": self.rpc_error(e)})
+                        if e.code() in (self.grpc.StatusCode.UNIMPLEMENTED,
+                                        self.grpc.StatusCode.UNAVAILABLE):
+                            raise
+                        n += 1
+                        continue
+                    n += 1
+                    plan = [b.id for b in r.bricks]
+                    ok = plan == [task]
+                    best = r.candidates[0].id if r.candidates else None
+                    correct += ok
+                    top1 += best == task
+                    if not ok:
+                        misroutes.append({
+                            "task": task, "side": side, "instruction": s,
+                            "chosen": [{"id": b.id, "version": b.version,
+                                        "weight": round(b.weight, 4) if b.HasField("weight") else None}
+                                       for b in r.bricks],
+                            "candidates": [{"id": c.id, "score": round(c.score, 4), "side": c.side,
+                                            "chosen": c.chosen, "reason": c.reason}
+                                           for c in r.candidates],
+                            "reason": r.reason})
+                per[f"{task}/{side}"] = {"n": n, "correct": correct,
+                                         "accuracy": round(correct / n, 4) if n else None,
+                                         "top1_candidate_correct": top1}
+                total += n
+                correct_total += correct
+                top1_total += top1
+        return {"per_task_side": per, "n": total, "correct": correct_total,
+                "accuracy": round(correct_total / total, 4) if total else None,
+                "top1_candidate_correct": top1_total,
+                "target": ROUTING_TARGET, "misroutes": misroutes, "errors": errors}
+
+    def embed_request(self, texts, instruction, mode, task):
+        pb = self.pb
+        kw = {"inputs": texts, "instruction": instruction}
+        if mode == "auto":
+            if self.api["embed_request_routing"]:
+                kw["routing"] = pb.ROUTING_AUTO
+        else:
+            kw["bricks"] = [pb.BrickRef(id=task)]
+            if self.api["embed_request_routing"]:
+                kw["routing"] = pb.ROUTING_EXPLICIT
+        return pb.EmbedRequest(**kw)
+
+    def embed_all(self, texts, instr_of, mode, task, stats):
+        """Vectors of texts, input i sent with instruction instr_of[i]."""
+        groups = {}
+        for i, s in enumerate(instr_of):
+            groups.setdefault(s, []).append(i)
+        out = [None] * len(texts)
+        for instruction, idx in groups.items():
+            for k in range(0, len(idx), self.batch):
+                part = idx[k:k + self.batch]
+                req = self.embed_request([texts[i] for i in part], instruction, mode, task)
+                resp = self.stub.Embed(req, timeout=self.args.deadline)
+                plan = [b.id for b in resp.bricks]
+                key = ",".join(plan) or "(base)"
+                stats["calls"] += 1
+                stats["inputs"] += len(part)
+                stats["plans"][key] = stats["plans"].get(key, 0) + 1
+                stats["truncated"] += sum(1 for e in resp.embeddings if e.truncated)
+                if plan != [task]:
+                    stats["wrong_brick_calls"] += 1
+                    stats["wrong_brick_inputs"] += len(part)
+                    if len(stats["wrong_examples"]) < 20:
+                        stats["wrong_examples"].append({"instruction": instruction, "plan": key})
+                if self.api["embed_request_routing"] or hasattr(resp, "routing"):
+                    want = self.pb.ROUTING_AUTO if mode == "auto" else self.pb.ROUTING_EXPLICIT
+                    if resp.routing != want:
+                        stats["routing_field_mismatch"] += 1
+                for i, e in zip(part, resp.embeddings):
+                    out[i] = list(e.values)
+        return out
+
+    def score_setting(self, task, rows, q_instr, d_instr, mode):
+        stats = {"calls": 0, "inputs": 0, "plans": {}, "truncated": 0,
+                 "wrong_brick_calls": 0, "wrong_brick_inputs": 0, "wrong_examples": [],
+                 "routing_field_mismatch": 0}
+        t0 = time.time()
+        q = self.embed_all([r["query"] for r in rows], q_instr, mode, task, stats)
+        d = self.embed_all([r["document"] for r in rows], d_instr, mode, task, stats)
+        t1 = time.time()
+        res = mrr_at_10(q, d)
+        res.update({"embed_seconds": round(t1 - t0, 1),
+                    "score_seconds": round(time.time() - t1, 1), "embed": stats})
+        return res
+
+    def retrieval(self, tasks, instructions, manifests, ref):
+        out = {}
+        for task in tasks:
+            rows = load_rows(self.args.sets, task, self.args.max_inputs)
+            n = len(rows)
+            man = manifests[task]
+            qp, dp = instructions[task]["query"], instructions[task]["document"]
+            para_q = [qp[i % len(qp)] for i in range(n)]
+            para_d = [dp[i % len(dp)] for i in range(n)]
+            entry = {"n": n, "brick_version_on_disk": man["version"],
+                     "manifest_query_instruction": man["query"][0],
+                     "manifest_document_instruction": man["document"][0],
+                     "quality_md_brick_plus_instructions": ref.get(task), "settings": {}}
+            plan = [("explicit-manifest", [man["query"][0]] * n, [man["document"][0]] * n, "explicit"),
+                    ("auto", para_q, para_d, "auto"),
+                    ("explicit-same-text", para_q, para_d, "explicit")]
+            for name, qi, di, mode in plan:
+                try:
+                    res = self.score_setting(task, rows, qi, di, mode)
+                except self.grpc.RpcError as e:
+                    res = {"error": self.rpc_error(e)}
+                entry["settings"][name] = res
+                show = (f"MRR@10 {res['mrr@10']:.4f}  R@1 {res['recall@1']:.4f}  "
+                        f"({res['embed']['calls']} calls, {res['embed_seconds']} s)"
+                        if "error" not in res else f"error {res['error']}")
+                print(f"  {task:<16} {name:<19} {show}", file=sys.stderr, flush=True)
+            a = entry["settings"]["auto"].get("mrr@10")
+            e = entry["settings"]["explicit-same-text"].get("mrr@10")
+            entry["auto_minus_explicit_same_text_points"] = (
+                round((a - e) * 100, 2) if a is not None and e is not None else None)
+            m = entry["settings"]["explicit-manifest"].get("mrr@10")
+            entry["explicit_manifest_minus_quality_md_points"] = (
+                round((m - ref[task]) * 100, 2) if m is not None and task in ref else None)
+            out[task] = entry
+        return out
+
+
+def fmt(x, spec=".4f"):
+    return "-" if x is None else format(x, spec)
+
+
+def print_routing(r):
+    print("\n== (a) routing accuracy (plan == [task's brick]) ==")
+    print(f"{'task/side':<28} {'n':>4} {'correct':>8} {'accuracy':>9} {'top1 cand':>10}")
+    for k, v in r["per_task_side"].items():
+        print(f"{k:<28} {v['n']:>4} {v['correct']:>8} {fmt(v['accuracy']):>9} "
+              f"{v['top1_candidate_correct']:>10}")
+    acc = r["accuracy"]
+    verdict = "PASS" if acc is not None and acc >= ROUTING_TARGET else "MISS"
+    print(f"{'overall':<28} {r['n']:>4} {r['correct']:>8} {fmt(acc):>9} "
+          f"{r['top1_candidate_correct']:>10}   target >= {ROUTING_TARGET:.2f}: {verdict}")
+    if r["misroutes"]:
+        print(f"\nmisroutes ({len(r['misroutes'])}):")
+        for m in r["misroutes"]:
+            chosen = ",".join(c["id"] for c in m["chosen"]) or "(base model)"
+            cands = "  ".join(f"{c['id']}={c['score']:.3f}/{c['side'][:1]}"
+                              for c in m["candidates"][:3])
+            print(f"  [{m['task']}/{m['side']}] {m['instruction']!r}\n"
+                  f"      -> {chosen}; {cands}; {m['reason']}")
+    for e in r["errors"]:
+        print(f"  error [{e['task']}/{e['side']}] {e['instruction']!r}: {e['error']}")
+
+
+def print_retrieval(ret):
+    print("\n== (b) end-to-end retrieval, MRR@10 (R@1) ==")
+    print(f"{'task':<16} {'n':>4} {'QUALITY.md':>10} {'explicit-manifest':>19} "
+          f"{'auto':>17} {'explicit-same-text':>19} {'auto-same (pts)':>16} {'wrong-brick calls':>18}")
+    gaps = []
+    for task, e in ret.items():
+        s = e["settings"]
+
+        def cell(name):
+            v = s[name]
+            return "error" if "error" in v else f"{v['mrr@10']:.4f} ({v['recall@1']:.3f})"
+        au = s["auto"]
+        wrong = (f"{au['embed']['wrong_brick_calls']}/{au['embed']['calls']}"
+                 if "embed" in au else "-")
+        gap = e["auto_minus_explicit_same_text_points"]
+        if gap is not None:
+            gaps.append(gap)
+        print(f"{task:<16} {e['n']:>4} {fmt(e['quality_md_brick_plus_instructions'], '.3f'):>10} "
+              f"{cell('explicit-manifest'):>19} {cell('auto'):>17} {cell('explicit-same-text'):>19} "
+              f"{fmt(gap, '+.2f'):>16} {wrong:>18}")
+    for task, e in ret.items():
+        au = e["settings"]["auto"]
+        if "embed" in au:
+            print(f"  {task}: auto plans per call {au['embed']['plans']}"
+                  + (f"; wrong: {au['embed']['wrong_examples'][:5]}"
+                     if au['embed']['wrong_examples'] else ""))
+        m = e["explicit_manifest_minus_quality_md_points"]
+        if m is not None:
+            print(f"  {task}: explicit-manifest - QUALITY.md = {m:+.2f} points")
+    if gaps:
+        worst = min(gaps)
+        verdict = "PASS" if worst >= -AUTO_GAP_TARGET_POINTS else "MISS"
+        print(f"worst auto - explicit-same-text: {worst:+.2f} points "
+              f"(target >= -{AUTO_GAP_TARGET_POINTS:.0f}): {verdict}")
+    return gaps
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", default="127.0.0.1:50051")
+    ap.add_argument("--task", nargs="+", default=["all"], choices=["all", *TASKS])
+    ap.add_argument("--instructions", default=DEFAULT_INSTRUCTIONS)
+    ap.add_argument("--bricks", default=DEFAULT_BRICKS)
+    ap.add_argument("--sets", default=DEFAULT_SETS)
+    ap.add_argument("--max-inputs", type=int, default=0,
+                    help="use only the first N test pairs of each task (0 = all)")
+    ap.add_argument("--batch", type=int, default=32, help="inputs per Embed call")
+    ap.add_argument("--deadline", type=float, default=600.0, help="seconds per RPC")
+    ap.add_argument("--connect-timeout", type=float, default=30.0)
+    ap.add_argument("--skip-routing", action="store_true")
+    ap.add_argument("--skip-retrieval", action="store_true")
+    ap.add_argument("--json", help="write all numbers here")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--self-check", action="store_true",
+                    help="validate the instruction file (and the stubs) and exit 0/1")
+    args = ap.parse_args()
+    tasks = list(TASKS) if "all" in args.task else args.task
+
+    if args.self_check:
+        problems = self_check(args.instructions, args.bricks)
+        data = load_instructions(args.instructions) if os.path.exists(args.instructions) else {}
+        for task in TASKS:
+            if task in data:
+                print(f"{task:<16} " + "  ".join(
+                    f"{side} {len(data[task].get(side, []))}" for side in SIDES))
+        _, every = load_manifests(args.bricks)
+        print(f"checked against {len(every)} manifest examples under {args.bricks}")
+        try:
+            pb, _ = generate_stubs()
+            print(f"stubs: generated from {os.path.relpath(KILN_PROTO, ROOT)}; api {api_features(pb)}")
+        except Exception as e:  # noqa: BLE001 -- report, do not fail the file check
+            print(f"stubs: not generated ({e.__class__.__name__}: {e})")
+        ref = quality_md_reference()
+        print(f"QUALITY.md brick+instructions MRR@10: {ref or 'not found'}")
+        print(f"scoring: {'numpy ' + np.__version__ if np is not None else 'pure Python'}; "
+              f"mrr_at_10 sanity {mrr_at_10([[1, 0], [0, 1]], [[1, 0], [1, 0]])}")
+        for p in problems:
+            print("PROBLEM:", p)
+        print("self-check:", "FAILED" if problems else "OK")
+        return 1 if problems else 0
+
+    problems = self_check(args.instructions, args.bricks)
+    if problems:
+        for p in problems:
+            print("PROBLEM:", p, file=sys.stderr)
+        sys.exit("routing_instructions.json fails --self-check; fix it first")
+    instructions = load_instructions(args.instructions)
+    manifests, _ = load_manifests(args.bricks)
+    missing = [t for t in tasks if t not in manifests]
+    if missing:
+        sys.exit(f"no brick manifest under {args.bricks} for {missing}")
+
+    pb, pb_grpc = generate_stubs()
+    ev = Evaluator(args, pb, pb_grpc)
+    try:
+        ev.connect()
+    except Exception as e:  # noqa: BLE001
+        sys.exit(f"cannot reach {args.target}: {e}")
+    info = ev.info
+    api = ev.api
+    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "target": args.target, "tasks": tasks, "max_inputs": args.max_inputs or None,
+               "batch": ev.batch,
+               "info": {"model_id": info.model_id, "version": info.version,
+                        "device": info.device, "dimensions": info.dimensions,
+                        "max_input_tokens": info.max_input_tokens,
+                        "max_client_batch": info.max_client_batch,
+                        "default_routing": pb.Routing.Name(info.default_routing)},
+               "api": api, "router": None, "scoring": "numpy" if np is not None else "pure Python"}
+    notes = []
+    if not api["embed_request_routing"]:
+        notes.append("EmbedRequest has no `routing` field in this proto: auto is sent as "
+                     "ROUTING_UNSPECIFIED without bricks (= --default_routing)")
+        if info.default_routing != pb.ROUTING_AUTO and not args.skip_retrieval:
+            notes.append("Info.default_routing is not AUTO, so the auto setting would not route")
+    try:
+        first = instructions[tasks[0]]["query"][0]
+        r = ev.route(first)
+        results["router"] = {"router_exit": r.router_exit, "top_k": r.top_k,
+                             "min_score": round(r.min_score, 4),
+                             "temperature": round(r.temperature, 4),
+                             "routable": [f"{c.id}@{c.version}" for c in r.candidates]}
+        for c in r.candidates:
+            if c.id in manifests and c.version != manifests[c.id]["version"]:
+                notes.append(f"server routes to {c.id}@{c.version}, disk latest is "
+                             f"@{manifests[c.id]['version']}")
+    except ev.grpc.RpcError as e:
+        results["router"] = {"error": ev.rpc_error(e)}
+    results["notes"] = notes
+
+    print(f"Kiln routing evaluation, {results['date']}, target {args.target}")
+    print(f"server: {info.model_id}, kiln {info.version}, device {info.device}, "
+          f"max_input_tokens {info.max_input_tokens}, default_routing "
+          f"{results['info']['default_routing']}")
+    rt = results["router"]
+    print("router: " + (f"exit {rt['router_exit']}, top_k {rt['top_k']}, min_score "
+                        f"{rt['min_score']}, temperature {rt['temperature']}, routable "
+                        f"{', '.join(rt['routable'])}" if "error" not in rt else f"Route failed: {rt['error']}"))
+    print(f"settings: tasks {', '.join(tasks)}; max_inputs {args.max_inputs or 'all'}; "
+          f"batch {ev.batch}; deadline {args.deadline:.0f} s; scoring {results['scoring']}")
+    for n in notes:
+        print("note:", n)
+
+    missed = False
+    if not args.skip_routing:
+        if "error" in rt:
+            results["routing"] = {"error": rt["error"]}
+            print(f"\n(a) skipped: Route failed: {rt['error']}")
+            missed = True
+        else:
+            try:
+                results["routing"] = ev.routing_accuracy(tasks, instructions)
+                print_routing(results["routing"])
+                acc = results["routing"]["accuracy"]
+                missed |= acc is None or acc < ROUTING_TARGET
+            except ev.grpc.RpcError as e:
+                results["routing"] = {"error": ev.rpc_error(e)}
+                print(f"\n(a) aborted: {ev.rpc_error(e)}")
+                missed = True
+    if not args.skip_retrieval:
+        print("\nembedding ...", file=sys.stderr)
+        results["retrieval"] = ev.retrieval(tasks, instructions, manifests, quality_md_reference())
+        gaps = print_retrieval(results["retrieval"])
+        missed |= not gaps or min(gaps) < -AUTO_GAP_TARGET_POINTS
+        results["retrieval_summary"] = {
+            "worst_auto_minus_explicit_same_text_points": min(gaps) if gaps else None,
+            "target_points": AUTO_GAP_TARGET_POINTS}
+    results["targets_met"] = not missed
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+        print(f"\nwrote {args.json}")
+    return 1 if args.strict and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
