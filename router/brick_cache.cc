@@ -51,8 +51,8 @@ void BrickCache::Pin::Reset() {
 // The entry's adapter and key are written before the first Pin is made (under
 // the cache's lock) and never change while pinned, so reading them needs no
 // lock.
-const LoraAdapter* BrickCache::Pin::adapter() const {
-  return entry_ == nullptr ? nullptr : entry_->adapter.get();
+const DeviceBrick* BrickCache::Pin::brick() const {
+  return entry_ == nullptr ? nullptr : entry_->brick.get();
 }
 
 const BrickKey& BrickCache::Pin::key() const { return entry_->key; }
@@ -129,13 +129,13 @@ void BrickCache::LoaderLoop() {
     // The entry stays in entries_ while it is loading (nothing removes a
     // loading entry but FinishLoad), and its key is const.
     const absl::Time start = options_.clock->Now();
-    absl::StatusOr<std::shared_ptr<const LoraAdapter>> loaded = loader_(entry->key);
+    absl::StatusOr<std::shared_ptr<const DeviceBrick>> loaded = loader_(entry->key);
     const absl::Duration took = options_.clock->Now() - start;
     FinishLoad(entry, std::move(loaded), took);
   }
 }
 
-void BrickCache::FinishLoad(Entry* entry, absl::StatusOr<std::shared_ptr<const LoraAdapter>> loaded,
+void BrickCache::FinishLoad(Entry* entry, absl::StatusOr<std::shared_ptr<const DeviceBrick>> loaded,
                             absl::Duration took) {
   std::vector<ReadyCallback> waiters;
   std::vector<absl::StatusOr<Pin>> results;
@@ -182,7 +182,7 @@ void BrickCache::FinishLoad(Entry* entry, absl::StatusOr<std::shared_ptr<const L
       ++loads_ok_;
       EvictLocked(bytes, after);
       entry->loading = false;
-      entry->adapter = *std::move(loaded);
+      entry->brick = *std::move(loaded);
       entry->bytes = bytes;
       resident_bytes_ += bytes;
       if (entry->unload_when_loaded) {

@@ -1,4 +1,5 @@
-// BrickCache: the resident bricks (LoRA adapters on the engine's backend),
+// BrickCache: the resident bricks (any DeviceBrick on the engine's backend:
+// LoRA adapters, FFN partitions),
 // held within a byte budget, pinned while a batch uses them, loaded off the
 // callers' threads and coalesced.
 //
@@ -62,6 +63,7 @@
 #include "absl/time/time.h"
 #include "absl/types/span.h"
 #include "common/clock.h"
+#include "engine/device_brick.h"
 #include "engine/lora.h"
 
 namespace kiln {
@@ -91,7 +93,7 @@ class BrickCache {
   // (code, message, payloads) reaches every waiter, so it should name the
   // brick or file.
   using Loader =
-      std::function<absl::StatusOr<std::shared_ptr<const LoraAdapter>>(const BrickKey& key)>;
+      std::function<absl::StatusOr<std::shared_ptr<const DeviceBrick>>(const BrickKey& key)>;
 
   // Bytes charged per resident brick on top of its device bytes: the host-side
   // bookkeeping (cache entry, LoraAdapter object and its per-layer module
@@ -101,8 +103,8 @@ class BrickCache {
   static constexpr int64_t kEntryOverheadBytes = 4096;
 
   // The bytes a brick is charged against the budget.
-  static int64_t BrickBytes(const LoraAdapter& adapter) {
-    return static_cast<int64_t>(adapter.device_bytes()) + kEntryOverheadBytes;
+  static int64_t BrickBytes(const DeviceBrick& brick) {
+    return static_cast<int64_t>(brick.device_bytes()) + kEntryOverheadBytes;
   }
 
   struct Options {
@@ -170,7 +172,9 @@ class BrickCache {
     void Reset();
     explicit operator bool() const { return entry_ != nullptr; }
     // The brick; valid while this Pin holds it. Null when empty.
-    const LoraAdapter* adapter() const;
+    const DeviceBrick* brick() const;
+    // The brick if it is a LoRA adapter, else null.
+    const LoraAdapter* adapter() const { return dynamic_cast<const LoraAdapter*>(brick()); }
     // Must not be called on an empty Pin.
     const BrickKey& key() const;
 
@@ -247,7 +251,7 @@ class BrickCache {
     explicit Entry(BrickKey k) : key(std::move(k)) {}
     const BrickKey key;
     bool loading = true;  // queued or running; else resident
-    std::shared_ptr<const LoraAdapter> adapter;
+    std::shared_ptr<const DeviceBrick> brick;
     int64_t bytes = 0;
     int pins = 0;
     // Unload asked for while loading: after the load, drop once unpinned.
@@ -276,7 +280,7 @@ class BrickCache {
 
   void LoaderLoop();
   // Loader thread: admits or fails the load of `entry`, then calls its waiters.
-  void FinishLoad(Entry* entry, absl::StatusOr<std::shared_ptr<const LoraAdapter>> loaded,
+  void FinishLoad(Entry* entry, absl::StatusOr<std::shared_ptr<const DeviceBrick>> loaded,
                   absl::Duration took);
   Pin PinLocked(Entry* entry) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Unpin(Entry* entry);

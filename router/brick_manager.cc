@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
+#include "engine/sparse_ffn.h"
 #include "router/brick.h"
 
 namespace kiln {
@@ -47,7 +48,7 @@ absl::StatusOr<std::unique_ptr<BrickManager>> BrickManager::Create(const Options
 
 BrickManager::~BrickManager() = default;
 
-absl::StatusOr<std::shared_ptr<const LoraAdapter>> BrickManager::Load(const BrickKey& key) {
+absl::StatusOr<std::shared_ptr<const DeviceBrick>> BrickManager::Load(const BrickKey& key) {
   auto fail = [&](const absl::Status& st) {
     absl::Status named(st.code(), absl::StrCat("brick ", key.ToString(), ": ", st.message()));
     std::lock_guard<std::mutex> lock(mu_);
@@ -71,7 +72,7 @@ absl::StatusOr<std::shared_ptr<const LoraAdapter>> BrickManager::Load(const Bric
     std::lock_guard<std::mutex> lock(mu_);
     failed_.erase(key);
   }
-  return std::shared_ptr<const LoraAdapter>(*std::move(adapter));
+  return std::shared_ptr<const DeviceBrick>(*std::move(adapter));
 }
 
 absl::StatusOr<int> BrickManager::LatestVersion(const std::string& id) const {
@@ -157,16 +158,20 @@ absl::StatusOr<std::vector<BrickManager::Resolved>> BrickManager::Resolve(
 
 namespace {
 
-// Collects the pins of one Acquire as loads finish.
+// Collects the pins of one Acquire as loads finish. Slots 0..n-1 are the
+// plan's LoRA bricks (with `refs` naming them for errors); slot n, when
+// `partition`, the ffn_partition brick.
 struct Gather {
   std::mutex mu;
   std::vector<BrickCache::Pin> pins;
   std::vector<float> weights;
+  std::vector<BrickKey> keys;
+  bool partition = false;
   int remaining = 0;
   absl::Status error;
   std::function<void(absl::StatusOr<BrickManager::Held>)> done;
 
-  // Records brick i's outcome; the last one calls done.
+  // Records slot i's outcome; the last one calls done.
   void Set(size_t i, absl::StatusOr<BrickCache::Pin> pin) {
     std::function<void(absl::StatusOr<BrickManager::Held>)> finish;
     absl::StatusOr<BrickManager::Held> result;
@@ -179,39 +184,108 @@ struct Gather {
       }
       if (--remaining > 0) return;
       finish = std::move(done);
-      if (!error.ok()) {
-        pins.clear();
-        result = error;
-      } else {
-        auto hold = std::make_shared<std::vector<BrickCache::Pin>>(std::move(pins));
-        BrickManager::Held held;
-        for (size_t k = 0; k < hold->size(); ++k) {
-          held.plan.push_back({(*hold)[k].adapter(), weights[k]});
-        }
-        held.hold = std::move(hold);
-        result = std::move(held);
-      }
+      result = Build();
+      if (!result.ok()) pins.clear();
     }
     finish(std::move(result));
+  }
+
+  absl::StatusOr<BrickManager::Held> Build() {
+    if (!error.ok()) return error;
+    auto hold = std::make_shared<std::vector<BrickCache::Pin>>(std::move(pins));
+    BrickManager::Held held;
+    for (size_t k = 0; k < weights.size(); ++k) {
+      const LoraAdapter* adapter = (*hold)[k].adapter();
+      if (adapter == nullptr) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("bricks[", k, "]: brick ", keys[k].ToString(),
+                         " is not a lora brick (an ffn_partition brick is used through "
+                         "ffn_fraction)"));
+      }
+      held.plan.push_back({adapter, weights[k]});
+    }
+    if (partition) {
+      const BrickCache::Pin& pin = (*hold)[weights.size()];
+      held.ffn = dynamic_cast<const SparseFfn*>(pin.brick());
+      if (held.ffn == nullptr) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            "ffn_fraction: brick ", pin.key().ToString(), " is not an ffn_partition brick"));
+      }
+    }
+    held.hold = std::move(hold);
+    return held;
   }
 };
 
 }  // namespace
 
-void BrickManager::Acquire(std::vector<Resolved> bricks,
+void BrickManager::Acquire(std::vector<Resolved> bricks, std::optional<BrickKey> partition,
                            std::function<void(absl::StatusOr<Held>)> done) {
-  if (bricks.empty()) return done(Held{});
+  if (bricks.empty() && !partition.has_value()) return done(Held{});
   auto gather = std::make_shared<Gather>();
-  gather->pins.resize(bricks.size());
-  gather->remaining = static_cast<int>(bricks.size());
+  std::vector<BrickKey> keys;
+  for (const Resolved& r : bricks) {
+    gather->weights.push_back(r.weight);
+    keys.push_back(r.key);
+  }
+  gather->keys = keys;
+  if (partition.has_value()) {
+    gather->partition = true;
+    keys.push_back(*partition);
+  }
+  gather->pins.resize(keys.size());
+  gather->remaining = static_cast<int>(keys.size());
   gather->done = std::move(done);
-  for (const Resolved& r : bricks) gather->weights.push_back(r.weight);
-  for (size_t i = 0; i < bricks.size(); ++i) {
+  for (size_t i = 0; i < keys.size(); ++i) {
     std::optional<BrickCache::Pin> pin = cache_->Acquire(
-        bricks[i].key,
-        [gather, i](absl::StatusOr<BrickCache::Pin> p) { gather->Set(i, std::move(p)); });
+        keys[i], [gather, i](absl::StatusOr<BrickCache::Pin> p) { gather->Set(i, std::move(p)); });
     if (pin.has_value()) gather->Set(i, *std::move(pin));
   }
+}
+
+absl::StatusOr<std::string> BrickManager::KindOf(const BrickKey& key) const {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = kinds_.find(key); it != kinds_.end()) return it->second;
+  }
+  ASSIGN_OR_RETURN(BrickVersion version, store_->Resolve(key.id, key.version));
+  std::lock_guard<std::mutex> lock(mu_);
+  kinds_[key] = version.manifest.kind;
+  return version.manifest.kind;
+}
+
+absl::StatusOr<BrickKey> BrickManager::FfnPartition() const {
+  if (!options_.ffn_partition.empty()) {
+    absl::StatusOr<int> version = LatestVersion(options_.ffn_partition);
+    if (!version.ok()) {
+      return absl::Status(version.status().code(),
+                          absl::StrCat("--ffn_partition: ", version.status().message()));
+    }
+    return BrickKey{options_.ffn_partition, *version};
+  }
+  std::vector<std::string> ids;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [id, versions] : candidates_) ids.push_back(id);
+  }
+  std::vector<BrickKey> found;
+  for (const std::string& id : ids) {
+    absl::StatusOr<int> version = LatestVersion(id);
+    if (!version.ok()) continue;
+    const BrickKey key{id, *version};
+    absl::StatusOr<std::string> kind = KindOf(key);
+    if (kind.ok() && *kind == "ffn_partition") found.push_back(key);
+  }
+  if (found.size() == 1) return found[0];
+  if (found.empty()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("no ffn_partition brick in --brick_dir ", store_->root(),
+                     " (build one with `kiln bricks split-ffn`)"));
+  }
+  std::string names;
+  for (const BrickKey& k : found) absl::StrAppend(&names, names.empty() ? "" : ", ", k.id);
+  return absl::FailedPreconditionError(absl::StrCat(
+      "several ffn_partition bricks (", names, "): name one with --ffn_partition"));
 }
 
 absl::Status BrickManager::Preload(absl::Span<const std::string> ids) {
@@ -290,9 +364,31 @@ void BrickManager::Adopt(const BrickKey& key) {
   if (previous.ok() && *previous < key.version) cache_->Unload({key.id, *previous});
 }
 
+namespace {
+// Declared before a function's register_mu_ guard, so NotifyChange runs after
+// the guard is released, and only if the function set `changed`.
+struct NotifyAfter {
+  std::function<void()> fire;
+  bool changed = false;
+  ~NotifyAfter() {
+    if (changed) fire();
+  }
+};
+}  // namespace
+
+void BrickManager::NotifyChange() {
+  std::function<void()> fn;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    fn = on_change_;
+  }
+  if (fn) fn();
+}
+
 absl::StatusOr<BrickVersion> BrickManager::Register(const std::string& id,
                                                     std::optional<int> version,
                                                     const std::string& source_dir) {
+  NotifyAfter notify{[this] { NotifyChange(); }};
   std::lock_guard<std::mutex> serial(register_mu_);
   RETURN_IF_ERROR(BrickStore::ValidateBrickId(id));
   RETURN_IF_ERROR(Validate(source_dir));
@@ -305,16 +401,20 @@ absl::StatusOr<BrickVersion> BrickManager::Register(const std::string& id,
     return st;
   }
   Adopt(key);
+  notify.changed = true;
   KLOG(INFO) << "registered brick " << key.ToString() << " (" << published.dir << ")";
   return published;
 }
 
 absl::Status BrickManager::Delete(const std::string& id, int version) {
+  NotifyAfter notify{[this] { NotifyChange(); }};
   std::lock_guard<std::mutex> serial(register_mu_);
   RETURN_IF_ERROR(store_->Delete(id, version));
+  notify.changed = true;
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (auto it = candidates_.find(id); it != candidates_.end()) it->second.erase(version);
+    kinds_.erase(BrickKey{id, version});
   }
   cache_->Unload({id, version});
   KLOG(INFO) << "deleted brick " << id << "@" << version;
@@ -322,6 +422,7 @@ absl::Status BrickManager::Delete(const std::string& id, int version) {
 }
 
 int BrickManager::Poll() {
+  NotifyAfter notify{[this] { NotifyChange(); }};
   std::lock_guard<std::mutex> serial(register_mu_);
   const std::vector<BrickStore::Entry> on_disk = store_->List();
   std::vector<BrickKey> fresh;
@@ -349,7 +450,12 @@ int BrickManager::Poll() {
         const bool on = disk != nullptr &&
                         std::binary_search(disk->versions.begin(), disk->versions.end(), *it);
         const bool res = std::find(resident.begin(), resident.end(), key) != resident.end();
-        it = (on || res) ? std::next(it) : versions.erase(it);
+        if (on || res) {
+          ++it;
+        } else {
+          it = versions.erase(it);
+          notify.changed = true;
+        }
       }
     }
   }
@@ -361,6 +467,7 @@ int BrickManager::Poll() {
     }
     Adopt(key);
     ++adopted;
+    notify.changed = true;
     KLOG(INFO) << "brick poll: adopted " << key.ToString();
   }
   return adopted;

@@ -42,6 +42,8 @@
 
 namespace kiln {
 
+class SparseFfn;
+
 class BrickManager {
  public:
   struct Options {
@@ -50,6 +52,7 @@ class BrickManager {
     int loader_threads = 2;                    // --brick_loader_threads
     int max_bricks_per_request = 4;            // --max_bricks_per_request
     float max_brick_weight = 2.0f;             // --max_brick_weight
+    std::string ffn_partition;                 // --ffn_partition; empty = the only one
   };
 
   // One brick of a request, as the client sent it.
@@ -67,6 +70,7 @@ class BrickManager {
   // the pins that keep its adapters alive (release = drop `hold`).
   struct Held {
     LoraPlan plan;
+    const SparseFfn* ffn = nullptr;  // the ffn_partition brick, when one was asked for
     std::shared_ptr<const void> hold;
   };
 
@@ -93,7 +97,21 @@ class BrickManager {
   // status: NOT_FOUND, FAILED_PRECONDITION for another base model,
   // INVALID_ARGUMENT for a corrupt file, RESOURCE_EXHAUSTED for a brick
   // larger than the cache) every pin taken is released.
-  void Acquire(std::vector<Resolved> bricks, std::function<void(absl::StatusOr<Held>)> done);
+  // `partition` (from FfnPartition) is pinned with them and becomes
+  // Held::ffn. A LoRA slot holding a brick of another kind is
+  // INVALID_ARGUMENT naming it.
+  void Acquire(std::vector<Resolved> bricks, std::optional<BrickKey> partition,
+               std::function<void(absl::StatusOr<Held>)> done);
+  void Acquire(std::vector<Resolved> bricks, std::function<void(absl::StatusOr<Held>)> done) {
+    Acquire(std::move(bricks), std::nullopt, std::move(done));
+  }
+
+  // The ffn_partition brick that ffn_fraction < 1 runs with: the latest
+  // version of Options::ffn_partition (--ffn_partition), or, when that is
+  // empty, of the one ffn_partition brick in the store.
+  // FAILED_PRECONDITION when there is none (or several and no flag names
+  // one); NOT_FOUND for a named id that does not exist.
+  absl::StatusOr<BrickKey> FfnPartition() const;
 
   // Loads the latest version of each id and waits (for --preload_bricks).
   // The first failure is returned, naming the brick.
@@ -135,6 +153,14 @@ class BrickManager {
   // versions it adopted.
   int Poll();
 
+  // Called after Register, Delete, and a Poll that adopted a version, on
+  // their thread (never a gRPC or engine thread), e.g. to re-sync the
+  // router's keys. May block. Set it once, before those calls matter.
+  void SetOnChange(std::function<void()> on_change) {
+    std::lock_guard<std::mutex> lock(mu_);
+    on_change_ = std::move(on_change);
+  }
+
   BrickStore& store() { return *store_; }
   BrickCache& cache() { return *cache_; }
   const std::string& fingerprint() const { return fingerprint_; }
@@ -145,8 +171,10 @@ class BrickManager {
   BrickManager(const Options& options, const ModelConfig& model, Backend* backend)
       : options_(options), model_(model), backend_(backend) {}
   // The cache's Loader.
-  absl::StatusOr<std::shared_ptr<const LoraAdapter>> Load(const BrickKey& key);
+  absl::StatusOr<std::shared_ptr<const DeviceBrick>> Load(const BrickKey& key);
   absl::StatusOr<int> LatestVersion(const std::string& id) const;
+  // The manifest's kind of `key` (read once, then remembered).
+  absl::StatusOr<std::string> KindOf(const BrickKey& key) const;
 
   const Options options_;
   const ModelConfig model_;
@@ -160,9 +188,13 @@ class BrickManager {
   mutable std::mutex mu_;
   // Versions whose last load failed (cleared by a successful load).
   absl::flat_hash_map<BrickKey, std::string> failed_ ABSL_GUARDED_BY(mu_);
+  // Manifest kinds read by KindOf (a version's files never change).
+  mutable absl::flat_hash_map<BrickKey, std::string> kinds_ ABSL_GUARDED_BY(mu_);
   // Per id, the versions that may serve as latest.
   std::map<std::string, std::set<int>> candidates_ ABSL_GUARDED_BY(mu_);
   std::mutex register_mu_;  // one Register / Delete / Poll at a time
+  std::function<void()> on_change_ ABSL_GUARDED_BY(mu_);
+  void NotifyChange();
 };
 
 }  // namespace kiln

@@ -16,12 +16,17 @@
 
 namespace kiln {
 
+class SparseFfn;
+
 // What a finished job hands back.
 struct EmbedOutput {
   std::vector<float> embeddings;  // inputs.size() * dim, row per input, input order
   int dim = 0;
   absl::Duration queue_time;    // enqueued -> its batch handed to the engine
   absl::Duration compute_time;  // Forward of the batch that carried it
+  // Share of each layer's FFN expert groups every token of the job computed
+  // (experts run / experts; 1 = dense).
+  double ffn_active_fraction = 1.0;
 };
 
 struct EmbedJob {
@@ -34,6 +39,11 @@ struct EmbedJob {
   // `bricks_hold` keeps them so (brick cache pins) and is released with the
   // job, after done.
   LoraPlan plan;
+  // Emergent bricks: with `ffn` set (an ffn_partition brick, pinned by
+  // bricks_hold too), each token computes only its top ffn_fraction share of
+  // the FFN expert groups; null = dense.
+  const SparseFfn* ffn = nullptr;
+  float ffn_fraction = 1.0f;
   std::shared_ptr<const void> bricks_hold;
   absl::Time enqueued;  // set by the batcher on Enqueue
   absl::Time deadline = absl::InfiniteFuture();

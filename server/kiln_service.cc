@@ -1,6 +1,7 @@
 #include "server/kiln_service.h"
 
 #include <chrono>
+#include <cmath>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -115,9 +116,11 @@ std::string RequestId(grpc::CallbackServerContext* ctx) {
   return id;
 }
 
-void KilnService::Attach(EmbeddingModel* model, Batcher* batcher, BrickManager* bricks) {
+void KilnService::Attach(EmbeddingModel* model, Batcher* batcher, BrickManager* bricks,
+                         Router* router) {
   model_ = model;
   bricks_ = bricks;
+  router_ = router;
   batcher_ = batcher;
 }
 
@@ -174,6 +177,22 @@ class KilnService::AdmittedTicket {
   KilnService* service_;
 };
 
+// An Embed between validation and the batcher: routed (AUTO), then its
+// bricks acquired, then its job enqueued. Shared by the callbacks of those
+// steps; `ticket` keeps a drain waiting until the job is handed over.
+struct KilnService::Pending {
+  std::unique_ptr<EmbedJob> job;
+  std::vector<BrickManager::Resolved> bricks;  // the plan's LoRA bricks
+  std::optional<BrickKey> partition;           // the ffn_partition brick, when fraction < 1
+  kiln::v1::Routing routing = kiln::v1::ROUTING_NONE;
+  std::string instruction;
+  std::vector<std::pair<uint32_t, bool>> facts;  // per input: tokens, truncated
+  std::string request_id;
+  absl::Time start;
+  std::function<void(absl::StatusOr<EmbedResponse>)> done;
+  std::shared_ptr<AdmittedTicket> ticket;
+};
+
 bool KilnService::WaitForAdmitted(absl::Time deadline) {
   std::unique_lock<std::mutex> lock(admitted_mu_);
   while (admitted_pending_ > 0) {
@@ -208,10 +227,34 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
   if (absl::Status st = tokenizer::DecodeUtf8(request.instruction(), &scratch); !st.ok()) {
     return done(absl::InvalidArgumentError(absl::StrCat("instruction: ", st.message())));
   }
-  // Bricks: validated and resolved to exact versions now (cheap, no load);
-  // made resident after tokenization, so input errors come first.
+  float ffn_fraction = 1.0f;
+  if (request.has_ffn_fraction()) {
+    ffn_fraction = request.ffn_fraction();
+    if (!std::isfinite(ffn_fraction) || ffn_fraction <= 0.0f || ffn_fraction > 1.0f) {
+      return done(absl::InvalidArgumentError(absl::StrCat(
+          "ffn_fraction: ", request.ffn_fraction(), " is not in (0, 1] (1 = dense, the default)")));
+    }
+  }
+  std::optional<BrickKey> partition;
+  if (ffn_fraction < 1.0f) {
+    if (bricks_ == nullptr) {
+      return done(absl::FailedPreconditionError(
+          "ffn_fraction: below 1 needs an ffn_partition brick, and this server runs without a "
+          "brick store (start it with --brick_dir)"));
+    }
+    absl::StatusOr<BrickKey> key = bricks_->FfnPartition();
+    if (!key.ok()) {
+      return done(absl::Status(key.status().code(),
+                               absl::StrCat("ffn_fraction: ", key.status().message())));
+    }
+    partition = *std::move(key);
+  }
+  absl::StatusOr<kiln::v1::Routing> routing = ChooseRouting(request);
+  if (!routing.ok()) return done(routing.status());
+  // Explicit bricks: validated and resolved to exact versions now (cheap, no
+  // load); made resident after tokenization, so input errors come first.
   std::vector<BrickManager::Resolved> bricks;
-  if (request.bricks_size() > 0) {
+  if (*routing == kiln::v1::ROUTING_EXPLICIT && request.bricks_size() > 0) {
     if (bricks_ == nullptr) {
       return done(absl::FailedPreconditionError(
           "bricks: this server runs without a brick store (start it with --brick_dir)"));
@@ -237,6 +280,7 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
   auto job = std::make_unique<EmbedJob>();
   job->exit = request.exit_layer() == 0 ? num_layers : static_cast<int>(request.exit_layer());
   job->normalize = request.has_normalize() ? request.normalize() : true;
+  job->ffn_fraction = ffn_fraction;
   const bool truncate = request.has_truncate() ? request.truncate() : true;
   job->inputs.reserve(n);
   for (int i = 0; i < n; ++i) {
@@ -246,13 +290,13 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
     job->tokens += static_cast<int64_t>(enc->ids.size());
     job->inputs.push_back(*std::move(enc));
   }
+  auto pending = std::make_shared<Pending>();
   // Per-input facts the response needs, kept outside the job (which the
   // batcher owns and may destroy before done runs).
-  std::vector<std::pair<uint32_t, bool>> facts;
-  facts.reserve(n);
+  pending->facts.reserve(n);
   int64_t truncated = 0;
   for (const Encoding& e : job->inputs) {
-    facts.emplace_back(static_cast<uint32_t>(e.ids.size()), e.truncated);
+    pending->facts.emplace_back(static_cast<uint32_t>(e.ids.size()), e.truncated);
     truncated += e.truncated ? 1 : 0;
     metrics_->ObserveInputTokens(static_cast<int64_t>(e.ids.size()));
   }
@@ -260,16 +304,104 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
   metrics_->CountExit(job->exit);
   job->deadline = DeadlineOf(ctx);
   job->cancelled = [ctx] { return ctx->IsCancelled(); };
+  pending->job = std::move(job);
+  pending->bricks = std::move(bricks);
+  pending->partition = std::move(partition);
+  pending->routing = *routing;
+  pending->instruction = request.instruction();
+  pending->request_id = request_id;
+  pending->start = absl::Now();
+  pending->done = std::move(done);
+  pending->ticket = std::move(ticket);
+  if (*routing == kiln::v1::ROUTING_AUTO) return RouteThenDispatch(std::move(pending));
+  Dispatch(std::move(pending));
+}
 
-  auto shared_done =
-      std::make_shared<std::function<void(absl::StatusOr<EmbedResponse>)>>(std::move(done));
-  const int exit = job->exit;
+absl::StatusOr<kiln::v1::Routing> KilnService::ChooseRouting(
+    const kiln::v1::EmbedRequest& request) const {
+  const bool listed = request.bricks_size() > 0;
+  switch (request.routing()) {
+    case kiln::v1::ROUTING_UNSPECIFIED:
+      if (listed) return kiln::v1::ROUTING_EXPLICIT;
+      // Documented fallback: with no instruction (or no router) there is
+      // nothing to route, so the default AUTO means the base model.
+      if (options_.default_routing == kiln::v1::ROUTING_AUTO && router_ != nullptr &&
+          !request.instruction().empty()) {
+        return kiln::v1::ROUTING_AUTO;
+      }
+      return kiln::v1::ROUTING_NONE;
+    case kiln::v1::ROUTING_EXPLICIT:
+      return kiln::v1::ROUTING_EXPLICIT;
+    case kiln::v1::ROUTING_AUTO:
+      if (listed) {
+        return absl::InvalidArgumentError(
+            "bricks: must be empty with ROUTING_AUTO (the router picks the bricks; send them "
+            "with ROUTING_EXPLICIT to pin a plan)");
+      }
+      if (request.instruction().empty()) {
+        return absl::InvalidArgumentError(
+            "instruction: ROUTING_AUTO routes by the instruction, and it is empty");
+      }
+      if (router_ == nullptr) {
+        return absl::FailedPreconditionError(
+            "routing: ROUTING_AUTO needs bricks to route to, and this server runs without a brick "
+            "store (start it with --brick_dir)");
+      }
+      return kiln::v1::ROUTING_AUTO;
+    case kiln::v1::ROUTING_NONE:
+      if (listed) {
+        return absl::InvalidArgumentError("bricks: must be empty with ROUTING_NONE");
+      }
+      return kiln::v1::ROUTING_NONE;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("routing: unknown value ", static_cast<int>(request.routing())));
+  }
+}
+
+void KilnService::RouteThenDispatch(std::shared_ptr<Pending> pending) {
+  const absl::Time start = absl::Now();
+  const std::string instruction = pending->instruction;
+  router_->Route(instruction, [this, pending, start](absl::StatusOr<Router::Decision> decision) {
+    if (!decision.ok()) {
+      return pending->done(absl::Status(
+          decision.status().code(),
+          absl::StrCat("routing: embedding the instruction: ", decision.status().message())));
+    }
+    std::vector<std::string> chosen;
+    for (const auto& [key, weight] : decision->chosen) {
+      // A brick deleted since the router's last sync is skipped (the plan
+      // keeps the others; with none left, the base model).
+      absl::StatusOr<int> version = bricks_->ResolveVersion(key.id, key.version);
+      if (!version.ok()) {
+        KLOG(WARNING) << "routing: " << key.ToString()
+                      << " is no longer servable, skipped: " << version.status().message();
+        continue;
+      }
+      pending->bricks.push_back({.key = key, .weight = weight});
+      chosen.push_back(key.id);
+    }
+    metrics_->RecordRouterDecision(
+        chosen, absl::Now() - start, decision->cache_hit,
+        decision->candidates.empty() ? std::nullopt
+                                     : std::optional<float>(decision->candidates[0].score));
+    Dispatch(pending);
+  });
+}
+
+void KilnService::Dispatch(std::shared_ptr<Pending> pending) {
+  EmbedJob& job = *pending->job;
+  auto shared_done = std::make_shared<std::function<void(absl::StatusOr<EmbedResponse>)>>(
+      std::move(pending->done));
+  const int exit = job.exit;
   const std::string model_id = model_->config().model_id;
   const bool log = options_.log_requests;
-  const int64_t job_tokens = job->tokens;
-  job->done = [shared_done, facts = std::move(facts), exit, model_id, request_id, log, bricks,
-               job_tokens, start = absl::Now(),
-               metrics = metrics_](absl::StatusOr<EmbedOutput> out) {
+  const int64_t job_tokens = job.tokens;
+  const float ffn_fraction = job.ffn_fraction;
+  job.done = [shared_done, facts = std::move(pending->facts), exit, model_id,
+              request_id = pending->request_id, log, bricks = pending->bricks,
+              routing = pending->routing, ffn_fraction, job_tokens, start = pending->start,
+              metrics = metrics_](absl::StatusOr<EmbedOutput> out) {
     if (!out.ok()) return (*shared_done)(out.status());
     EmbedResponse response;
     for (const BrickManager::Resolved& b : bricks) {
@@ -279,6 +411,9 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
       ref->set_weight(b.weight);
       metrics->RecordBrickRequest(b.key.id, job_tokens, absl::Now() - start);
     }
+    metrics->ObserveFfnActiveFraction(out->ffn_active_fraction);
+    response.set_routing(routing);
+    response.set_ffn_fraction(ffn_fraction);
     response.set_exit_layer(exit);
     response.set_model_id(model_id);
     response.set_queue_time_us(absl::ToInt64Microseconds(out->queue_time));
@@ -292,13 +427,14 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
     }
     if (log) {
       KLOG(INFO) << "Embed request_id=" << request_id << " inputs=" << facts.size()
-                 << " exit=" << exit << " queue_us=" << response.queue_time_us()
+                 << " exit=" << exit << " bricks=" << bricks.size()
+                 << " queue_us=" << response.queue_time_us()
                  << " compute_us=" << response.compute_time_us();
     }
     (*shared_done)(std::move(response));
   };
-  if (bricks.empty()) {
-    if (absl::Status st = batcher_->EnqueueAdmitted(std::move(job)); !st.ok()) {
+  if (pending->bricks.empty() && !pending->partition.has_value()) {
+    if (absl::Status st = batcher_->EnqueueAdmitted(std::move(pending->job)); !st.ok()) {
       (*shared_done)(st);
     }
     return;
@@ -306,22 +442,23 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
   // The job enters the queue once its bricks are resident and pinned: at
   // once when they already are, else from a loader thread when the loads
   // finish. Requests that need other bricks are not held up meanwhile.
-  std::shared_ptr<EmbedJob> pending(std::move(job));
   Batcher* batcher = batcher_;
-  bricks_->Acquire(std::move(bricks),
-                   [pending, batcher, ticket](absl::StatusOr<BrickManager::Held> held) mutable {
-                     if (!held.ok()) {
-                       pending->done(held.status());
-                     } else {
-                       auto job = std::make_unique<EmbedJob>(std::move(*pending));
-                       job->plan = std::move(held->plan);
-                       job->bricks_hold = std::move(held->hold);
-                       auto done = job->done;
-                       if (absl::Status st = batcher->EnqueueAdmitted(std::move(job)); !st.ok())
-                         done(st);
-                     }
-                     ticket.reset();  // handed over: a drain may proceed
-                   });
+  bricks_->Acquire(
+      pending->bricks, pending->partition,
+      [pending, batcher, shared_done](absl::StatusOr<BrickManager::Held> held) mutable {
+        if (!held.ok()) {
+          (*shared_done)(held.status());
+        } else {
+          std::unique_ptr<EmbedJob> job = std::move(pending->job);
+          job->plan = std::move(held->plan);
+          job->ffn = held->ffn;
+          job->bricks_hold = std::move(held->hold);
+          if (absl::Status st = batcher->EnqueueAdmitted(std::move(job)); !st.ok()) {
+            (*shared_done)(st);
+          }
+        }
+        pending->ticket.reset();  // handed over: a drain may proceed
+      });
 }
 
 grpc::ServerUnaryReactor* KilnService::Embed(grpc::CallbackServerContext* ctx,
@@ -418,9 +555,79 @@ grpc::ServerUnaryReactor* KilnService::Info(grpc::CallbackServerContext* ctx,
       response->set_max_bricks_per_request(bricks_->options().max_bricks_per_request);
       response->set_max_brick_weight(bricks_->options().max_brick_weight);
     }
+    response->set_default_routing(router_ != nullptr ? options_.default_routing
+                                                     : kiln::v1::ROUTING_NONE);
   }
   metrics_->RecordRequest("Info", st.error_code(), absl::Now() - start);
   reactor->Finish(st);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* KilnService::Route(grpc::CallbackServerContext* ctx,
+                                             const kiln::v1::RouteRequest* request,
+                                             kiln::v1::RouteResponse* response) {
+  grpc::ServerUnaryReactor* reactor = ctx->DefaultReactor();
+  const absl::Time start = absl::Now();
+  const std::string request_id = RequestId(ctx);
+  auto finish = [this, reactor, response, start, request_id](const absl::Status& status) {
+    grpc::Status st = ToGrpcStatus(status);
+    if (!st.ok()) {
+      response->Clear();
+      LogFailure("Route", request_id, st);
+    }
+    metrics_->RecordRequest(kRpcRoute, st.error_code(), absl::Now() - start);
+    reactor->Finish(st);
+  };
+  absl::Status status = CheckAvailable();
+  std::u32string scratch;
+  if (status.ok()) {
+    if (absl::Status st = tokenizer::DecodeUtf8(request->instruction(), &scratch); !st.ok()) {
+      status = absl::InvalidArgumentError(absl::StrCat("instruction: ", st.message()));
+    } else if (request->instruction().empty()) {
+      status = absl::InvalidArgumentError("instruction: empty; there is nothing to route");
+    } else if (router_ == nullptr) {
+      status = absl::FailedPreconditionError(
+          "Route needs bricks to route to, and this server runs without a brick store (start it "
+          "with --brick_dir)");
+    }
+  }
+  if (!status.ok()) {
+    finish(status);
+    return reactor;
+  }
+  const Router::Options& o = router_->options();
+  response->set_min_score(o.min_score);
+  response->set_top_k(static_cast<uint32_t>(o.top_k));
+  response->set_temperature(o.temperature);
+  response->set_router_exit(static_cast<uint32_t>(o.exit));
+  router_->Route(request->instruction(),
+                 [response, finish](absl::StatusOr<Router::Decision> decision) {
+                   if (!decision.ok()) {
+                     return finish(absl::Status(
+                         decision.status().code(),
+                         absl::StrCat("routing: embedding the instruction: ",
+                                      decision.status().message())));
+                   }
+                   for (const Router::Candidate& c : decision->candidates) {
+                     kiln::v1::RouteCandidate* out = response->add_candidates();
+                     out->set_id(c.brick.id);
+                     out->set_version(static_cast<uint32_t>(c.brick.version));
+                     out->set_score(c.score);
+                     out->set_side(c.side);
+                     out->set_chosen(c.chosen);
+                     out->set_weight(c.weight);
+                     out->set_reason(c.reason);
+                   }
+                   for (const auto& [key, weight] : decision->chosen) {
+                     kiln::v1::BrickRef* ref = response->add_bricks();
+                     ref->set_id(key.id);
+                     ref->set_version(static_cast<uint32_t>(key.version));
+                     ref->set_weight(weight);
+                   }
+                   response->set_reason(decision->reason);
+                   response->set_cache_hit(decision->cache_hit);
+                   finish(absl::OkStatus());
+                 });
   return reactor;
 }
 

@@ -18,6 +18,7 @@
 #include "engine/model/embedding_model.h"
 #include "kiln/v1/kiln.grpc.pb.h"
 #include "router/brick_manager.h"
+#include "router/router.h"
 #include "server/batcher.h"
 #include "server/metrics.h"
 
@@ -28,6 +29,9 @@ struct ServiceOptions {
   int max_batch_tokens = 2048;    // reported by Info
   int max_queue_requests = 1024;  // reported by Info
   bool log_requests = false;      // one log line per request (errors are always logged)
+  // What ROUTING_UNSPECIFIED means when no bricks are listed
+  // (--default_routing): ROUTING_AUTO or ROUTING_NONE.
+  kiln::v1::Routing default_routing = kiln::v1::ROUTING_AUTO;
 };
 
 class KilnService final : public kiln::v1::Kiln::CallbackService {
@@ -37,9 +41,10 @@ class KilnService final : public kiln::v1::Kiln::CallbackService {
       : options_(options), metrics_(metrics) {}
 
   // Gives the service its model, batcher and (optional, may be null: no
-  // bricks) brick manager; all must outlive it. Call once, before
+  // bricks) brick manager and router; all must outlive it. Call once, before
   // SetReady(true).
-  void Attach(EmbeddingModel* model, Batcher* batcher, BrickManager* bricks = nullptr);
+  void Attach(EmbeddingModel* model, Batcher* batcher, BrickManager* bricks = nullptr,
+              Router* router = nullptr);
   void SetReady(bool ready) { ready_.store(ready, std::memory_order_release); }
   void StartDraining() { draining_.store(true, std::memory_order_release); }
   // After StartDraining: waits until every Embed admitted before it has been
@@ -63,6 +68,11 @@ class KilnService final : public kiln::v1::Kiln::CallbackService {
   grpc::ServerUnaryReactor* Info(grpc::CallbackServerContext* ctx,
                                  const kiln::v1::InfoRequest* request,
                                  kiln::v1::InfoResponse* response) override;
+  // Route never embeds inputs: only the instruction, through the router
+  // (and so the batcher) on a cache miss.
+  grpc::ServerUnaryReactor* Route(grpc::CallbackServerContext* ctx,
+                                  const kiln::v1::RouteRequest* request,
+                                  kiln::v1::RouteResponse* response) override;
 
   // Validates and tokenizes `request` and enqueues it; `done` is called
   // exactly once with the response or the error (possibly before this
@@ -82,11 +92,22 @@ class KilnService final : public kiln::v1::Kiln::CallbackService {
   absl::StatusOr<Encoding> TokenizeInput(const std::string& instruction, const std::string& input,
                                          bool truncate, int index) const;
 
+  // An Embed between validation and the batcher (see kiln_service.cc).
+  struct Pending;
+  // Picks the request's routing mode (never UNSPECIFIED) or the error that
+  // names the field at fault.
+  absl::StatusOr<kiln::v1::Routing> ChooseRouting(const kiln::v1::EmbedRequest& request) const;
+  // Routes an AUTO request, then Dispatch.
+  void RouteThenDispatch(std::shared_ptr<Pending> pending);
+  // Makes the request's bricks resident and pinned, then enqueues its job.
+  void Dispatch(std::shared_ptr<Pending> pending);
+
   ServiceOptions options_;
   Metrics* metrics_;
   EmbeddingModel* model_ = nullptr;
   Batcher* batcher_ = nullptr;
   BrickManager* bricks_ = nullptr;
+  Router* router_ = nullptr;
   // Embeds admitted (past CheckAvailable) and not yet handed to the batcher.
   class AdmittedTicket;
   std::mutex admitted_mu_;

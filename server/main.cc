@@ -71,6 +71,22 @@ ABSL_FLAG(int, admin_port, 50052, "serve: BrickAdmin port (0 = any free port, lo
 ABSL_FLAG(std::string, admin_token_file, "",
           "serve: file holding the bearer token every BrickAdmin call must send as "
           "\"authorization: Bearer <token>\"");
+ABSL_FLAG(std::string, default_routing, "auto",
+          "serve: what an EmbedRequest without bricks and routing gets: \"auto\" (the router "
+          "picks bricks from its instruction) or \"none\" (the base model)");
+ABSL_FLAG(int, router_exit, 2,
+          "serve: layer whose output embeds instructions for routing (cheap: 2 of 6 layers)");
+ABSL_FLAG(int, router_cache_entries, 4096,
+          "serve: instruction embeddings the router keeps (least recently used dropped)");
+ABSL_FLAG(int, router_top_k, 1, "serve: most bricks the router puts in one plan");
+ABSL_FLAG(float, router_min_score, 0.5f,
+          "serve: cosine a brick's key needs with the instruction to be routed to; none above it "
+          "= the base model");
+ABSL_FLAG(float, router_temperature, 0.05f,
+          "serve: the router weights the bricks it keeps by softmax(score / T)");
+ABSL_FLAG(std::string, ffn_partition, "",
+          "serve: id of the ffn_partition brick that ffn_fraction < 1 runs with; empty = the only "
+          "one in --brick_dir");
 ABSL_FLAG(int, batch_lines, 0,
           "embed: lines per engine batch; 0 = 64 when stdin is a file or pipe, 1 when a terminal");
 
@@ -226,7 +242,14 @@ int main(int argc, char** argv) {
                            .brick_poll_s = absl::GetFlag(FLAGS_brick_poll_s),
                            .admin_host = absl::GetFlag(FLAGS_admin_host),
                            .admin_port = absl::GetFlag(FLAGS_admin_port),
-                           .admin_token_file = absl::GetFlag(FLAGS_admin_token_file)});
+                           .admin_token_file = absl::GetFlag(FLAGS_admin_token_file),
+                           .default_routing = absl::GetFlag(FLAGS_default_routing),
+                           .router_exit = absl::GetFlag(FLAGS_router_exit),
+                           .router_cache_entries = absl::GetFlag(FLAGS_router_cache_entries),
+                           .router_top_k = absl::GetFlag(FLAGS_router_top_k),
+                           .router_min_score = absl::GetFlag(FLAGS_router_min_score),
+                           .router_temperature = absl::GetFlag(FLAGS_router_temperature),
+                           .ffn_partition = absl::GetFlag(FLAGS_ffn_partition)});
   }
   if (cmd == "version") {
     std::cout << "kiln " << kiln::kVersion << "\n";

@@ -62,6 +62,21 @@ const Histogram::BucketBoundaries& BatchSizeBuckets() {
 // Brick load latency in seconds, 1-2.5-5 steps from 1ms to 10s: a small LoRA
 // brick read from the page cache loads in about a millisecond, a large one
 // from cold network storage in seconds.
+// Cosines: coarse below 0.3, fine where routing thresholds live.
+const Histogram::BucketBoundaries& ScoreBuckets() {
+  static const Histogram::BucketBoundaries kBuckets = {0.0,  0.1,  0.2,  0.3,  0.35, 0.4, 0.45,
+                                                       0.5,  0.55, 0.6,  0.65, 0.7,  0.75, 0.8,
+                                                       0.85, 0.9,  0.95, 1.0};
+  return kBuckets;
+}
+
+// Fractions of E = 16 experts (and of 8, 4, 2) fall on a boundary.
+const Histogram::BucketBoundaries& FractionBuckets() {
+  static const Histogram::BucketBoundaries kBuckets = {0.0625, 0.125, 0.25, 0.375, 0.5,
+                                                       0.625,  0.75,  0.875, 1.0};
+  return kBuckets;
+}
+
 const Histogram::BucketBoundaries& LoadSecondsBuckets() {
   static const Histogram::BucketBoundaries kBuckets = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                                        0.25,  0.5,    1,     2.5,  5,     10};
@@ -163,6 +178,10 @@ Metrics::Metrics(const Options& options)
       brick_evictions_family_(
           CounterFamily(*registry_, "kiln_brick_evictions_total",
                         "Brick versions evicted from the brick cache to make room.")),
+      router_decisions_family_(
+          CounterFamily(*registry_, "kiln_router_decisions_total",
+                        "AUTO routing decisions, per chosen brick; brick=\"none\" when the "
+                        "router chose the base model.")),
       queue_duration_(
           HistogramFamily(*registry_, "kiln_queue_duration_seconds",
                           "Time a request waited in the batcher queue before its batch was "
@@ -196,6 +215,22 @@ Metrics::Metrics(const Options& options)
       brick_cache_bytes_(GaugeFamily(*registry_, "kiln_brick_cache_bytes",
                                      "Bytes of brick weights resident in the brick cache.")
                              .Add({})),
+      router_none_(router_decisions_family_.Add({{"brick", "none"}})),
+      router_duration_(HistogramFamily(*registry_, "kiln_router_duration_seconds",
+                                       "Time to route one instruction to a plan, in seconds "
+                                       "(its embedding included on a cache miss).")
+                           .Add({}, SecondsBuckets())),
+      router_cache_hits_(CounterFamily(*registry_, "kiln_router_cache_hits_total",
+                                       "Routing decisions whose instruction embedding came "
+                                       "from the router's cache.")
+                             .Add({})),
+      router_top_score_(HistogramFamily(*registry_, "kiln_router_top_score",
+                                        "Cosine of the best-scoring brick per routing decision.")
+                            .Add({}, ScoreBuckets())),
+      ffn_active_fraction_(HistogramFamily(*registry_, "kiln_ffn_active_fraction",
+                                           "Share of FFN expert groups each token computed, per "
+                                           "Embed request (1 = dense).")
+                               .Add({}, FractionBuckets())),
       brick_metrics_max_(std::max(0, options.brick_metrics_max)) {
   GaugeFamily(*registry_, "kiln_build_info",
               "Constant 1, labelled with the server version, base model and device.")
@@ -203,7 +238,7 @@ Metrics::Metrics(const Options& options)
       .Set(1);
   // The common series exist from the start, so rate() and absent() work
   // before the first request of each kind.
-  for (absl::string_view rpc : {kRpcEmbed, kRpcEmbedStream, kRpcTokenize, kRpcInfo}) {
+  for (absl::string_view rpc : {kRpcEmbed, kRpcEmbedStream, kRpcTokenize, kRpcInfo, kRpcRoute}) {
     Histogram* unused;
     RequestCounter(rpc, grpc::StatusCode::OK, &unused);
   }
@@ -279,6 +314,7 @@ Metrics::BrickSeries Metrics::MakeBrickSeries(const std::string& label) {
   series.loads_error = &brick_loads_family_.Add({{"brick", label}, {"result", "error"}});
   series.resident = &brick_resident_family_.Add(brick);
   series.evictions = &brick_evictions_family_.Add(brick);
+  series.router_decisions = &router_decisions_family_.Add(brick);
   return series;
 }
 
@@ -319,6 +355,17 @@ void Metrics::SetBrickCacheBytes(int64_t bytes) {
 }
 
 void Metrics::CountBrickEviction(absl::string_view brick) { Brick(brick).evictions->Increment(); }
+
+void Metrics::RecordRouterDecision(absl::Span<const std::string> chosen, absl::Duration duration,
+                                   bool cache_hit, std::optional<float> top_score) {
+  if (chosen.empty()) router_none_.Increment();
+  for (const std::string& id : chosen) Brick(id).router_decisions->Increment();
+  router_duration_.Observe(Seconds(duration));
+  if (cache_hit) router_cache_hits_.Increment();
+  if (top_score.has_value()) router_top_score_.Observe(*top_score);
+}
+
+void Metrics::ObserveFfnActiveFraction(double fraction) { ffn_active_fraction_.Observe(fraction); }
 
 std::string Metrics::Serialize() const {
   return prometheus::TextSerializer().Serialize(registry_->Collect());

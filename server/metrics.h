@@ -24,6 +24,16 @@
 //   kiln_brick_resident{brick}                 gauge     versions of the brick in the cache now
 //   kiln_brick_cache_bytes                     gauge     bytes resident in the brick cache
 //   kiln_brick_evictions_total{brick}          counter   versions of the brick evicted
+//   kiln_router_decisions_total{brick}         counter   AUTO routing decisions per chosen
+//                                                        brick; brick="none" = base model
+//   kiln_router_duration_seconds               histogram instruction -> plan (embedding
+//                                                        included on a cache miss)
+//   kiln_router_cache_hits_total               counter   decisions whose instruction
+//                                                        embedding was cached
+//   kiln_router_top_score                      histogram best brick's cosine per decision
+//                                                        (none when no brick is routable)
+//   kiln_ffn_active_fraction                   histogram per Embed request: share of FFN
+//                                                        expert groups each token ran (1 = dense)
 // (* Embed requests count each EmbedStream message as one request.)
 //
 // The `brick` label is capped (Options::brick_metrics_max, --brick_metrics_max):
@@ -48,6 +58,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <optional>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
@@ -55,6 +66,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "absl/types/span.h"
 
 namespace prometheus {
 class Counter;
@@ -73,6 +85,7 @@ inline constexpr absl::string_view kRpcEmbed = "Embed";
 inline constexpr absl::string_view kRpcEmbedStream = "EmbedStream";
 inline constexpr absl::string_view kRpcTokenize = "Tokenize";
 inline constexpr absl::string_view kRpcInfo = "Info";
+inline constexpr absl::string_view kRpcRoute = "Route";
 
 // The `brick` label value that bricks past the cap (and invalid ids, and a
 // brick named "other") are recorded under.
@@ -174,6 +187,20 @@ class Metrics {
   // cache also calls AddBrickResident(brick, -1).
   void CountBrickEviction(absl::string_view brick);
 
+  // One AUTO routing decision that took `duration` (cache lookup, plus the
+  // instruction's embedding on a miss): kiln_router_decisions_total += 1 for
+  // each chosen brick id (capped like every brick label), or for
+  // brick="none" when `chosen` is empty (the base model; a real brick named
+  // "none" shares that series); kiln_router_cache_hits_total += 1 on a
+  // `cache_hit`; kiln_router_top_score observes `top_score` when set.
+  void RecordRouterDecision(absl::Span<const std::string> chosen, absl::Duration duration,
+                            bool cache_hit, std::optional<float> top_score);
+
+  // One Embed request (or EmbedStream message) whose tokens each computed
+  // `fraction` of their layer's FFN expert groups (1 = dense):
+  // kiln_ffn_active_fraction observes it.
+  void ObserveFfnActiveFraction(double fraction);
+
   // The Prometheus text exposition (format 0.0.4) of every kiln_ family, as
   // /metrics serves them.
   std::string Serialize() const;
@@ -199,6 +226,7 @@ class Metrics {
     prometheus::Counter* loads_error = nullptr;
     prometheus::Gauge* resident = nullptr;
     prometheus::Counter* evictions = nullptr;
+    prometheus::Counter* router_decisions = nullptr;
   };
 
   explicit Metrics(const Options& options);
@@ -224,6 +252,7 @@ class Metrics {
   prometheus::Family<prometheus::Histogram>& brick_load_duration_family_;
   prometheus::Family<prometheus::Gauge>& brick_resident_family_;
   prometheus::Family<prometheus::Counter>& brick_evictions_family_;
+  prometheus::Family<prometheus::Counter>& router_decisions_family_;
 
   prometheus::Histogram& queue_duration_;
   prometheus::Gauge& queue_requests_;
@@ -236,6 +265,11 @@ class Metrics {
   prometheus::Histogram& brick_load_ok_duration_;
   prometheus::Histogram& brick_load_error_duration_;
   prometheus::Gauge& brick_cache_bytes_;
+  prometheus::Counter& router_none_;
+  prometheus::Histogram& router_duration_;
+  prometheus::Counter& router_cache_hits_;
+  prometheus::Histogram& router_top_score_;
+  prometheus::Histogram& ffn_active_fraction_;
   const int brick_metrics_max_;
 
   // Labelled children are created once and cached: Family::Add takes the

@@ -117,6 +117,13 @@ absl::Status ValidateOptions(const ServeOptions& o) {
     return absl::InvalidArgumentError(
         absl::StrCat("--admin_port=", o.admin_port, " is not a port"));
   }
+  if (o.default_routing != "auto" && o.default_routing != "none") {
+    return absl::InvalidArgumentError(absl::StrCat("--default_routing=", o.default_routing,
+                                                   " is not \"auto\" or \"none\""));
+  }
+  if (o.brick_dir.empty() && !o.ffn_partition.empty()) {
+    return absl::InvalidArgumentError("--ffn_partition needs --brick_dir");
+  }
   if (!o.brick_dir.empty() && o.admin_token_file.empty() && !IsLoopback(o.admin_host)) {
     return absl::InvalidArgumentError(
         absl::StrCat("--admin_host=", o.admin_host,
@@ -161,6 +168,36 @@ absl::Status WarmUp(EmbeddingModel& model, Batcher& batcher) {
   return result;
 }
 
+// The router's EmbedFn: the texts go through the batcher as one small
+// request at the router's exit (never computed on the caller's thread).
+Router::EmbedFn RouterEmbedder(EmbeddingModel* model, Batcher* batcher, int exit) {
+  return [model, batcher, exit](std::vector<std::string> texts,
+                                std::function<void(absl::StatusOr<Router::Vectors>)> done) {
+    auto job = std::make_unique<EmbedJob>();
+    job->exit = exit;
+    job->normalize = true;
+    for (const std::string& text : texts) {
+      absl::StatusOr<Encoding> enc = model->Tokenize(text);
+      if (!enc.ok()) return done(enc.status());
+      job->tokens += static_cast<int64_t>(enc->ids.size());
+      job->inputs.push_back(*std::move(enc));
+    }
+    job->done = [done](absl::StatusOr<EmbedOutput> out) {
+      if (!out.ok()) return done(out.status());
+      Router::Vectors vecs;
+      const size_t n = out->dim == 0 ? 0 : out->embeddings.size() / out->dim;
+      for (size_t i = 0; i < n; ++i) {
+        const float* row = out->embeddings.data() + i * out->dim;
+        vecs.emplace_back(row, row + out->dim);
+      }
+      done(std::move(vecs));
+    };
+    // Admitted: a routing embedding serves a request that was admitted
+    // before any drain began.
+    if (absl::Status st = batcher->EnqueueAdmitted(std::move(job)); !st.ok()) done(st);
+  };
+}
+
 }  // namespace
 
 int RunServe(const ServeOptions& options) {
@@ -195,7 +232,9 @@ int RunServe(const ServeOptions& options) {
   KilnService service({.max_client_batch = o.max_client_batch,
                        .max_batch_tokens = o.max_batch_tokens,
                        .max_queue_requests = o.max_queue_requests,
-                       .log_requests = o.log_requests},
+                       .log_requests = o.log_requests,
+                       .default_routing = o.default_routing == "none" ? kiln::v1::ROUTING_NONE
+                                                                      : kiln::v1::ROUTING_AUTO},
                       metrics->get());
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -227,6 +266,9 @@ int RunServe(const ServeOptions& options) {
   // Declared before the batcher, so it is destroyed after it: the jobs the
   // batcher still holds keep brick pins.
   std::unique_ptr<BrickManager> bricks;
+  // Before the batcher too: jobs the batcher fails at destruction may be the
+  // router's, whose callbacks reach it.
+  std::unique_ptr<Router> router;
   std::unique_ptr<BrickPoller> poller;
   std::unique_ptr<AdminService> admin;
   std::unique_ptr<grpc::Server> admin_server;
@@ -245,7 +287,8 @@ int RunServe(const ServeOptions& options) {
                               .cache_bytes = o.brick_cache_bytes,
                               .loader_threads = o.brick_loader_threads,
                               .max_bricks_per_request = o.max_bricks_per_request,
-                              .max_brick_weight = o.max_brick_weight},
+                              .max_brick_weight = o.max_brick_weight,
+                              .ffn_partition = o.ffn_partition},
                              (*model)->config(), backend.get(), std::move(brick_hooks));
     if (!created.ok()) {
       std::cerr << "kiln serve: " << created.status().message() << "\n";
@@ -307,7 +350,40 @@ int RunServe(const ServeOptions& options) {
     server->Shutdown();
     return 2;
   }
-  service.Attach(model->get(), batcher->get(), bricks.get());
+  // The router: its keys are embedded through the batcher, so it starts
+  // after it; re-synced whenever a brick is registered, deleted or polled in.
+  if (bricks != nullptr) {
+    if (o.router_exit > (*model)->num_layers()) {
+      std::cerr << "kiln serve: --router_exit=" << o.router_exit << " is past the model's "
+                << (*model)->num_layers() << " layers\n";
+      server->Shutdown();
+      return 2;
+    }
+    absl::StatusOr<std::unique_ptr<Router>> created =
+        Router::Create({.exit = o.router_exit,
+                        .cache_entries = o.router_cache_entries,
+                        .top_k = o.router_top_k,
+                        .min_score = o.router_min_score,
+                        .temperature = o.router_temperature},
+                       RouterEmbedder(model->get(), batcher->get(), o.router_exit));
+    if (!created.ok()) {
+      std::cerr << "kiln serve: " << created.status().message() << "\n";
+      server->Shutdown();
+      return 2;
+    }
+    router = *std::move(created);
+    if (absl::Status st = router->Sync(*bricks); !st.ok()) {
+      KLOG(WARNING) << "router: " << st.message();
+    }
+    Router* r = router.get();
+    BrickManager* b = bricks.get();
+    bricks->SetOnChange([r, b] {
+      if (absl::Status st = r->Sync(*b); !st.ok()) KLOG(WARNING) << "router: " << st.message();
+    });
+    KLOG(INFO) << "router: " << router->keys().size() << " routable bricks, exit "
+               << o.router_exit << ", default routing " << o.default_routing;
+  }
+  service.Attach(model->get(), batcher->get(), bricks.get(), router.get());
   if (absl::Status st = WarmUp(**model, **batcher); !st.ok()) {
     std::cerr << "kiln serve: warm-up failed: " << st.message() << "\n";
     server->Shutdown();
@@ -351,6 +427,8 @@ int RunServe(const ServeOptions& options) {
     admin_server->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
     admin_server->Wait();
   }
+  // No more re-syncs: the router goes before the batcher it embeds through.
+  if (bricks != nullptr) bricks->SetOnChange(nullptr);
   KLOG(INFO) << (drained ? "drained; exiting" : "drain timeout passed; exiting");
   return 0;
 }

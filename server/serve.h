@@ -33,6 +33,16 @@ struct ServeOptions {
   std::string admin_host = "127.0.0.1";
   int admin_port = 50052;        // 0 = any free port (logged)
   std::string admin_token_file;  // empty = no token (loopback hosts only)
+  // Routing (docs/ROUTING.md); only with a brick store.
+  std::string default_routing = "auto";  // "auto" or "none"
+  int router_exit = 2;
+  int router_cache_entries = 4096;
+  int router_top_k = 1;
+  float router_min_score = 0.5f;
+  float router_temperature = 0.05f;
+  // Emergent bricks: the ffn_partition brick ffn_fraction < 1 runs with;
+  // empty = the only one in the store.
+  std::string ffn_partition;
 };
 
 // Runs the server until SIGTERM or SIGINT, then drains and returns the

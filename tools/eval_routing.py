@@ -472,6 +472,10 @@ def print_retrieval(ret):
             print(f"  {task}: auto plans per call {au['embed']['plans']}"
                   + (f"; wrong: {au['embed']['wrong_examples'][:5]}"
                      if au['embed']['wrong_examples'] else ""))
+        for name, v in e["settings"].items():
+            if v.get("embed", {}).get("routing_field_mismatch"):
+                print(f"  {task}: {name}: {v['embed']['routing_field_mismatch']} responses with an "
+                      f"unexpected EmbedResponse.routing")
         m = e["explicit_manifest_minus_quality_md_points"]
         if m is not None:
             print(f"  {task}: explicit-manifest - QUALITY.md = {m:+.2f} points")

@@ -241,6 +241,11 @@ constexpr const char* kFamilies[][2] = {
     {"kiln_brick_resident", "gauge"},
     {"kiln_brick_cache_bytes", "gauge"},
     {"kiln_brick_evictions_total", "counter"},
+    {"kiln_router_decisions_total", "counter"},
+    {"kiln_router_duration_seconds", "histogram"},
+    {"kiln_router_cache_hits_total", "counter"},
+    {"kiln_router_top_score", "histogram"},
+    {"kiln_ffn_active_fraction", "histogram"},
 };
 
 // One call of every brick method, so every brick family has a child.
@@ -299,7 +304,7 @@ TEST(MetricsTest, KnownRpcsStartAtZero) {
   std::unique_ptr<Metrics> metrics = MakeMetrics();
   ASSERT_NE(metrics, nullptr);
   const std::string text = metrics->Serialize();
-  for (const char* rpc : {"Embed", "EmbedStream", "Tokenize", "Info"}) {
+  for (const char* rpc : {"Embed", "EmbedStream", "Tokenize", "Info", "Route"}) {
     EXPECT_EQ(Sample(text, absl::StrCat(R"(kiln_requests_total{code="ok",rpc=")", rpc, R"("})")), 0)
         << rpc;
     EXPECT_EQ(
@@ -452,6 +457,32 @@ TEST(MetricsTest, BrickRequestsCountTokensAndLatency) {
       2);
   // Under the cap: nothing folds into "other".
   EXPECT_EQ(Sample(text, R"(kiln_brick_requests_total{brick="other"})"), std::nullopt);
+}
+
+TEST(MetricsTest, RouterDecisionsCacheHitsScoresAndFfnFraction) {
+  std::unique_ptr<Metrics> metrics = MakeMetrics("", /*brick_metrics_max=*/1);
+  ASSERT_NE(metrics, nullptr);
+  // The base-model series exists before any decision.
+  EXPECT_EQ(Sample(metrics->Serialize(), R"(kiln_router_decisions_total{brick="none"})"), 0);
+  const std::vector<std::string> two = {"py-docstring", "man-synopsis"};
+  metrics->RecordRouterDecision(two, absl::Milliseconds(3), false, 0.82f);
+  metrics->RecordRouterDecision({}, absl::Microseconds(20), true, 0.31f);
+  metrics->RecordRouterDecision({}, absl::Microseconds(20), true, std::nullopt);
+  metrics->ObserveFfnActiveFraction(0.5);
+  metrics->ObserveFfnActiveFraction(1.0);
+  const std::string text = metrics->Serialize();
+  EXPECT_EQ(Sample(text, R"(kiln_router_decisions_total{brick="py-docstring"})"), 1) << text;
+  // Past the cap of 1: folded into "other".
+  EXPECT_EQ(Sample(text, R"(kiln_router_decisions_total{brick="other"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_router_decisions_total{brick="none"})"), 2);
+  EXPECT_EQ(Sample(text, "kiln_router_duration_seconds_count"), 3);
+  EXPECT_EQ(Sample(text, "kiln_router_cache_hits_total"), 2);
+  EXPECT_EQ(Sample(text, "kiln_router_top_score_count"), 2);
+  EXPECT_EQ(Sample(text, R"(kiln_router_top_score_bucket{le="0.35"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_router_top_score_bucket{le="0.85"})"), 2);
+  EXPECT_EQ(Sample(text, R"(kiln_ffn_active_fraction_bucket{le="0.5"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_ffn_active_fraction_bucket{le="1"})"), 2);
+  EXPECT_EQ(Sample(text, "kiln_ffn_active_fraction_sum"), 1.5);
 }
 
 TEST(MetricsTest, BrickRequestLatencyUsesTheRequestBuckets) {
