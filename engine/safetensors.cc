@@ -387,9 +387,9 @@ absl::StatusOr<std::vector<int32_t>> SafetensorsFile::ReadInt32(absl::string_vie
         absl::StrCat("tensor '", name, "' not found in safetensors file '", path_, "'"));
   }
   if (t->dtype != DType::kI32) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("tensor '", name, "' in safetensors file '", path_, "' has dtype ",
-                     DTypeName(t->dtype), "; only I32 can be read as int32"));
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' in safetensors file '",
+                                                   path_, "' has dtype ", DTypeName(t->dtype),
+                                                   "; only I32 can be read as int32"));
   }
   const absl::Span<const uint8_t> bytes = Bytes(*t);
   std::vector<int32_t> out(static_cast<size_t>(t->num_elements()));
@@ -409,8 +409,9 @@ absl::StatusOr<std::vector<int32_t>> SafetensorsFile::ReadInt32(
   return ReadInt32(name);
 }
 
-absl::StatusOr<std::string> SerializeSafetensors(absl::Span<const SafetensorsTensorData> tensors,
-                                                 const std::map<std::string, std::string>& metadata) {
+absl::StatusOr<std::string> SerializeSafetensors(
+    absl::Span<const SafetensorsTensorData> tensors,
+    const std::map<std::string, std::string>& metadata) {
   std::map<std::string, const SafetensorsTensorData*> sorted;
   for (const SafetensorsTensorData& t : tensors) {
     if (t.name.empty() || t.name == kMetadataKey) {
@@ -420,15 +421,15 @@ absl::StatusOr<std::string> SerializeSafetensors(absl::Span<const SafetensorsTen
     uint64_t elements = 1;
     for (int64_t d : t.shape) {
       if (d < 0) {
-        return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' has shape ",
-                                                       FormatShape(t.shape), " with a negative dim"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor '", t.name, "' has shape ", FormatShape(t.shape), " with a negative dim"));
       }
       elements *= static_cast<uint64_t>(d);
     }
     if (elements * DTypeSize(t.dtype) != t.data.size()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "tensor '", t.name, "' (", DTypeName(t.dtype), " ", FormatShape(t.shape), ") needs ",
-          elements * DTypeSize(t.dtype), " bytes, got ", t.data.size()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor '", t.name, "' (", DTypeName(t.dtype), " ", FormatShape(t.shape),
+                       ") needs ", elements * DTypeSize(t.dtype), " bytes, got ", t.data.size()));
     }
     if (!sorted.emplace(t.name, &t).second) {
       return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' given twice"));
@@ -449,7 +450,8 @@ absl::StatusOr<std::string> SerializeSafetensors(absl::Span<const SafetensorsTen
   std::string out;
   out.reserve(kLengthPrefixBytes + header_text.size() + offset);
   const uint64_t n = header_text.size();
-  for (size_t i = 0; i < kLengthPrefixBytes; ++i) out.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+  for (size_t i = 0; i < kLengthPrefixBytes; ++i)
+    out.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
   out += header_text;
   for (const auto& [name, t] : sorted) out.append(t->data.data(), t->data.size());
   return out;

@@ -32,9 +32,7 @@ constexpr char kGroupsSuffix[] = ".groups";
 constexpr char kCentroidsSuffix[] = ".centroids";
 
 std::string GroupsName(int layer) { return absl::StrCat(kLayerPrefix, layer, kGroupsSuffix); }
-std::string CentroidsName(int layer) {
-  return absl::StrCat(kLayerPrefix, layer, kCentroidsSuffix);
-}
+std::string CentroidsName(int layer) { return absl::StrCat(kLayerPrefix, layer, kCentroidsSuffix); }
 
 // A uniformly distributed integer in [0, range) from raw mt19937_64 draws.
 // Draws in the last, incomplete bucket of size `range` are redrawn, so every
@@ -145,8 +143,8 @@ absl::Status WriteFileAtomically(const fs::path& path, absl::string_view bytes) 
   std::error_code ec;
   fs::rename(tmp, path, ec);
   if (ec) {
-    return absl::InternalError(
-        absl::StrCat(path.string(), ": cannot rename ", tmp.string(), " into place: ", ec.message()));
+    return absl::InternalError(absl::StrCat(path.string(), ": cannot rename ", tmp.string(),
+                                            " into place: ", ec.message()));
   }
   return absl::OkStatus();
 }
@@ -162,9 +160,9 @@ absl::Status CheckLayer(const FfnPartition::Layer& layer, int experts, int hidde
   for (int j = 0; j < ff; ++j) {
     const int32_t v = layer.groups[j];
     if (v < 0 || v >= ff) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(groups_where, ": not a permutation of 0..", ff - 1, ": element ", j,
-                       " is ", v, ", outside 0..", ff - 1));
+      return absl::InvalidArgumentError(absl::StrCat(groups_where, ": not a permutation of 0..",
+                                                     ff - 1, ": element ", j, " is ", v,
+                                                     ", outside 0..", ff - 1));
     }
     if (seen_at[v] >= 0) {
       return absl::InvalidArgumentError(
@@ -181,10 +179,10 @@ absl::Status CheckLayer(const FfnPartition::Layer& layer, int experts, int hidde
   }
   for (size_t j = 0; j < want; ++j) {
     if (!std::isfinite(layer.centroids[j])) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          centroids_where, ": has a non-finite value (",
-          std::isnan(layer.centroids[j]) ? "NaN" : "Inf", ") at element ", j, " (expert ",
-          j / hidden, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(centroids_where, ": has a non-finite value (",
+                                                     std::isnan(layer.centroids[j]) ? "NaN" : "Inf",
+                                                     ") at element ", j, " (expert ", j / hidden,
+                                                     ")"));
     }
   }
   return absl::OkStatus();
@@ -233,8 +231,8 @@ absl::StatusOr<BalancedKMeansResult> BalancedKMeans(absl::Span<const float> rows
   }
   for (size_t j = 0; j < rows.size(); ++j) {
     if (!std::isfinite(rows[j])) {
-      return absl::InvalidArgumentError(absl::StrCat("rows: non-finite value at row ", j / dim,
-                                                     ", column ", j % dim));
+      return absl::InvalidArgumentError(
+          absl::StrCat("rows: non-finite value at row ", j / dim, ", column ", j % dim));
     }
   }
   const std::vector<double> unit_rows = NormalisedRows(rows, n, dim);
@@ -295,9 +293,8 @@ absl::StatusOr<FfnPartition> SplitFfn(const SafetensorsFile& weights, const Enco
     }
     const int64_t shape[] = {ff, hidden};
     ASSIGN_OR_RETURN(const std::vector<float> w, weights.ReadFloat32(name, shape));
-    absl::StatusOr<BalancedKMeansResult> km =
-        BalancedKMeans(w, ff, hidden, experts, seed + static_cast<uint64_t>(i),
-                       kSplitFfnMaxIterations);
+    absl::StatusOr<BalancedKMeansResult> km = BalancedKMeans(
+        w, ff, hidden, experts, seed + static_cast<uint64_t>(i), kSplitFfnMaxIterations);
     if (!km.ok()) {
       return absl::Status(km.status().code(), absl::StrCat(weights.path(), ": tensor '", name,
                                                            "': ", km.status().message()));
@@ -415,8 +412,8 @@ absl::StatusOr<FfnPartition> ReadFfnPartitionBrick(const std::string& version_di
   if (!ignored.empty()) {
     KLOG(INFO) << path << ": ignoring " << ignored.size()
                << " tensor(s) not named layer.{i}.groups / layer.{i}.centroids: "
-               << absl::StrJoin(ignored.begin(), ignored.begin() + std::min<size_t>(ignored.size(), 16),
-                                ", ");
+               << absl::StrJoin(ignored.begin(),
+                                ignored.begin() + std::min<size_t>(ignored.size(), 16), ", ");
   }
   if (num_layers == 0) {
     return absl::InvalidArgumentError(
@@ -456,16 +453,14 @@ absl::StatusOr<FfnPartition> ReadFfnPartitionBrick(const std::string& version_di
     const int64_t experts = groups->shape[0];
     if (experts < 1) {
       return absl::InvalidArgumentError(absl::StrCat(where(groups_name), " has shape ",
-                                                     FormatShape(groups->shape),
-                                                     ": no experts"));
+                                                     FormatShape(groups->shape), ": no experts"));
     }
     if (i == 0) {
       partition.experts = static_cast<int>(experts);
     } else if (experts != partition.experts) {
-      return absl::InvalidArgumentError(absl::StrCat(where(groups_name), " has ", experts,
-                                                     " experts (shape ",
-                                                     FormatShape(groups->shape), "), but '",
-                                                     GroupsName(0), "' has ", partition.experts));
+      return absl::InvalidArgumentError(absl::StrCat(
+          where(groups_name), " has ", experts, " experts (shape ", FormatShape(groups->shape),
+          "), but '", GroupsName(0), "' has ", partition.experts));
     }
     if (centroids->shape[0] != experts) {
       return absl::InvalidArgumentError(absl::StrCat(
@@ -475,17 +470,17 @@ absl::StatusOr<FfnPartition> ReadFfnPartitionBrick(const std::string& version_di
     // Another model: the groups cover another FFN width, or the keys have
     // another hidden width. (Once experts x g equals the base's FFN width,
     // experts divides it.)
-    const std::string base_shape = absl::StrCat("(hidden ", base.hidden_size, ", intermediate ",
-                                                base.intermediate_size, ")");
+    const std::string base_shape =
+        absl::StrCat("(hidden ", base.hidden_size, ", intermediate ", base.intermediate_size, ")");
     if (experts * groups->shape[1] != base.intermediate_size) {
       const std::string need =
           base.intermediate_size % experts == 0
               ? absl::StrCat("needs ", FormatShape({experts, base.intermediate_size / experts}))
               : absl::StrCat("has an FFN width that ", experts, " experts do not divide");
-      return absl::FailedPreconditionError(absl::StrCat(
-          where(groups_name), " has shape ", FormatShape(groups->shape), " (",
-          experts * groups->shape[1], " neurons), but the base model ", need, " ", base_shape,
-          ": the brick was made for another model"));
+      return absl::FailedPreconditionError(
+          absl::StrCat(where(groups_name), " has shape ", FormatShape(groups->shape), " (",
+                       experts * groups->shape[1], " neurons), but the base model ", need, " ",
+                       base_shape, ": the brick was made for another model"));
     }
     if (centroids->shape[1] != base.hidden_size) {
       return absl::FailedPreconditionError(absl::StrCat(
@@ -503,10 +498,10 @@ absl::StatusOr<FfnPartition> ReadFfnPartitionBrick(const std::string& version_di
     partition.layers.push_back(std::move(layer));
   }
   if (num_layers != base.num_layers) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        path, ": partitions ", num_layers, " layer(s) (tensors '", GroupsName(0), "' .. '",
-        CentroidsName(num_layers - 1), "'), but the base model has ", base.num_layers,
-        " layers: the brick was made for another model"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(path, ": partitions ", num_layers, " layer(s) (tensors '", GroupsName(0),
+                     "' .. '", CentroidsName(num_layers - 1), "'), but the base model has ",
+                     base.num_layers, " layers: the brick was made for another model"));
   }
   return partition;
 }

@@ -554,8 +554,7 @@ absl::StatusOr<LoraFiles> WriteLoraFiles(const EncoderConfig& base,
   }
   LoraFiles files;
   files.adapter_config_json = config.dump(2) + "\n";
-  ASSIGN_OR_RETURN(files.adapter_safetensors,
-                   SerializeSafetensors(tensors, {{"format", "pt"}}));
+  ASSIGN_OR_RETURN(files.adapter_safetensors, SerializeSafetensors(tensors, {{"format", "pt"}}));
   return files;
 }
 

@@ -53,10 +53,11 @@ int RunSplitFfn(const std::vector<std::string>& args, std::ostream& out, std::os
   if (!config.ok()) return Fail(err, config.status(), 2);
   const EncoderConfig& encoder = config->encoder;
   if (encoder.intermediate_size % options->experts != 0) {
-    return Fail(err,
-                FlagError("experts", absl::StrCat(options->experts, " does not divide the FFN width ",
-                                                  encoder.intermediate_size)),
-                2);
+    return Fail(
+        err,
+        FlagError("experts", absl::StrCat(options->experts, " does not divide the FFN width ",
+                                          encoder.intermediate_size)),
+        2);
   }
   const std::string weights_path = (fs::path(options->model) / "model.safetensors").string();
   absl::StatusOr<std::unique_ptr<SafetensorsFile>> weights = SafetensorsFile::Open(weights_path);
@@ -64,14 +65,13 @@ int RunSplitFfn(const std::vector<std::string>& args, std::ostream& out, std::os
   absl::StatusOr<std::string> fingerprint = BaseModelFingerprint(options->model);
   if (!fingerprint.ok()) return Fail(err, fingerprint.status(), 2);
 
-  const fs::path dir =
-      fs::path(options->out) / options->id / absl::StrCat(options->version);
+  const fs::path dir = fs::path(options->out) / options->id / absl::StrCat(options->version);
   std::error_code ec;
   if (fs::exists(dir / kBrickManifestFile, ec)) {
     return Fail(err,
-                FlagError("version", absl::StrCat(dir.string(), " already holds a brick (",
-                                                  kBrickManifestFile,
-                                                  "); published versions are never overwritten")),
+                FlagError("version",
+                          absl::StrCat(dir.string(), " already holds a brick (", kBrickManifestFile,
+                                       "); published versions are never overwritten")),
                 2);
   }
 
@@ -87,19 +87,20 @@ int RunSplitFfn(const std::vector<std::string>& args, std::ostream& out, std::os
   manifest.id = options->id;
   manifest.version = options->version;
   manifest.kind = kFfnPartitionKind;
-  manifest.description = absl::StrCat(
-      "FFN neurons of ", config->model_id, " split into ", options->experts,
-      " experts per layer (balanced k-means, seed ", options->seed, ").");
+  manifest.description =
+      absl::StrCat("FFN neurons of ", config->model_id, " split into ", options->experts,
+                   " experts per layer (balanced k-means, seed ", options->seed, ").");
   manifest.base_name = config->model_id;
   manifest.base_fingerprint = *fingerprint;
   absl::Status written = WriteFfnPartitionBrick(dir.string(), *partition, manifest);
   if (!written.ok()) return Fail(err, written, 1);
 
   const int g = encoder.intermediate_size / options->experts;
-  out << absl::StrFormat("split %s: %d layers, FFN width %d into %d experts of %d neurons, seed %d "
-                         "(%.1f s)\n",
-                         config->model_id, encoder.num_layers, encoder.intermediate_size,
-                         options->experts, g, options->seed, seconds);
+  out << absl::StrFormat(
+      "split %s: %d layers, FFN width %d into %d experts of %d neurons, seed %d "
+      "(%.1f s)\n",
+      config->model_id, encoder.num_layers, encoder.intermediate_size, options->experts, g,
+      options->seed, seconds);
   for (size_t i = 0; i < stats.iterations.size(); ++i) {
     out << absl::StrFormat("  layer %d: balanced k-means %s after %d iteration(s)\n", i,
                            stats.converged[i] ? "converged" : "stopped (not converged)",

@@ -34,12 +34,12 @@ inline constexpr char kBricksUsage[] =
     "      <out>/<id>/<version>/.\n";
 
 struct SplitFfnOptions {
-  std::string model;    // --model, required
-  std::string out;      // --out, required: the brick root
-  int experts = 16;     // --experts, >= 1
-  uint64_t seed = 0;    // --seed
-  std::string id;       // --id; empty = "ffn-e<experts>"
-  int version = 1;      // --version, >= 1
+  std::string model;  // --model, required
+  std::string out;    // --out, required: the brick root
+  int experts = 16;   // --experts, >= 1
+  uint64_t seed = 0;  // --seed
+  std::string id;     // --id; empty = "ffn-e<experts>"
+  int version = 1;    // --version, >= 1
 };
 
 // Parses the flags of `split-ffn` (the arguments after it). INVALID_ARGUMENT

@@ -389,7 +389,8 @@ TEST_F(SafetensorsTest, ReadsI32ExactlyAndRefusesOtherDtypes) {
 
   auto missing = (*file)->ReadInt32("nope", {1});
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(std::string(missing.status().message()), AllOf(HasSubstr("'nope'"), HasSubstr(path_)));
+  EXPECT_THAT(std::string(missing.status().message()),
+              AllOf(HasSubstr("'nope'"), HasSubstr(path_)));
 }
 
 TEST_F(SafetensorsTest, SerializeRoundTripsThroughOpenInCanonicalLayout) {
@@ -397,9 +398,9 @@ TEST_F(SafetensorsTest, SerializeRoundTripsThroughOpenInCanonicalLayout) {
   const std::vector<int32_t> idx = {2, 0, 1};
   const std::string w_bytes = BytesOf(w), idx_bytes = BytesOf(idx);
   // Given out of name order: the file holds them sorted.
-  auto bytes = SerializeSafetensors({{"w", DType::kF32, {2, 3}, w_bytes},
-                                     {"idx", DType::kI32, {3}, idx_bytes}},
-                                    {{"format", "pt"}});
+  auto bytes = SerializeSafetensors(
+      {{"w", DType::kF32, {2, 3}, w_bytes}, {"idx", DType::kI32, {3}, idx_bytes}},
+      {{"format", "pt"}});
   ASSERT_TRUE(bytes.ok()) << bytes.status();
   uint64_t n = 0;
   std::memcpy(&n, bytes->data(), 8);

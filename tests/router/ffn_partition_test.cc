@@ -60,7 +60,8 @@ std::vector<int> ClusterSizes(const std::vector<int32_t>& assignment, int k) {
 // BalancedKMeans
 
 TEST(BalancedKMeansTest, EveryClusterHasExactlyNOverKRows) {
-  for (const auto& [n, k] : {std::pair{96, 8}, std::pair{60, 3}, std::pair{7, 7}, std::pair{5, 1}}) {
+  for (const auto& [n, k] :
+       {std::pair{96, 8}, std::pair{60, 3}, std::pair{7, 7}, std::pair{5, 1}}) {
     const std::vector<float> rows = RandomRows(n, 5, 42);
     auto r = BalancedKMeans(rows, n, 5, k, /*seed=*/1, /*max_iterations=*/50);
     ASSERT_TRUE(r.ok()) << r.status();
@@ -217,9 +218,13 @@ std::vector<FileTensor> TinyTensors() {
   std::vector<FileTensor> out;
   const FfnPartition p = TinyPartition();
   for (int l = 0; l < 2; ++l) {
-    out.push_back({absl::StrCat("layer.", l, ".groups"), DType::kI32, {4, 4},
+    out.push_back({absl::StrCat("layer.", l, ".groups"),
+                   DType::kI32,
+                   {4, 4},
                    std::string(View(p.layers[l].groups))});
-    out.push_back({absl::StrCat("layer.", l, ".centroids"), DType::kF32, {4, 8},
+    out.push_back({absl::StrCat("layer.", l, ".centroids"),
+                   DType::kF32,
+                   {4, 8},
                    std::string(View(p.layers[l].centroids))});
   }
   return out;
@@ -339,8 +344,7 @@ TEST_F(FfnPartitionFileTest, MissingTensorIsInvalidArgument) {
   std::vector<FileTensor> t = TinyTensors();
   t.erase(t.begin() + 3);  // layer.1.centroids
   WriteTensors(t);
-  ExpectError(TinyBase(), absl::StatusCode::kInvalidArgument,
-              "missing tensor 'layer.1.centroids'");
+  ExpectError(TinyBase(), absl::StatusCode::kInvalidArgument, "missing tensor 'layer.1.centroids'");
 
   WriteTensors({});
   ExpectError(TinyBase(), absl::StatusCode::kInvalidArgument, "missing tensor 'layer.0.groups'");
@@ -371,7 +375,8 @@ TEST_F(FfnPartitionFileTest, GroupsThatAreNotAPermutationAreInvalidArgument) {
 }
 
 TEST_F(FfnPartitionFileTest, NonFiniteCentroidIsInvalidArgument) {
-  for (float bad : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
+  for (float bad :
+       {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::infinity()}) {
     std::vector<FileTensor> t = TinyTensors();
     std::vector<float> c(32, 0.5f);
     c[17] = bad;
@@ -386,15 +391,16 @@ TEST_F(FfnPartitionFileTest, NonFiniteCentroidIsInvalidArgument) {
 TEST_F(FfnPartitionFileTest, WrongDtypeOrRankIsInvalidArgument) {
   std::vector<FileTensor> t = TinyTensors();
   std::vector<float> as_float(16, 1.0f);
-  *Named(t, "layer.0.groups") = {"layer.0.groups", DType::kF32, {4, 4}, std::string(View(as_float))};
+  *Named(t, "layer.0.groups") = {
+      "layer.0.groups", DType::kF32, {4, 4}, std::string(View(as_float))};
   WriteTensors(t);
   ExpectError(TinyBase(), absl::StatusCode::kInvalidArgument,
               "tensor 'layer.0.groups' has dtype F32, expected I32");
 
   t = TinyTensors();
   std::vector<uint16_t> half(32, 0x3c00);
-  *Named(t, "layer.1.centroids") = {"layer.1.centroids", DType::kF16, {4, 8},
-                                    std::string(View(half))};
+  *Named(t, "layer.1.centroids") = {
+      "layer.1.centroids", DType::kF16, {4, 8}, std::string(View(half))};
   WriteTensors(t);
   ExpectError(TinyBase(), absl::StatusCode::kInvalidArgument,
               "tensor 'layer.1.centroids' has dtype F16, expected F32");
@@ -523,8 +529,8 @@ TEST_F(SplitFfnTest, SixteenExpertsArePermutationsWithUnitIshCentroids) {
       EXPECT_TRUE(std::is_sorted(groups.begin() + e * 96, groups.begin() + (e + 1) * 96))
           << "layer " << l << " group " << e;
       double sq = 0;
-      for (int d = 0; d < 384; ++d) sq += double{p.layers[l].centroids[e * 384 + d]} *
-                                          p.layers[l].centroids[e * 384 + d];
+      for (int d = 0; d < 384; ++d)
+        sq += double{p.layers[l].centroids[e * 384 + d]} * p.layers[l].centroids[e * 384 + d];
       min_norm = std::min(min_norm, std::sqrt(sq));
       max_norm = std::max(max_norm, std::sqrt(sq));
     }
@@ -565,8 +571,8 @@ TEST_F(SplitFfnTest, IsDeterministicAndWritesAndReadsBack) {
     EXPECT_EQ(again->layers[l].groups, partition_->layers[l].groups);
     EXPECT_EQ(again->layers[l].centroids, partition_->layers[l].centroids);
   }
-  const fs::path dir = fs::path(::testing::TempDir()) /
-                       absl::StrCat("kiln_split_ffn_test_", getpid(), "/ffn-e16/1");
+  const fs::path dir =
+      fs::path(::testing::TempDir()) / absl::StrCat("kiln_split_ffn_test_", getpid(), "/ffn-e16/1");
   BrickManifest m = PartitionManifest();
   m.id = "ffn-e16";
   ASSERT_TRUE(WriteFfnPartitionBrick(dir.string(), *partition_, m).ok());
