@@ -380,6 +380,83 @@ absl::StatusOr<std::vector<float>> SafetensorsFile::ReadFloat32(
   return ReadFloat32(name);
 }
 
+absl::StatusOr<std::vector<int32_t>> SafetensorsFile::ReadInt32(absl::string_view name) const {
+  const TensorInfo* t = Find(name);
+  if (t == nullptr) {
+    return absl::NotFoundError(
+        absl::StrCat("tensor '", name, "' not found in safetensors file '", path_, "'"));
+  }
+  if (t->dtype != DType::kI32) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' in safetensors file '",
+                                                   path_, "' has dtype ", DTypeName(t->dtype),
+                                                   "; only I32 can be read as int32"));
+  }
+  const absl::Span<const uint8_t> bytes = Bytes(*t);
+  std::vector<int32_t> out(static_cast<size_t>(t->num_elements()));
+  // memcpy, not a cast: the mapping may be unaligned for int32.
+  if (!out.empty()) std::memcpy(out.data(), bytes.data(), out.size() * sizeof(int32_t));
+  return out;
+}
+
+absl::StatusOr<std::vector<int32_t>> SafetensorsFile::ReadInt32(
+    absl::string_view name, absl::Span<const int64_t> expected_shape) const {
+  const TensorInfo* t = Find(name);
+  if (t != nullptr && absl::Span<const int64_t>(t->shape) != expected_shape) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor '", name, "' in ", path_, " has shape ",
+                                                   FormatShape(t->shape), ", expected ",
+                                                   FormatShape(expected_shape)));
+  }
+  return ReadInt32(name);
+}
+
+absl::StatusOr<std::string> SerializeSafetensors(
+    absl::Span<const SafetensorsTensorData> tensors,
+    const std::map<std::string, std::string>& metadata) {
+  std::map<std::string, const SafetensorsTensorData*> sorted;
+  for (const SafetensorsTensorData& t : tensors) {
+    if (t.name.empty() || t.name == kMetadataKey) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor name '", t.name, "' cannot be written to a safetensors file"));
+    }
+    uint64_t elements = 1;
+    for (int64_t d : t.shape) {
+      if (d < 0) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "tensor '", t.name, "' has shape ", FormatShape(t.shape), " with a negative dim"));
+      }
+      elements *= static_cast<uint64_t>(d);
+    }
+    if (elements * DTypeSize(t.dtype) != t.data.size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor '", t.name, "' (", DTypeName(t.dtype), " ", FormatShape(t.shape),
+                       ") needs ", elements * DTypeSize(t.dtype), " bytes, got ", t.data.size()));
+    }
+    if (!sorted.emplace(t.name, &t).second) {
+      return absl::InvalidArgumentError(absl::StrCat("tensor '", t.name, "' given twice"));
+    }
+  }
+  Json header = Json::object();
+  if (!metadata.empty()) header[std::string(kMetadataKey)] = metadata;
+  uint64_t offset = 0;
+  for (const auto& [name, t] : sorted) {
+    const uint64_t bytes = t->data.size();
+    header[name] = {{"dtype", std::string(DTypeName(t->dtype))},
+                    {"shape", t->shape},
+                    {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+  }
+  std::string header_text = header.dump();
+  header_text.append((8 - header_text.size() % 8) % 8, ' ');
+  std::string out;
+  out.reserve(kLengthPrefixBytes + header_text.size() + offset);
+  const uint64_t n = header_text.size();
+  for (size_t i = 0; i < kLengthPrefixBytes; ++i)
+    out.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
+  out += header_text;
+  for (const auto& [name, t] : sorted) out.append(t->data.data(), t->data.size());
+  return out;
+}
+
 float HalfToFloat(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exponent = (h >> 10) & 0x1fu;

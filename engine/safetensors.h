@@ -134,6 +134,18 @@ class SafetensorsFile {
   absl::StatusOr<std::vector<float>> ReadFloat32(absl::string_view name,
                                                  absl::Span<const int64_t> expected_shape) const;
 
+  // The values of an I32 tensor, in row-major order (no conversion from any other dtype: an
+  // index read from a float or I64 tensor could silently lose its meaning). Errors:
+  //   NOT_FOUND         no tensor `name` (message names the tensor and the file);
+  //   INVALID_ARGUMENT  any other dtype (message names the tensor, the file and its dtype).
+  absl::StatusOr<std::vector<int32_t>> ReadInt32(absl::string_view name) const;
+
+  // As above, and additionally INVALID_ARGUMENT
+  //   "tensor 'X' in FILE has shape [a, b], expected [c, d]"
+  // unless the tensor's shape equals `expected_shape` exactly (checked before the dtype).
+  absl::StatusOr<std::vector<int32_t>> ReadInt32(absl::string_view name,
+                                                 absl::Span<const int64_t> expected_shape) const;
+
  private:
   SafetensorsFile(std::string path, const uint8_t* base, size_t size);
 
@@ -146,6 +158,26 @@ class SafetensorsFile {
   absl::flat_hash_map<std::string, size_t> index_;  // name -> position in tensors_.
   std::map<std::string, std::string> metadata_;
 };
+
+// One tensor to serialize. `data` is a view (not owned) of its little-endian bytes:
+// exactly (product of `shape`) x DTypeSize(dtype) of them.
+struct SafetensorsTensorData {
+  std::string name;
+  DType dtype = DType::kF32;
+  std::vector<int64_t> shape;
+  absl::string_view data;
+};
+
+// The bytes of a safetensors file holding `tensors` and, when non-empty, `metadata` as its
+// "__metadata__" entry. The layout is canonical, so equal inputs give equal bytes: header keys
+// in ascending byte order (nlohmann::json's), each entry {"data_offsets", "dtype", "shape"}; the
+// data of every tensor contiguous in ascending name order; the header padded with spaces to a
+// multiple of 8 bytes. SafetensorsFile::Open accepts the result. INVALID_ARGUMENT naming the
+// tensor: an empty or duplicate name, the name "__metadata__", a negative dim, or a byte count
+// that does not match dtype and shape.
+absl::StatusOr<std::string> SerializeSafetensors(
+    absl::Span<const SafetensorsTensorData> tensors,
+    const std::map<std::string, std::string>& metadata = {});
 
 // Scalar conversions between float32 and the 16-bit float formats. Narrowing rounds to nearest,
 // ties to even; values past the largest finite half (65504) become +-inf; NaN stays NaN (quiet)

@@ -305,9 +305,10 @@ absl::StatusOr<BrickManifest> ParseBrickManifest(absl::string_view json_text,
   m.version = static_cast<int>(*v);
 
   ASSIGN_OR_RETURN(m.kind, RequiredString(j, "kind", "kind", path));
-  if (m.kind != "lora") {
+  if (m.kind != kLoraKind && m.kind != kFfnPartitionKind) {
     return FieldError(path, "kind",
-                      absl::StrCat("unsupported kind \"", m.kind, "\" (supported: \"lora\")"));
+                      absl::StrCat("unsupported kind \"", m.kind, "\" (supported: \"", kLoraKind,
+                                   "\", \"", kFfnPartitionKind, "\")"));
   }
 
   ASSIGN_OR_RETURN(m.description, RequiredString(j, "description", "description", path));
@@ -764,6 +765,15 @@ absl::StatusOr<BrickVersion> ReadBrickVersion(const std::string& dir, absl::stri
         manifest_path, "version",
         absl::StrCat(m.version, " does not match the folder name \"", expected_version, "\""));
   }
+  std::error_code ec;
+  if (m.kind == kFfnPartitionKind) {
+    const std::string weights_path = (fs::path(dir) / kFfnPartitionFile).string();
+    if (!fs::exists(weights_path, ec)) {
+      return absl::InvalidArgumentError(absl::StrCat(weights_path, ": missing"));
+    }
+    RETURN_IF_ERROR(SafetensorsFile::Open(weights_path).status());
+    return BrickVersion{std::move(m), dir};
+  }
   const std::string config_path = (fs::path(dir) / kLoraConfigFile).string();
   absl::StatusOr<std::string> config_text = ReadFileBytes(config_path);
   if (absl::IsNotFound(config_text.status())) {
@@ -773,7 +783,6 @@ absl::StatusOr<BrickVersion> ReadBrickVersion(const std::string& dir, absl::stri
   RETURN_IF_ERROR(ParseLoraConfig(*config_text, config_path).status());
 
   const std::string weights_path = (fs::path(dir) / kLoraWeightsFile).string();
-  std::error_code ec;
   if (!fs::exists(weights_path, ec)) {
     return absl::InvalidArgumentError(absl::StrCat(weights_path, ": missing"));
   }

@@ -1,7 +1,8 @@
 // One brick version on disk: its manifest (brick.json), the base-model
 // fingerprint it is checked against, and the PEFT LoRA files of a "lora"
-// brick (adapter_config.json + adapter_model.safetensors). docs/BRICKS.md is
-// the reference for every format read here.
+// brick (adapter_config.json + adapter_model.safetensors). An "ffn_partition"
+// brick's tensors are read by router/ffn_partition.h. docs/BRICKS.md is the
+// reference for every format read here.
 //
 // Everything in this header is a pure function of the files it reads: no
 // state, no caching, safe to call from any thread. Errors are absl::Status
@@ -28,6 +29,11 @@ namespace kiln {
 inline constexpr char kBrickManifestFile[] = "brick.json";
 inline constexpr char kLoraConfigFile[] = "adapter_config.json";
 inline constexpr char kLoraWeightsFile[] = "adapter_model.safetensors";
+inline constexpr char kFfnPartitionFile[] = "ffn_partition.safetensors";
+
+// Brick kinds (brick.json's "kind").
+inline constexpr char kLoraKind[] = "lora";
+inline constexpr char kFfnPartitionKind[] = "ffn_partition";
 
 // ---------------------------------------------------------------------------
 // brick.json
@@ -35,7 +41,7 @@ inline constexpr char kLoraWeightsFile[] = "adapter_model.safetensors";
 struct BrickManifest {
   std::string id;    // [a-z0-9][a-z0-9._-]{0,63}
   int version = 0;   // >= 1
-  std::string kind;  // "lora"
+  std::string kind;  // kLoraKind or kFfnPartitionKind
   std::string description;
   std::vector<std::string> query_instructions;     // instructions.query
   std::vector<std::string> document_instructions;  // instructions.document
@@ -45,8 +51,9 @@ struct BrickManifest {
 
 // Parses the text of a brick.json. `path` is used in messages only. Every field
 // of docs/BRICKS.md is required and type-checked; unknown fields are ignored
-// (so that later fields do not break older servers). Instruction lists may be
-// empty, but each entry must be a non-empty string. INVALID_ARGUMENT like
+// (so that later fields do not break older servers). "kind" must be "lora" or
+// "ffn_partition". Instruction lists may be empty, but each entry must be a
+// non-empty string. INVALID_ARGUMENT like
 //   /x/y/brick.json: field "version": must be a positive integer, got -3
 absl::StatusOr<BrickManifest> ParseBrickManifest(absl::string_view json_text,
                                                  const std::string& path);
@@ -166,10 +173,12 @@ struct BrickVersion {
 };
 
 // Reads <dir>/brick.json and checks that its id and version equal
-// `expected_id` and `expected_version` (the folder names), that
-// adapter_config.json parses (ParseLoraConfig) and that
-// adapter_model.safetensors is a valid safetensors file (header and byte
-// ranges only; shapes need the base model: ReadLoraBrick). The fingerprint is
+// `expected_id` and `expected_version` (the folder names), and the files of
+// the brick's kind: for "lora", that adapter_config.json parses
+// (ParseLoraConfig) and that adapter_model.safetensors is a valid safetensors
+// file; for "ffn_partition", that ffn_partition.safetensors is a valid
+// safetensors file (header and byte ranges only; shapes need the base model:
+// ReadLoraBrick, ReadFfnPartitionBrick). The fingerprint is
 // NOT compared with any model: the caller does that against the served model.
 // NOT_FOUND: <dir>/brick.json does not exist. INVALID_ARGUMENT: anything else,
 // including a missing adapter file, naming the file.

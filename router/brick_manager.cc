@@ -63,6 +63,13 @@ absl::StatusOr<std::shared_ptr<const DeviceBrick>> BrickManager::Load(const Bric
                      " with fingerprint ", version->manifest.base_fingerprint,
                      "; this server runs ", model_.model_id, " with fingerprint ", fingerprint_)));
   }
+  // Only LoRA bricks are applied per request so far; an ffn_partition brick
+  // has no adapter files, and reading them would report a misleading error.
+  if (version->manifest.kind != kLoraKind) {
+    return fail(absl::InvalidArgumentError(absl::StrCat(
+        version->dir, "/brick.json: field \"kind\": \"", version->manifest.kind,
+        "\" bricks cannot be applied to a request by this server (only \"", kLoraKind, "\")")));
+  }
   absl::StatusOr<std::vector<LoraHostModule>> modules = ReadLoraBrick(version->dir, model_.encoder);
   if (!modules.ok()) return fail(modules.status());
   absl::StatusOr<std::unique_ptr<LoraAdapter>> adapter =
@@ -338,6 +345,11 @@ absl::Status BrickManager::Validate(const std::string& dir) const {
         absl::StrCat(dir, "/brick.json: made for base model ", manifest.base_name,
                      " with fingerprint ", manifest.base_fingerprint, "; this server runs ",
                      model_.model_id, " with fingerprint ", fingerprint_));
+  }
+  if (manifest.kind != kLoraKind) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir, "/brick.json: field \"kind\": \"", manifest.kind,
+        "\" bricks cannot be applied to a request by this server (only \"", kLoraKind, "\")"));
   }
   ASSIGN_OR_RETURN(std::vector<LoraHostModule> modules, ReadLoraBrick(dir, model_.encoder));
   int64_t bytes = BrickCache::kEntryOverheadBytes;

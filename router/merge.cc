@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "engine/safetensors.h"
 #include "nlohmann/json.hpp"
 #include "router/brick.h"
 
@@ -533,39 +534,27 @@ absl::StatusOr<LoraFiles> WriteLoraFiles(const EncoderConfig& base,
       {"use_rslora", false},
   };
 
-  // Safetensors: tensors sorted by name, data in the same order.
-  struct Tensor {
-    std::vector<int64_t> shape;
-    const std::vector<float>* data;
+  // Safetensors: F32 tensors; SerializeSafetensors sorts them by name.
+  std::vector<SafetensorsTensorData> tensors;
+  auto view = [](const std::vector<float>& v) {
+    // Little-endian hosts only, as engine/safetensors.h.
+    return absl::string_view(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
   };
-  std::map<std::string, Tensor> tensors;
   for (const auto& [key, m] : sorted) {
     const std::string prefix = absl::StrCat(kPeftPrefix, ModuleName(m->layer, m->target));
     const int64_t rank = m->rank;
-    tensors[prefix + ".lora_A.weight"] = {{rank, LoraTargetIn(base, m->target)}, &m->a};
-    tensors[prefix + ".lora_B.weight"] = {{LoraTargetOut(base, m->target), rank}, &m->b};
+    tensors.push_back({prefix + ".lora_A.weight",
+                       DType::kF32,
+                       {rank, LoraTargetIn(base, m->target)},
+                       view(m->a)});
+    tensors.push_back({prefix + ".lora_B.weight",
+                       DType::kF32,
+                       {LoraTargetOut(base, m->target), rank},
+                       view(m->b)});
   }
-  nlohmann::json header = {{"__metadata__", {{"format", "pt"}}}};
-  uint64_t offset = 0;
-  for (const auto& [name, t] : tensors) {
-    const uint64_t bytes = t.data->size() * sizeof(float);
-    header[name] = {
-        {"dtype", "F32"}, {"shape", t.shape}, {"data_offsets", {offset, offset + bytes}}};
-    offset += bytes;
-  }
-  std::string header_text = header.dump();
-  header_text.append((8 - header_text.size() % 8) % 8, ' ');
   LoraFiles files;
   files.adapter_config_json = config.dump(2) + "\n";
-  std::string& st = files.adapter_safetensors;
-  st.reserve(8 + header_text.size() + offset);
-  const uint64_t n = header_text.size();
-  for (int i = 0; i < 8; ++i) st.push_back(static_cast<char>((n >> (8 * i)) & 0xff));
-  st += header_text;
-  for (const auto& [name, t] : tensors) {
-    // Little-endian hosts only, as engine/safetensors.h.
-    st.append(reinterpret_cast<const char*>(t.data->data()), t.data->size() * sizeof(float));
-  }
+  ASSIGN_OR_RETURN(files.adapter_safetensors, SerializeSafetensors(tensors, {{"format", "pt"}}));
   return files;
 }
 

@@ -1,6 +1,7 @@
 // The `kiln` binary.
 //
 //   kiln embed --model=DIR [--exit=K] [--threads=N] [--batch_lines=N] < texts.txt
+//   kiln bricks split-ffn --model=DIR --out=DIR [--experts=16] ...   (server/bricks_command.h)
 //
 // `embed` reads one UTF-8 text per line on stdin (a trailing \r is dropped)
 // and writes one JSON object per line on stdout, in input order:
@@ -24,6 +25,7 @@
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/embedding_model.h"
 #include "nlohmann/json.hpp"
+#include "server/bricks_command.h"
 #include "server/serve.h"
 #include "server/version.h"
 
@@ -99,6 +101,7 @@ constexpr char kUsage[] =
     "Usage:\n"
     "  kiln serve --model=DIR [--port=50051] ...         start the gRPC server\n"
     "  kiln embed --model=DIR [--exit=K] [--threads=N]   embed stdin, one text per line\n"
+    "  kiln bricks split-ffn --model=DIR --out=DIR ...   make an ffn_partition brick\n"
     "  kiln version                                      print the version\n"
     "\n"
     "Run `kiln --help` for every flag.";
@@ -208,6 +211,11 @@ int RunEmbed() {
 }  // namespace kiln
 
 int main(int argc, char** argv) {
+  // `bricks` parses its own flags (absl reserves --version).
+  if (argc >= 2 && std::string(argv[1]) == "bricks") {
+    return kiln::RunBricksCommand(std::vector<std::string>(argv + 2, argv + argc), std::cout,
+                                  std::cerr);
+  }
   absl::SetProgramUsageMessage(kiln::kUsage);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() < 2) {

@@ -367,6 +367,81 @@ TEST_F(ValidFileTest, MissingTensorIsNotFoundNamingTensorAndFile) {
   }
 }
 
+TEST_F(SafetensorsTest, ReadsI32ExactlyAndRefusesOtherDtypes) {
+  auto file = SafetensorsFile::Open(WriteTemp(MakeSafetensors(
+      R"({"idx": {"dtype": "I32", "shape": [2, 2], "data_offsets": [0, 16]},
+          "f": {"dtype": "F32", "shape": [1], "data_offsets": [16, 20]}})",
+      BytesOf<int32_t>({0, -1, 2147483647, 3}) + BytesOf<float>({1.0f}))));
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto v = (*file)->ReadInt32("idx", {2, 2});
+  ASSERT_TRUE(v.ok()) << v.status();
+  EXPECT_THAT(*v, ElementsAre(0, -1, 2147483647, 3));
+
+  auto f = (*file)->ReadInt32("f");
+  EXPECT_EQ(f.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(f.status().message()),
+              AllOf(HasSubstr("'f'"), HasSubstr("F32"), HasSubstr(path_)));
+
+  auto shape = (*file)->ReadInt32("idx", {4});
+  EXPECT_EQ(shape.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(shape.status().message(),
+            absl::StrCat("tensor 'idx' in ", path_, " has shape [2, 2], expected [4]"));
+
+  auto missing = (*file)->ReadInt32("nope", {1});
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(std::string(missing.status().message()),
+              AllOf(HasSubstr("'nope'"), HasSubstr(path_)));
+}
+
+TEST_F(SafetensorsTest, SerializeRoundTripsThroughOpenInCanonicalLayout) {
+  const std::vector<float> w = {1.5f, -2.0f, 0.25f, 8.0f, 3.0f, -0.5f};
+  const std::vector<int32_t> idx = {2, 0, 1};
+  const std::string w_bytes = BytesOf(w), idx_bytes = BytesOf(idx);
+  // Given out of name order: the file holds them sorted.
+  auto bytes = SerializeSafetensors(
+      {{"w", DType::kF32, {2, 3}, w_bytes}, {"idx", DType::kI32, {3}, idx_bytes}},
+      {{"format", "pt"}});
+  ASSERT_TRUE(bytes.ok()) << bytes.status();
+  uint64_t n = 0;
+  std::memcpy(&n, bytes->data(), 8);
+  EXPECT_EQ(n % 8, 0u);
+  EXPECT_EQ(bytes->substr(8, n),
+            std::string(R"({"__metadata__":{"format":"pt"},)"
+                        R"("idx":{"data_offsets":[0,12],"dtype":"I32","shape":[3]},)"
+                        R"("w":{"data_offsets":[12,36],"dtype":"F32","shape":[2,3]}})")
+                .append(n - 145, ' '));
+  auto file = SafetensorsFile::Open(WriteTemp(*bytes));
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ((*file)->tensors()[0].name, "idx");
+  EXPECT_EQ((*file)->metadata().at("format"), "pt");
+  auto rw = (*file)->ReadFloat32("w", {2, 3});
+  ASSERT_TRUE(rw.ok()) << rw.status();
+  EXPECT_EQ(*rw, w);
+  auto ri = (*file)->ReadInt32("idx", {3});
+  ASSERT_TRUE(ri.ok()) << ri.status();
+  EXPECT_EQ(*ri, idx);
+}
+
+TEST_F(SafetensorsTest, SerializeRefusesInconsistentTensorsNamingThem) {
+  const std::string four(4, '\0');
+  struct Case {
+    std::vector<SafetensorsTensorData> tensors;
+    std::string fragment;
+  };
+  const std::vector<Case> cases = {
+      {{{"a", DType::kF32, {2}, four}}, "tensor 'a' (F32 [2]) needs 8 bytes, got 4"},
+      {{{"a", DType::kF32, {-1}, four}}, "tensor 'a' has shape [-1] with a negative dim"},
+      {{{"a", DType::kF32, {1}, four}, {"a", DType::kI32, {1}, four}}, "tensor 'a' given twice"},
+      {{{"__metadata__", DType::kF32, {1}, four}}, "tensor name '__metadata__'"},
+      {{{"", DType::kF32, {1}, four}}, "tensor name ''"},
+  };
+  for (const Case& c : cases) {
+    auto bytes = SerializeSafetensors(c.tensors);
+    EXPECT_EQ(bytes.status().code(), absl::StatusCode::kInvalidArgument) << c.fragment;
+    EXPECT_THAT(std::string(bytes.status().message()), HasSubstr(c.fragment));
+  }
+}
+
 TEST_F(SafetensorsTest, RefusesToNarrowF64) {
   auto file = SafetensorsFile::Open(WriteTemp(MakeSafetensors(
       R"({"d": {"dtype": "F64", "shape": [1], "data_offsets": [0, 8]}})", BytesOf<double>({1.0}))));

@@ -195,6 +195,20 @@ TEST(BrickManifestTest, IgnoresUnknownFieldsAndAcceptsEmptyInstructionLists) {
   EXPECT_TRUE(m->document_instructions.empty());
 }
 
+TEST(BrickManifestTest, AcceptsTheFfnPartitionKindAndNamesKindOtherwise) {
+  Json j = Manifest();
+  j["kind"] = "ffn_partition";
+  auto m = ParseBrickManifest(j.dump(), "/x/y/brick.json");
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->kind, kFfnPartitionKind);
+  j["kind"] = "head";
+  m = ParseBrickManifest(j.dump(), "/x/y/brick.json");
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(m.status().message(),
+            "/x/y/brick.json: field \"kind\": unsupported kind \"head\" (supported: \"lora\", "
+            "\"ffn_partition\")");
+}
+
 TEST(BrickManifestTest, ToJsonRoundTrips) {
   auto m = ParseBrickManifest(Manifest().dump(), "a");
   ASSERT_TRUE(m.ok());
@@ -985,6 +999,24 @@ TEST_F(BrickVersionTest, MissingManifestIsNotFoundAndMissingAdapterIsInvalid) {
   v = ReadBrickVersion(dir_.string(), "py-docstring", 1);
   EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(v.status().message(), HasSubstr(kLoraConfigFile));
+}
+
+TEST_F(BrickVersionTest, FfnPartitionFolderNeedsOnlyItsSafetensorsFile) {
+  Json manifest = Manifest();
+  manifest["kind"] = "ffn_partition";
+  WriteFile(dir_ / kBrickManifestFile, manifest.dump(2));
+  auto v = ReadBrickVersion(dir_.string(), "py-docstring", 1);
+  EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(v.status().message(), AllOf(HasSubstr(kFfnPartitionFile), HasSubstr("missing")));
+  WriteFile(dir_ / kFfnPartitionFile, "garbage");
+  v = ReadBrickVersion(dir_.string(), "py-docstring", 1);
+  EXPECT_EQ(v.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(v.status().message(), HasSubstr(kFfnPartitionFile));
+  WriteFile(dir_ / kFfnPartitionFile,
+            MakeSafetensors({{"layer.0.groups", "I32", {1, 1}, std::string(4, '\0')}}));
+  v = ReadBrickVersion(dir_.string(), "py-docstring", 1);
+  ASSERT_TRUE(v.ok()) << v.status();  // no adapter_config.json needed
+  EXPECT_EQ(v->manifest.kind, "ffn_partition");
 }
 
 TEST_F(BrickVersionTest, CorruptAdapterIsRefused) {

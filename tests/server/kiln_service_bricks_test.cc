@@ -147,8 +147,13 @@ TEST_F(KilnServiceBricksTest, BrokenBricksFailTheirLoadAndNothingElse) {
     const float nan = std::nanf("");
     io.write(reinterpret_cast<const char*>(&nan), 4);
   }
+  // The committed ffn_partition brick: a valid brick, but not one a request can apply.
+  fs::copy(std::string(KILN_SOURCE_DIR) + "/deploy/bricks/ffn-e16", fs::path(root) / "ffn-e16",
+           fs::copy_options::recursive);
   StartWith(root, 400 << 10);
   const std::vector<std::tuple<std::string, grpc::StatusCode, std::string>> cases = {
+      {"ffn-e16", grpc::StatusCode::INVALID_ARGUMENT,
+       "field \"kind\": \"ffn_partition\" bricks cannot be applied to a request"},
       {"other-base", grpc::StatusCode::FAILED_PRECONDITION, "made for base model"},
       {"big", grpc::StatusCode::RESOURCE_EXHAUSTED, "big@1"},
       {"truncated", grpc::StatusCode::INVALID_ARGUMENT, "adapter_model.safetensors"},

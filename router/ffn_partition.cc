@@ -1,0 +1,509 @@
+#include "router/ffn_partition.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <memory>
+#include <random>
+#include <system_error>
+#include <utility>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/string_view.h"
+#include "absl/strings/strip.h"
+#include "common/logging.h"
+#include "common/status_macros.h"
+
+namespace kiln {
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr char kLayerPrefix[] = "layer.";
+constexpr char kGroupsSuffix[] = ".groups";
+constexpr char kCentroidsSuffix[] = ".centroids";
+
+std::string GroupsName(int layer) { return absl::StrCat(kLayerPrefix, layer, kGroupsSuffix); }
+std::string CentroidsName(int layer) { return absl::StrCat(kLayerPrefix, layer, kCentroidsSuffix); }
+
+// A uniformly distributed integer in [0, range) from raw mt19937_64 draws.
+// Draws in the last, incomplete bucket of size `range` are redrawn, so every
+// value is equally likely; the result is the same with every standard library.
+uint64_t UniformBelow(std::mt19937_64& rng, uint64_t range) {
+  constexpr uint64_t kMax = std::numeric_limits<uint64_t>::max();
+  const uint64_t limit = kMax - kMax % range;  // a multiple of range
+  uint64_t x = rng();
+  while (x >= limit) x = rng();
+  return x % range;
+}
+
+// The rows of `rows` scaled to unit L2 norm, in double; zero rows stay zero.
+std::vector<double> NormalisedRows(absl::Span<const float> rows, int n, int dim) {
+  std::vector<double> out(rows.begin(), rows.end());
+  for (int i = 0; i < n; ++i) {
+    double* r = out.data() + static_cast<size_t>(i) * dim;
+    double sq = 0;
+    for (int d = 0; d < dim; ++d) sq += r[d] * r[d];
+    if (sq == 0) continue;
+    const double inv = 1.0 / std::sqrt(sq);
+    for (int d = 0; d < dim; ++d) r[d] *= inv;
+  }
+  return out;
+}
+
+// Cluster means of the rows assigned to each cluster, in double.
+std::vector<double> ClusterMeans(const std::vector<double>& rows, int n, int dim, int k,
+                                 const std::vector<int32_t>& assignment) {
+  std::vector<double> sums(static_cast<size_t>(k) * dim, 0.0);
+  std::vector<int> counts(k, 0);
+  for (int i = 0; i < n; ++i) {
+    const int c = assignment[i];
+    ++counts[c];
+    const double* r = rows.data() + static_cast<size_t>(i) * dim;
+    double* s = sums.data() + static_cast<size_t>(c) * dim;
+    for (int d = 0; d < dim; ++d) s[d] += r[d];
+  }
+  for (int c = 0; c < k; ++c) {
+    double* s = sums.data() + static_cast<size_t>(c) * dim;
+    for (int d = 0; d < dim; ++d) s[d] /= counts[c];  // every cluster has n / k >= 1 rows
+  }
+  return sums;
+}
+
+// One round of the equal-size greedy assignment (see BalancedKMeans).
+std::vector<int32_t> GreedyAssign(const std::vector<double>& rows, int n, int dim, int k,
+                                  const std::vector<double>& centroids) {
+  // Unit centroids, so that the score is the cosine for unit rows: a mean's
+  // norm shrinks with its cluster's spread and would otherwise bias the
+  // choice towards tight clusters.
+  std::vector<double> unit = centroids;
+  for (int c = 0; c < k; ++c) {
+    double* u = unit.data() + static_cast<size_t>(c) * dim;
+    double sq = 0;
+    for (int d = 0; d < dim; ++d) sq += u[d] * u[d];
+    const double inv = sq > 0 ? 1.0 / std::sqrt(sq) : 0.0;
+    for (int d = 0; d < dim; ++d) u[d] *= inv;
+  }
+  struct Pair {
+    double similarity;
+    int32_t row;
+    int32_t cluster;
+  };
+  std::vector<Pair> pairs;
+  pairs.reserve(static_cast<size_t>(n) * k);
+  for (int i = 0; i < n; ++i) {
+    const double* r = rows.data() + static_cast<size_t>(i) * dim;
+    for (int c = 0; c < k; ++c) {
+      const double* u = unit.data() + static_cast<size_t>(c) * dim;
+      double dot = 0;
+      for (int d = 0; d < dim; ++d) dot += r[d] * u[d];
+      pairs.push_back({dot, i, c});
+    }
+  }
+  std::sort(pairs.begin(), pairs.end(), [](const Pair& a, const Pair& b) {
+    if (a.similarity != b.similarity) return a.similarity > b.similarity;
+    if (a.row != b.row) return a.row < b.row;
+    return a.cluster < b.cluster;
+  });
+  const int capacity = n / k;
+  std::vector<int32_t> assignment(n, -1);
+  std::vector<int> size(k, 0);
+  int assigned = 0;
+  for (const Pair& p : pairs) {
+    if (assignment[p.row] >= 0 || size[p.cluster] == capacity) continue;
+    assignment[p.row] = p.cluster;
+    ++size[p.cluster];
+    if (++assigned == n) break;
+  }
+  // Every row pairs with every cluster and capacities sum to n, so every row
+  // found room.
+  return assignment;
+}
+
+absl::Status WriteFileAtomically(const fs::path& path, absl::string_view bytes) {
+  fs::path tmp = path;
+  tmp += ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) {
+      return absl::PermissionDeniedError(absl::StrCat(tmp.string(), ": cannot open for writing"));
+    }
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    out.close();
+    if (!out) return absl::DataLossError(absl::StrCat(tmp.string(), ": write failed"));
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat(path.string(), ": cannot rename ", tmp.string(),
+                                            " into place: ", ec.message()));
+  }
+  return absl::OkStatus();
+}
+
+// Checks one layer; `groups_where` / `centroids_where` prefix the messages.
+absl::Status CheckLayer(const FfnPartition::Layer& layer, int experts, int hidden, int ff,
+                        const std::string& groups_where, const std::string& centroids_where) {
+  if (layer.groups.size() != static_cast<size_t>(ff)) {
+    return absl::InvalidArgumentError(absl::StrCat(groups_where, ": has ", layer.groups.size(),
+                                                   " entries, expected the FFN width ", ff));
+  }
+  std::vector<int> seen_at(ff, -1);
+  for (int j = 0; j < ff; ++j) {
+    const int32_t v = layer.groups[j];
+    if (v < 0 || v >= ff) {
+      return absl::InvalidArgumentError(absl::StrCat(groups_where, ": not a permutation of 0..",
+                                                     ff - 1, ": element ", j, " is ", v,
+                                                     ", outside 0..", ff - 1));
+    }
+    if (seen_at[v] >= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(groups_where, ": not a permutation of 0..", ff - 1, ": neuron ", v,
+                       " appears at elements ", seen_at[v], " and ", j));
+    }
+    seen_at[v] = j;
+  }
+  const size_t want = static_cast<size_t>(experts) * hidden;
+  if (layer.centroids.size() != want) {
+    return absl::InvalidArgumentError(absl::StrCat(centroids_where, ": has ",
+                                                   layer.centroids.size(), " values, expected ",
+                                                   experts, " x ", hidden, " = ", want));
+  }
+  for (size_t j = 0; j < want; ++j) {
+    if (!std::isfinite(layer.centroids[j])) {
+      return absl::InvalidArgumentError(absl::StrCat(centroids_where, ": has a non-finite value (",
+                                                     std::isnan(layer.centroids[j]) ? "NaN" : "Inf",
+                                                     ") at element ", j, " (expert ", j / hidden,
+                                                     ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// "layer.{i}.groups" -> (i, true), "layer.{i}.centroids" -> (i, false);
+// false for any other name (i in canonical decimal only).
+bool ParseTensorName(absl::string_view name, int* layer, bool* is_groups) {
+  if (!absl::ConsumePrefix(&name, kLayerPrefix)) return false;
+  if (absl::ConsumeSuffix(&name, kGroupsSuffix)) {
+    *is_groups = true;
+  } else if (absl::ConsumeSuffix(&name, kCentroidsSuffix)) {
+    *is_groups = false;
+  } else {
+    return false;
+  }
+  if (name.empty() || name.size() > 9 || (name.size() > 1 && name[0] == '0') ||
+      !std::all_of(name.begin(), name.end(), absl::ascii_isdigit)) {
+    return false;
+  }
+  return absl::SimpleAtoi(name, layer);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Balanced k-means
+
+absl::StatusOr<BalancedKMeansResult> BalancedKMeans(absl::Span<const float> rows, int n, int dim,
+                                                    int k, uint64_t seed, int max_iterations) {
+  if (n < 1) return absl::InvalidArgumentError(absl::StrCat("n: must be >= 1, got ", n));
+  if (dim < 1) return absl::InvalidArgumentError(absl::StrCat("dim: must be >= 1, got ", dim));
+  if (k < 1 || k > n || n % k != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("k: ", k, " does not divide the number of rows ", n,
+                     " (balanced k-means needs 1 <= k <= n with n % k == 0)"));
+  }
+  if (max_iterations < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_iterations: must be >= 1, got ", max_iterations));
+  }
+  if (rows.size() != static_cast<size_t>(n) * dim) {
+    return absl::InvalidArgumentError(absl::StrCat("rows: has ", rows.size(), " values, expected ",
+                                                   n, " x ", dim, " = ",
+                                                   static_cast<size_t>(n) * dim));
+  }
+  for (size_t j = 0; j < rows.size(); ++j) {
+    if (!std::isfinite(rows[j])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("rows: non-finite value at row ", j / dim, ", column ", j % dim));
+    }
+  }
+  const std::vector<double> unit_rows = NormalisedRows(rows, n, dim);
+
+  // Initial centroids: the first k entries of a seeded Fisher-Yates shuffle.
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> order(n);
+  for (int i = 0; i < n; ++i) order[i] = i;
+  for (int i = 0; i < k; ++i) {
+    const int j = i + static_cast<int>(UniformBelow(rng, static_cast<uint64_t>(n - i)));
+    std::swap(order[i], order[j]);
+  }
+  std::vector<double> centroids(static_cast<size_t>(k) * dim);
+  for (int c = 0; c < k; ++c) {
+    std::copy_n(unit_rows.data() + static_cast<size_t>(order[c]) * dim, dim,
+                centroids.data() + static_cast<size_t>(c) * dim);
+  }
+
+  BalancedKMeansResult result;
+  for (int it = 1; it <= max_iterations; ++it) {
+    std::vector<int32_t> assignment = GreedyAssign(unit_rows, n, dim, k, centroids);
+    centroids = ClusterMeans(unit_rows, n, dim, k, assignment);
+    result.iterations = it;
+    const bool unchanged = assignment == result.assignment;
+    result.assignment = std::move(assignment);
+    if (unchanged) {
+      result.converged = true;
+      break;
+    }
+  }
+  result.centroids.assign(centroids.begin(), centroids.end());
+  return result;
+}
+
+// ---------------------------------------------------------------------------
+// SplitFfn
+
+absl::StatusOr<FfnPartition> SplitFfn(const SafetensorsFile& weights, const EncoderConfig& config,
+                                      int experts, uint64_t seed, SplitFfnStats* stats) {
+  const int ff = config.intermediate_size;
+  const int hidden = config.hidden_size;
+  if (experts < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--experts: must be >= 1, got ", experts));
+  }
+  if (ff % experts != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--experts: ", experts, " does not divide the FFN width ", ff));
+  }
+  FfnPartition partition;
+  partition.experts = experts;
+  partition.hidden_size = hidden;
+  partition.intermediate_size = ff;
+  if (stats != nullptr) *stats = SplitFfnStats{};
+  for (int i = 0; i < config.num_layers; ++i) {
+    std::string name = absl::StrCat("encoder.layer.", i, ".intermediate.dense.weight");
+    if (weights.Find(name) == nullptr && weights.Find("bert." + name) != nullptr) {
+      name = "bert." + name;
+    }
+    const int64_t shape[] = {ff, hidden};
+    ASSIGN_OR_RETURN(const std::vector<float> w, weights.ReadFloat32(name, shape));
+    absl::StatusOr<BalancedKMeansResult> km = BalancedKMeans(
+        w, ff, hidden, experts, seed + static_cast<uint64_t>(i), kSplitFfnMaxIterations);
+    if (!km.ok()) {
+      return absl::Status(km.status().code(), absl::StrCat(weights.path(), ": tensor '", name,
+                                                           "': ", km.status().message()));
+    }
+    FfnPartition::Layer layer;
+    layer.groups.reserve(ff);
+    const int g = ff / experts;
+    std::vector<std::vector<int32_t>> members(experts);
+    for (auto& m : members) m.reserve(g);
+    // Ascending within each group, since rows are visited in order.
+    for (int j = 0; j < ff; ++j) members[km->assignment[j]].push_back(j);
+    for (const auto& m : members) layer.groups.insert(layer.groups.end(), m.begin(), m.end());
+    layer.centroids = std::move(km->centroids);
+    partition.layers.push_back(std::move(layer));
+    if (stats != nullptr) {
+      stats->iterations.push_back(km->iterations);
+      stats->converged.push_back(km->converged);
+    }
+  }
+  return partition;
+}
+
+absl::Status CheckFfnPartition(const FfnPartition& p) {
+  if (p.experts < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("experts: must be >= 1, got ", p.experts));
+  }
+  if (p.hidden_size < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("hidden_size: must be >= 1, got ", p.hidden_size));
+  }
+  if (p.intermediate_size < 1 || p.intermediate_size % p.experts != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("experts: ", p.experts,
+                                                   " does not divide the FFN width "
+                                                   "(intermediate_size) ",
+                                                   p.intermediate_size));
+  }
+  if (p.layers.empty()) return absl::InvalidArgumentError("layers: empty");
+  for (size_t i = 0; i < p.layers.size(); ++i) {
+    RETURN_IF_ERROR(CheckLayer(p.layers[i], p.experts, p.hidden_size, p.intermediate_size,
+                               absl::StrCat("layers[", i, "].groups"),
+                               absl::StrCat("layers[", i, "].centroids")));
+  }
+  return absl::OkStatus();
+}
+
+// ---------------------------------------------------------------------------
+// Files
+
+absl::Status WriteFfnPartitionBrick(const std::string& dir, const FfnPartition& partition,
+                                    const BrickManifest& manifest) {
+  RETURN_IF_ERROR(CheckFfnPartition(partition));
+  const fs::path manifest_path = fs::path(dir) / kBrickManifestFile;
+  if (manifest.kind != kFfnPartitionKind) {
+    return absl::InvalidArgumentError(absl::StrCat(manifest_path.string(), ": field \"kind\": \"",
+                                                   manifest.kind, "\", expected \"",
+                                                   kFfnPartitionKind, "\""));
+  }
+  const std::string manifest_json = BrickManifestToJson(manifest);
+  RETURN_IF_ERROR(ParseBrickManifest(manifest_json, manifest_path.string()).status());
+
+  const int64_t experts = partition.experts;
+  const int64_t g = partition.intermediate_size / partition.experts;
+  std::vector<SafetensorsTensorData> tensors;
+  for (size_t i = 0; i < partition.layers.size(); ++i) {
+    const FfnPartition::Layer& layer = partition.layers[i];
+    // Little-endian hosts only, as engine/safetensors.h.
+    tensors.push_back({GroupsName(static_cast<int>(i)),
+                       DType::kI32,
+                       {experts, g},
+                       absl::string_view(reinterpret_cast<const char*>(layer.groups.data()),
+                                         layer.groups.size() * sizeof(int32_t))});
+    tensors.push_back({CentroidsName(static_cast<int>(i)),
+                       DType::kF32,
+                       {experts, partition.hidden_size},
+                       absl::string_view(reinterpret_cast<const char*>(layer.centroids.data()),
+                                         layer.centroids.size() * sizeof(float))});
+  }
+  ASSIGN_OR_RETURN(const std::string bytes,
+                   SerializeSafetensors(tensors, {{"format", "kiln.ffn_partition"}}));
+
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) {
+    return absl::PermissionDeniedError(absl::StrCat(dir, ": cannot create: ", ec.message()));
+  }
+  RETURN_IF_ERROR(WriteFileAtomically(fs::path(dir) / kFfnPartitionFile, bytes));
+  return WriteFileAtomically(manifest_path, manifest_json);
+}
+
+absl::StatusOr<FfnPartition> ReadFfnPartitionBrick(const std::string& version_dir,
+                                                   const EncoderConfig& base) {
+  const std::string path = (fs::path(version_dir) / kFfnPartitionFile).string();
+  ASSIGN_OR_RETURN(std::unique_ptr<SafetensorsFile> file, SafetensorsFile::Open(path));
+  auto where = [&](const std::string& tensor) {
+    return absl::StrCat(path, ": tensor '", tensor, "'");
+  };
+
+  // Which layers the file partitions.
+  int num_layers = 0;
+  std::vector<std::string> ignored;
+  for (const TensorInfo& t : file->tensors()) {
+    int layer = 0;
+    bool is_groups = false;
+    if (!ParseTensorName(t.name, &layer, &is_groups)) {
+      ignored.push_back(t.name);
+      continue;
+    }
+    if (layer >= base.num_layers) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(where(t.name), " is on layer ", layer, ", but the base model has ",
+                       base.num_layers, " layers: the brick was made for another model"));
+    }
+    num_layers = std::max(num_layers, layer + 1);
+  }
+  if (!ignored.empty()) {
+    KLOG(INFO) << path << ": ignoring " << ignored.size()
+               << " tensor(s) not named layer.{i}.groups / layer.{i}.centroids: "
+               << absl::StrJoin(ignored.begin(),
+                                ignored.begin() + std::min<size_t>(ignored.size(), 16), ", ");
+  }
+  if (num_layers == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": missing tensor '", GroupsName(0),
+                     "' (an ffn_partition brick holds layer.{i}.groups and "
+                     "layer.{i}.centroids for every encoder layer)"));
+  }
+
+  FfnPartition partition;
+  partition.hidden_size = base.hidden_size;
+  partition.intermediate_size = base.intermediate_size;
+  for (int i = 0; i < num_layers; ++i) {
+    const std::string groups_name = GroupsName(i);
+    const std::string centroids_name = CentroidsName(i);
+    const TensorInfo* groups = file->Find(groups_name);
+    const TensorInfo* centroids = file->Find(centroids_name);
+    for (const auto& [t, name] :
+         {std::pair{groups, &groups_name}, std::pair{centroids, &centroids_name}}) {
+      if (t == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat(path, ": missing tensor '", *name, "'"));
+      }
+    }
+    if (groups->dtype != DType::kI32) {
+      return absl::InvalidArgumentError(absl::StrCat(where(groups_name), " has dtype ",
+                                                     DTypeName(groups->dtype), ", expected I32"));
+    }
+    if (centroids->dtype != DType::kF32) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where(centroids_name), " has dtype ", DTypeName(centroids->dtype), ", expected F32"));
+    }
+    for (const TensorInfo* t : {groups, centroids}) {
+      if (t->shape.size() != 2) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            where(t->name), " has shape ", FormatShape(t->shape), ", expected 2 dimensions"));
+      }
+    }
+    const int64_t experts = groups->shape[0];
+    if (experts < 1) {
+      return absl::InvalidArgumentError(absl::StrCat(where(groups_name), " has shape ",
+                                                     FormatShape(groups->shape), ": no experts"));
+    }
+    if (i == 0) {
+      partition.experts = static_cast<int>(experts);
+    } else if (experts != partition.experts) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where(groups_name), " has ", experts, " experts (shape ", FormatShape(groups->shape),
+          "), but '", GroupsName(0), "' has ", partition.experts));
+    }
+    if (centroids->shape[0] != experts) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          where(centroids_name), " has shape ", FormatShape(centroids->shape), ", but '",
+          groups_name, "' ", FormatShape(groups->shape), " has ", experts, " experts"));
+    }
+    // Another model: the groups cover another FFN width, or the keys have
+    // another hidden width. (Once experts x g equals the base's FFN width,
+    // experts divides it.)
+    const std::string base_shape =
+        absl::StrCat("(hidden ", base.hidden_size, ", intermediate ", base.intermediate_size, ")");
+    if (experts * groups->shape[1] != base.intermediate_size) {
+      const std::string need =
+          base.intermediate_size % experts == 0
+              ? absl::StrCat("needs ", FormatShape({experts, base.intermediate_size / experts}))
+              : absl::StrCat("has an FFN width that ", experts, " experts do not divide");
+      return absl::FailedPreconditionError(
+          absl::StrCat(where(groups_name), " has shape ", FormatShape(groups->shape), " (",
+                       experts * groups->shape[1], " neurons), but the base model ", need, " ",
+                       base_shape, ": the brick was made for another model"));
+    }
+    if (centroids->shape[1] != base.hidden_size) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          where(centroids_name), " has shape ", FormatShape(centroids->shape),
+          ", but the base model needs ", FormatShape({experts, int64_t{base.hidden_size}}), " ",
+          base_shape, ": the brick was made for another model"));
+    }
+    const std::vector<int64_t> want_groups = groups->shape;
+    const std::vector<int64_t> want_centroids = centroids->shape;
+    FfnPartition::Layer layer;
+    ASSIGN_OR_RETURN(layer.groups, file->ReadInt32(groups_name, want_groups));
+    ASSIGN_OR_RETURN(layer.centroids, file->ReadFloat32(centroids_name, want_centroids));
+    RETURN_IF_ERROR(CheckLayer(layer, partition.experts, base.hidden_size, base.intermediate_size,
+                               where(groups_name), where(centroids_name)));
+    partition.layers.push_back(std::move(layer));
+  }
+  if (num_layers != base.num_layers) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(path, ": partitions ", num_layers, " layer(s) (tensors '", GroupsName(0),
+                     "' .. '", CentroidsName(num_layers - 1), "'), but the base model has ",
+                     base.num_layers, " layers: the brick was made for another model"));
+  }
+  return partition;
+}
+
+}  // namespace kiln

@@ -1,0 +1,132 @@
+// Emergent bricks (MoEfication): splitting each encoder layer's FFN neurons
+// into equal groups ("experts") by balanced k-means, and the
+// "ffn_partition" brick files that hold the result. docs/BRICKS.md
+// ("ffn_partition bricks") is the reference for the file format.
+//
+// Everything here is a pure function of its arguments and the files it
+// reads: no state, safe to call from any thread. The k-means is single
+// threaded, so its result does not depend on the machine's thread count.
+#ifndef KILN_ROUTER_FFN_PARTITION_H_
+#define KILN_ROUTER_FFN_PARTITION_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "engine/ffn_partition.h"
+#include "engine/model/config.h"
+#include "engine/safetensors.h"
+#include "router/brick.h"
+
+namespace kiln {
+
+// ---------------------------------------------------------------------------
+// Balanced k-means
+
+struct BalancedKMeansResult {
+  // [n]: the cluster (0..k-1) of each row; every cluster has exactly n / k rows.
+  std::vector<int32_t> assignment;
+  // [k * dim], row c: the mean of cluster c's L2-normalised rows (norm <= 1).
+  // Always the means of `assignment`, whether or not the loop converged.
+  std::vector<float> centroids;
+  int iterations = 0;      // assignment rounds run, 1..max_iterations
+  bool converged = false;  // the last round left the assignment unchanged
+};
+
+// Splits the `n` rows of `rows` ([n * dim], row-major) into `k` clusters of
+// exactly n / k rows each (MoEfication's balanced k-means), on the cosine:
+//   1. every row is L2-normalised (a zero row stays zero);
+//   2. the initial centroids are k distinct rows, chosen by a partial
+//      Fisher-Yates shuffle of 0..n-1 driven by std::mt19937_64(seed) (the
+//      indices are derived from the raw 64-bit draws by rejection, not by
+//      std::uniform_int_distribution, whose output differs between standard
+//      libraries);
+//   3. each round assigns under the equal-size constraint by a deterministic
+//      greedy: the similarity of every (row, cluster) pair is
+//      dot(row, centroid / |centroid|) (computed in double); pairs are taken
+//      in descending similarity, ties by ascending row then cluster, and a row
+//      goes to the first cluster that still has room; then every centroid
+//      becomes the mean of its rows;
+//   4. rounds stop when the assignment no longer changes, or after
+//      `max_iterations`.
+// The same inputs give the same result bit for bit on every run and machine
+// with IEEE doubles. INVALID_ARGUMENT, naming the argument: n, dim or
+// max_iterations < 1; k < 1 or k > n or k not dividing n; rows.size() !=
+// n * dim; a NaN or infinite element.
+absl::StatusOr<BalancedKMeansResult> BalancedKMeans(absl::Span<const float> rows, int n, int dim,
+                                                    int k, uint64_t seed, int max_iterations);
+
+// ---------------------------------------------------------------------------
+// Splitting a model's FFNs
+
+// Rounds of balanced k-means per layer in SplitFfn.
+inline constexpr int kSplitFfnMaxIterations = 100;
+
+// What SplitFfn did per layer (for the CLI's report).
+struct SplitFfnStats {
+  std::vector<int> iterations;  // [num_layers]: BalancedKMeansResult::iterations
+  std::vector<bool> converged;  // [num_layers]: BalancedKMeansResult::converged
+};
+
+// For every encoder layer i of `config`, reads the FFN input weight
+// encoder.layer.{i}.intermediate.dense.weight [intermediate, hidden] (or the
+// same name with a "bert." prefix) from `weights`, and clusters its rows (one
+// per FFN neuron) with BalancedKMeans(k = experts, seed = seed + i,
+// kSplitFfnMaxIterations). Layer i's groups are the clusters with their
+// neurons in ascending order; its centroids are the clusters' means of
+// L2-normalised rows (a token scores group e by dot(hidden state,
+// centroid_e)). `stats`, when not null, receives the per-layer iteration
+// counts. Errors: INVALID_ARGUMENT "--experts: 7 does not divide the FFN
+// width 1536" (or "must be >= 1"); the safetensors reader's error (naming the
+// tensor and the file) for a missing tensor or a shape that differs from
+// `config`.
+absl::StatusOr<FfnPartition> SplitFfn(const SafetensorsFile& weights, const EncoderConfig& config,
+                                      int experts, uint64_t seed, SplitFfnStats* stats = nullptr);
+
+// Checks the invariants of engine/ffn_partition.h: experts >= 1 dividing
+// intermediate_size, hidden_size >= 1, at least one layer, every layer's
+// groups a permutation of 0..intermediate_size-1 of length intermediate_size
+// and its centroids experts * hidden_size finite values. INVALID_ARGUMENT
+// naming the field ("layers[2].groups: ...").
+absl::Status CheckFfnPartition(const FfnPartition& partition);
+
+// ---------------------------------------------------------------------------
+// ffn_partition brick files
+
+// Writes an "ffn_partition" brick version folder `dir` (created, with its
+// parents, if missing): first <dir>/ffn_partition.safetensors with, per
+// layer i, layer.{i}.groups (I32 [experts, intermediate / experts]) and
+// layer.{i}.centroids (F32 [experts, hidden]), then <dir>/brick.json from
+// `manifest` (last, so that the folder counts only once complete). Each file
+// is written to a temporary name and renamed into place. INVALID_ARGUMENT:
+// `partition` fails CheckFfnPartition, or `manifest` has a kind other than
+// "ffn_partition" or would not parse back (ParseBrickManifest). Other codes
+// for I/O failures, naming the file.
+absl::Status WriteFfnPartitionBrick(const std::string& dir, const FfnPartition& partition,
+                                    const BrickManifest& manifest);
+
+// Reads <version_dir>/ffn_partition.safetensors for the base model `base`.
+// Tensors not named layer.{i}.groups / layer.{i}.centroids are ignored (one
+// KLOG(INFO) line). Errors, each naming the file and tensor:
+//   FAILED_PRECONDITION  the partition does not fit `base`, the brick was
+//                        made for another model: layers beyond or short of
+//                        base.num_layers, or groups whose element count or
+//                        centroids whose width differ from base's FFN /
+//                        hidden width (the message shows both shapes);
+//   INVALID_ARGUMENT     a missing tensor (layer.{i}.groups without
+//                        layer.{i}.centroids, a gap in the layers); a dtype
+//                        other than I32 (groups) / F32 (centroids); a tensor
+//                        that is not 2-D; zero experts or an expert count
+//                        that differs between tensors or layers; groups that
+//                        are not a permutation of 0..intermediate-1; a NaN or
+//                        infinite centroid element;
+//   the safetensors reader's error for a missing, corrupt or truncated file.
+absl::StatusOr<FfnPartition> ReadFfnPartitionBrick(const std::string& version_dir,
+                                                   const EncoderConfig& base);
+
+}  // namespace kiln
+
+#endif  // KILN_ROUTER_FFN_PARTITION_H_

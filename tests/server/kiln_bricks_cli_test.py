@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Drives `kiln bricks split-ffn` as a user would and checks its exit codes.
+
+Run by ctest as: kiln_bricks_cli_test.py KILN_BINARY MODEL_DIR
+Standard library only, so it runs on a machine without the tools/ venv.
+"""
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import unittest
+
+KILN = MODEL = None
+
+
+def split_ffn(*flags: str):
+    p = subprocess.run([KILN, "bricks", "split-ffn", *flags], capture_output=True, timeout=600)
+    return p.returncode, p.stdout.decode(), p.stderr.decode()
+
+
+def safetensors_header(path: str) -> dict:
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n))
+
+
+class KilnBricksCliTest(unittest.TestCase):
+    def setUp(self):
+        self.out = tempfile.mkdtemp(prefix="kiln_bricks_cli_")
+
+    def tearDown(self):
+        shutil.rmtree(self.out, ignore_errors=True)
+
+    def test_split_ffn_writes_the_brick_and_reports_iterations(self):
+        rc, out, err = split_ffn(f"--model={MODEL}", "--experts=8", f"--out={self.out}",
+                                 "--seed=3", "--version", "2")
+        self.assertEqual(rc, 0, err)
+        version_dir = os.path.join(self.out, "ffn-e8", "2")
+        with open(os.path.join(version_dir, "brick.json")) as f:
+            manifest = json.load(f)
+        self.assertEqual(manifest["id"], "ffn-e8")
+        self.assertEqual(manifest["version"], 2)
+        self.assertEqual(manifest["kind"], "ffn_partition")
+        self.assertEqual(manifest["instructions"], {"query": [], "document": []})
+        self.assertIn("8 experts", manifest["description"])
+        self.assertIn("seed 3", manifest["description"])
+        self.assertRegex(manifest["base_model"]["fingerprint"], r"^[0-9a-f]{64}$")
+        header = safetensors_header(os.path.join(version_dir, "ffn_partition.safetensors"))
+        self.assertEqual(header["layer.5.groups"]["dtype"], "I32")
+        self.assertEqual(header["layer.5.groups"]["shape"], [8, 192])
+        self.assertEqual(header["layer.0.centroids"]["dtype"], "F32")
+        self.assertEqual(header["layer.0.centroids"]["shape"], [8, 384])
+        self.assertEqual(len([k for k in header if k != "__metadata__"]), 12)
+        self.assertIn("layer 5: balanced k-means", out)
+        self.assertIn("iteration", out)
+        self.assertIn("wrote " + os.path.join(version_dir, "ffn_partition.safetensors"), out)
+
+        # A published version is never overwritten.
+        rc, _, err = split_ffn(f"--model={MODEL}", "--experts=8", f"--out={self.out}",
+                               "--version=2")
+        self.assertEqual(rc, 2)
+        self.assertIn("--version", err)
+        self.assertIn("already holds a brick", err)
+
+    def test_experts_that_do_not_divide_the_ffn_width_exit_2(self):
+        rc, _, err = split_ffn(f"--model={MODEL}", "--experts=7", f"--out={self.out}")
+        self.assertEqual(rc, 2)
+        self.assertIn("--experts: 7 does not divide the FFN width 1536", err)
+        self.assertEqual(os.listdir(self.out), [])
+
+    def test_missing_or_bad_flags_exit_2_naming_them(self):
+        rc, _, err = split_ffn(f"--out={self.out}")
+        self.assertEqual(rc, 2)
+        self.assertIn("--model: required", err)
+        self.assertIn("Usage:", err)
+        for flag, fragment in [("--experts=0", "--experts: must be a positive integer"),
+                               ("--experts=x", "--experts: must be a positive integer"),
+                               ("--seed=-1", "--seed"),
+                               ("--id=Bad", "--id: must match"),
+                               ("--bogus=1", "--bogus: unknown flag")]:
+            rc, _, err = split_ffn(f"--model={MODEL}", f"--out={self.out}", flag)
+            self.assertEqual(rc, 2, flag)
+            self.assertIn(fragment, err)
+        rc, _, err = split_ffn(f"--model={MODEL}")
+        self.assertEqual(rc, 2)
+        self.assertIn("--out: required", err)
+
+    def test_bad_model_folder_exits_2_naming_the_file(self):
+        rc, _, err = split_ffn(f"--model={self.out}/nope", f"--out={self.out}")
+        self.assertEqual(rc, 2)
+        self.assertIn("nope", err)
+
+    def test_unknown_subcommand_exits_2(self):
+        p = subprocess.run([KILN, "bricks", "frobnicate"], capture_output=True, timeout=60)
+        self.assertEqual(p.returncode, 2)
+        self.assertIn("unknown subcommand 'frobnicate'", p.stderr.decode())
+
+
+if __name__ == "__main__":
+    KILN, MODEL = sys.argv[1], sys.argv[2]
+    unittest.main(argv=sys.argv[:1])
