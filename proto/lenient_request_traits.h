@@ -37,6 +37,26 @@ class SerializationTraits<kiln::v1::EmbedRequest, void> {
       ref->set_version(b.version());
       if (b.has_weight()) ref->set_weight(b.weight());
     }
+    out->set_routing(static_cast<kiln::v1::Routing>(wire.routing()));
+    if (wire.has_ffn_fraction()) out->set_ffn_fraction(wire.ffn_fraction());
+    return st;
+  }
+};
+
+template <>
+class SerializationTraits<kiln::v1::RouteRequest, void> {
+ public:
+  static Status Serialize(const protobuf::MessageLite& msg, ByteBuffer* bb, bool* own_buffer) {
+    return GenericSerialize<ProtoBufferWriter, kiln::v1::RouteRequest>(msg, bb, own_buffer);
+  }
+  static Status Deserialize(ByteBuffer* buffer, protobuf::MessageLite* msg) {
+    kiln::v1::wire::RouteRequestWire wire;
+    Status st =
+        GenericDeserialize<ProtoBufferReader, kiln::v1::wire::RouteRequestWire>(buffer, &wire);
+    if (!st.ok()) return st;
+    auto* out = static_cast<kiln::v1::RouteRequest*>(msg);
+    out->Clear();
+    out->set_instruction(std::move(*wire.mutable_instruction()));
     return st;
   }
 };
