@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -270,6 +271,164 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
       const int64_t count = static_cast<int64_t>(n) * out;
 #pragma omp simd
       for (int64_t i = 0; i < count; ++i) yb[i] = cpu::GeluErf(yb[i]);
+    }
+  }
+}
+
+namespace {
+
+// y[n, out] = x[n, in] * w[out, in]^T (+ bias), single-threaded: SkinnyGemm
+// for few rows, else one OpenBLAS call (serial inside a parallel region).
+void SerialLinear(const float* x, int n, int in, const float* w, const float* bias, int out,
+                  float* y) {
+  if (n == 0) return;
+  if (bias != nullptr) {
+    for (int r = 0; r < n; ++r)
+      std::memcpy(y + static_cast<int64_t>(r) * out, bias, out * sizeof(float));
+  }
+  if (n <= cpu::kSkinnyGemmMaxRows) {
+    cpu::SkinnyGemm(x, n, in, w, out, bias != nullptr, y);
+  } else {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, x, in, w, in,
+                bias != nullptr ? 1.0f : 0.0f, y, out);
+  }
+}
+
+// The members [m0, m1) of one expert's ascending row list that fall in
+// [row_begin, row_end).
+std::pair<int, int> MemberRange(const int32_t* members, int n, int row_begin, int row_end) {
+  const int32_t* lo = std::lower_bound(members, members + n, row_begin);
+  const int32_t* hi = std::lower_bound(lo, members + n, row_end);
+  return {static_cast<int>(lo - members), static_cast<int>(hi - members)};
+}
+
+}  // namespace
+
+void CpuBackend::ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w, int top_k,
+                           Activation act, float* y, absl::Span<const LowRankTask> ffn_in,
+                           absl::Span<const LowRankTask> ffn_out) {
+  if (rows == 0) return;
+  const int experts = w.experts, g = w.group_size, h = w.hidden, ff = experts * g;
+  const int k = std::clamp(top_k, 1, experts);
+  // 1. Router scores: one thin GEMM, rows x experts.
+  std::vector<float> scores(static_cast<size_t>(rows) * experts);
+  Linear(x, rows, h, w.centroids, nullptr, experts, Activation::kNone, scores.data(), {});
+  // 2. Top-k per row by repeated scans (experts is small): a strictly greater
+  // score wins, so ties go to the lower index; NaN scores never win over a
+  // number. Each row's choice is then sorted by expert index, which fixes the
+  // order its experts' outputs are summed in.
+  std::vector<int32_t> choice(static_cast<size_t>(rows) * k);
+  std::vector<char> taken(experts);
+  for (int r = 0; r < rows; ++r) {
+    const float* s = scores.data() + static_cast<int64_t>(r) * experts;
+    int32_t* c = choice.data() + static_cast<int64_t>(r) * k;
+    std::fill(taken.begin(), taken.end(), 0);
+    for (int i = 0; i < k; ++i) {
+      int best = -1;
+      for (int e = 0; e < experts; ++e) {
+        if (taken[e]) continue;
+        if (best < 0 || s[e] > s[best]) best = e;
+      }
+      taken[best] = 1;
+      c[i] = best;
+    }
+    std::sort(c, c + k);
+  }
+  // 3. Bucket rows by expert: members[offsets[e]..offsets[e+1]) are expert
+  // e's rows, ascending; pos[r * k + i] is where row r's i-th expert output
+  // lands in expert_out_.
+  std::vector<int32_t> offsets(experts + 1, 0), members(choice.size()), pos(choice.size());
+  for (int32_t e : choice) ++offsets[e + 1];
+  for (int e = 0; e < experts; ++e) offsets[e + 1] += offsets[e];
+  {
+    std::vector<int32_t> cursor(offsets.begin(), offsets.end() - 1);
+    for (int r = 0; r < rows; ++r) {
+      for (int i = 0; i < k; ++i) {
+        const int32_t e = choice[static_cast<size_t>(r) * k + i];
+        members[cursor[e]] = r;
+        pos[static_cast<size_t>(r) * k + i] = cursor[e]++;
+      }
+    }
+  }
+  // 4. Each expert on its own rows only, one expert per task: gather its rows
+  // into a contiguous block, two GEMMs against its slices, LoRA on the
+  // block, and its outputs into its own rows of expert_out_ (no two experts
+  // write the same place, so no races and no atomics).
+  expert_out_.resize(choice.size() * static_cast<size_t>(h));
+  const int64_t macs = static_cast<int64_t>(choice.size()) * g * h * 2;
+  const bool parallel = macs >= kParallelMacs;
+  SerialBlasScope serial(!parallel);
+#pragma omp parallel num_threads(threads_) if (parallel)
+  {
+    std::vector<float> xe, he, tmp, gathered;
+#pragma omp for schedule(dynamic, 1)
+    for (int e = 0; e < experts; ++e) {
+      const int n = offsets[e + 1] - offsets[e];
+      if (n == 0) continue;
+      const int32_t* rows_e = members.data() + offsets[e];
+      const int32_t* ids = w.neuron_ids.data() + static_cast<int64_t>(e) * g;
+      xe.resize(static_cast<size_t>(n) * h);
+      for (int i = 0; i < n; ++i) {
+        std::memcpy(xe.data() + static_cast<int64_t>(i) * h,
+                    x + static_cast<int64_t>(rows_e[i]) * h, h * sizeof(float));
+      }
+      he.resize(static_cast<size_t>(n) * g);
+      SerialLinear(xe.data(), n, h, w.w1 + static_cast<int64_t>(e) * g * h,
+                   w.b1 + static_cast<int64_t>(e) * g, g, he.data());
+      for (const LowRankTask& t : ffn_in) {
+        const auto [m0, m1] = MemberRange(rows_e, n, t.row_begin, t.row_end);
+        if (m1 <= m0) continue;
+        tmp.resize(static_cast<size_t>(m1 - m0) * t.rank);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, t.rank, h, 1.0f,
+                    xe.data() + static_cast<int64_t>(m0) * h, h, t.a, h, 0.0f, tmp.data(), t.rank);
+        // B's rows of this expert's neurons, [g, rank].
+        gathered.resize(static_cast<size_t>(g) * t.rank);
+        for (int j = 0; j < g; ++j) {
+          std::memcpy(gathered.data() + static_cast<int64_t>(j) * t.rank,
+                      t.b + static_cast<int64_t>(ids[j]) * t.rank, t.rank * sizeof(float));
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, g, t.rank, t.scale,
+                    tmp.data(), t.rank, gathered.data(), t.rank, 1.0f,
+                    he.data() + static_cast<int64_t>(m0) * g, g);
+      }
+      if (act == Activation::kGelu) {
+        const int64_t count = static_cast<int64_t>(n) * g;
+        float* hp = he.data();
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i) hp[i] = cpu::GeluErf(hp[i]);
+      }
+      float* ye = expert_out_.data() + static_cast<int64_t>(offsets[e]) * h;
+      SerialLinear(he.data(), n, g, w.w2 + static_cast<int64_t>(e) * h * g, nullptr, h, ye);
+      for (const LowRankTask& t : ffn_out) {
+        const auto [m0, m1] = MemberRange(rows_e, n, t.row_begin, t.row_end);
+        if (m1 <= m0) continue;
+        // A's columns of this expert's neurons, [rank, g].
+        gathered.resize(static_cast<size_t>(t.rank) * g);
+        for (int q = 0; q < t.rank; ++q) {
+          const float* a_row = t.a + static_cast<int64_t>(q) * ff;
+          float* dst = gathered.data() + static_cast<int64_t>(q) * g;
+          for (int j = 0; j < g; ++j) dst[j] = a_row[ids[j]];
+        }
+        tmp.resize(static_cast<size_t>(m1 - m0) * t.rank);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, t.rank, g, 1.0f,
+                    he.data() + static_cast<int64_t>(m0) * g, g, gathered.data(), g, 0.0f,
+                    tmp.data(), t.rank);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, h, t.rank, t.scale,
+                    tmp.data(), t.rank, t.b, t.rank, 1.0f, ye + static_cast<int64_t>(m0) * h, h);
+      }
+    }
+  }
+  // 5. Per row: the bias, then its experts' outputs in ascending expert order.
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_) if (static_cast <int64_t>(choice.size()) * h > kParallelElements)
+  for (int r = 0; r < rows; ++r) {
+    float* yr = y + static_cast<int64_t>(r) * h;
+    std::memcpy(yr, w.b2, h * sizeof(float));
+    for (int i = 0; i < k; ++i) {
+      const float* src =
+          expert_out_.data() + static_cast<int64_t>(pos[static_cast<size_t>(r) * k + i]) * h;
+#pragma omp simd
+      for (int c = 0; c < h; ++c) yr[c] += src[c];
     }
   }
 }
