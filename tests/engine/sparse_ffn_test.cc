@@ -247,6 +247,22 @@ double MaxDiff(const float* a, const float* b, int n) {
   return d;
 }
 
+// Routing gaps below this are within the float rounding of the engine's
+// scores: engine and reference may then pick different experts, and that
+// sequence's comparison is skipped (counted by the caller).
+constexpr double kTieGap = 1e-5;
+
+// got vs want to 1e-4, unless the sequence's routing had a near tie.
+void ExpectMatchesReference(const float* got, const std::vector<float>& want, double gap, size_t s,
+                            int* skipped) {
+  if (gap < kTieGap) {
+    ++*skipped;
+    std::printf("sequence %zu: routing gap %.3g, not compared\n", s, gap);
+    return;
+  }
+  EXPECT_LT(MaxDiff(got, want.data(), 384), 1e-4) << "sequence " << s;
+}
+
 class SparseFfnTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -413,22 +429,26 @@ TEST_F(SparseFfnTest, SparseEqualsMaskedDenseReference) {
   }
   const auto got = Forward(seqs);
   double min_gap = 1e9;
+  int skipped = 0;
   for (size_t s = 0; s < seqs.size(); ++s) {
     const Case& k = cases[s];
     const int top_k = k.ffn == nullptr ? 0 : k.ffn->ExpertsFor(k.fraction);
+    double gap = 1e9;
     const auto want =
         Reference(*host_, std::vector<int32_t>(seqs[s].ids.begin(), seqs[s].ids.end()),
-                  {.exit = k.exit, .partition = k.partition, .top_k = top_k}, &min_gap);
-    EXPECT_LT(MaxDiff(got.data() + s * 384, want.data(), 384), 1e-4) << "sequence " << s;
+                  {.exit = k.exit, .partition = k.partition, .top_k = top_k}, &gap);
+    min_gap = std::min(min_gap, gap);
+    ExpectMatchesReference(got.data() + s * 384, want, gap, s, &skipped);
     if (top_k > 0) {
       // The masking shows: far from the dense embedding.
       const auto dense =
           Reference(*host_, std::vector<int32_t>(seqs[s].ids.begin(), seqs[s].ids.end()),
-                    {.exit = k.exit}, &min_gap);
+                    {.exit = k.exit}, &gap);
       EXPECT_GT(MaxDiff(dense.data(), want.data(), 384), 1e-3) << "sequence " << s;
     }
   }
   std::printf("smallest routing score gap at a top-k boundary: %.3g\n", min_gap);
+  EXPECT_LE(skipped, 1);
 }
 
 TEST_F(SparseFfnTest, LoraAndSparseInOneBatchEqualReferenceAndOneAtATime) {
@@ -458,21 +478,25 @@ TEST_F(SparseFfnTest, LoraAndSparseInOneBatchEqualReferenceAndOneAtATime) {
   }
   const auto got = Forward(seqs, plans);
   double min_gap = 1e9;
+  int skipped = 0;
   for (size_t s = 0; s < seqs.size(); ++s) {
     const int top_k = sparse16_->ExpertsFor(seqs[s].ffn_fraction);
+    double gap = 1e9;
     const auto want =
         Reference(*host_, std::vector<int32_t>(seqs[s].ids.begin(), seqs[s].ids.end()),
                   {.exit = seqs[s].exit,
                    .partition = partition16_,
                    .top_k = top_k == 16 ? 0 : top_k,
                    .lora = seqs[s].plan == 0 ? &mods : nullptr},
-                  &min_gap);
-    EXPECT_LT(MaxDiff(got.data() + s * 384, want.data(), 384), 1e-4) << "sequence " << s;
+                  &gap);
+    min_gap = std::min(min_gap, gap);
+    ExpectMatchesReference(got.data() + s * 384, want, gap, s, &skipped);
     std::vector<float> alone(384);
     ASSERT_TRUE(model_->Forward({&seqs[s], 1}, alone.data(), plans).ok());
     EXPECT_LT(MaxDiff(got.data() + s * 384, alone.data(), 384), 1e-5) << "sequence " << s;
   }
   std::printf("smallest routing score gap at a top-k boundary: %.3g\n", min_gap);
+  EXPECT_LE(skipped, 1);
 }
 
 TEST_F(SparseFfnTest, ForwardRejectsBadFractions) {
