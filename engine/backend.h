@@ -141,7 +141,7 @@ class Backend {
   // ff], columns indexed by original neuron; b: [hidden, rank]) and add
   // scale * (h[r] a^T) b^T with h[r] the row's activations, zero on inactive
   // neurons. Rounding: each row sums its experts' outputs in ascending expert
-  // order, so the result does not depend on threads or on the other rows.
+  // order, so a given batch gives the same bits on every run.
   // 1 <= top_k <= experts; y must not alias x.
   virtual void ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w, int top_k,
                          Activation act, float* y, absl::Span<const LowRankTask> ffn_in = {},

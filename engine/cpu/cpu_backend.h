@@ -12,12 +12,17 @@
 
 namespace kiln {
 
+namespace cpu {
+struct ExpertScratch;
+}  // namespace cpu
+
 class CpuBackend final : public Backend {
  public:
   struct Options {
     int threads = 0;  // <= 0: all cores
   };
   static std::unique_ptr<CpuBackend> Create(const Options& options);
+  ~CpuBackend() override;
 
   DeviceKind kind() const override { return DeviceKind::kCpu; }
   std::string Describe() const override;
@@ -51,8 +56,8 @@ class CpuBackend final : public Backend {
  private:
   CpuBackend() = default;
   int threads_ = 1;
-  // ExpertFfn's per-(row, expert) outputs, reused between calls.
-  std::vector<float> expert_out_;
+  // ExpertFfn's per-thread scratch, reused between calls.
+  std::vector<std::unique_ptr<cpu::ExpertScratch>> expert_scratch_;
 };
 
 }  // namespace kiln
