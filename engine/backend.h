@@ -63,6 +63,25 @@ struct LowRankDeltas {
   int tmp_ld = 0;
 };
 
+// The weights of one layer's FFN split into experts (an ffn_partition brick
+// resident on a backend; see engine/sparse_ffn.h). With ff = experts *
+// group_size intermediate neurons, position j of "group order" is original
+// neuron neuron_ids[j], and expert e owns positions [e * group_size, (e + 1) *
+// group_size).
+struct ExpertFfnWeights {
+  int experts = 0, group_size = 0, hidden = 0;
+  const float* centroids = nullptr;  // [experts, hidden]: the router keys
+  const float* w1 = nullptr;         // [ff, hidden]: intermediate.dense rows, in group order
+  const float* b1 = nullptr;         // [ff]: its bias, in group order
+  // [experts, hidden, group_size]: expert e's block is output.dense's columns
+  // of its neurons, so block e is a [hidden, group_size] Linear weight.
+  const float* w2 = nullptr;
+  const float* b2 = nullptr;  // [hidden]: output.dense's bias
+  // [ff] host: the original neuron of each group-order position (LoRA B rows
+  // of intermediate.dense and A columns of output.dense are indexed by it).
+  absl::Span<const int32_t> neuron_ids;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -103,6 +122,30 @@ class Backend {
   // rows of width `cols`, in place. `residual` may be null.
   virtual void AddLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,
                             int rows, int cols, float eps) = 0;
+
+  // The FFN of an ffn_partition brick (MoEfication) on x [rows, hidden]:
+  // each row scores every expert, s[r, e] = dot(x[r], centroids[e]), keeps its
+  // top_k experts (highest score; ties go to the lower expert index), and
+  //   y[r] = b2 + sum over its experts e of act(x[r] W1_e^T + b1_e + in_deltas_e) W2_e
+  //          + out_deltas
+  // which equals the dense FFN with every inactive neuron's activation set to
+  // zero. Only the chosen experts' weights are multiplied: sum over experts of
+  // n_e * group_size * hidden * 2 multiply-adds, plus rows * experts * hidden
+  // to score (n_e = rows routed to e; sum n_e = rows * top_k).
+  //
+  // LoRA (tasks as in LowRankDeltas; rows relative to x; tasks own their
+  // scratch here, no tmp): `ffn_in` tasks are intermediate.dense's
+  // (a: [rank, hidden], b: [ff, rank], b's rows indexed by ORIGINAL neuron;
+  // col = 0, cols = ff) and add scale * (x[r] a^T) b[neuron]^T to each active
+  // neuron before the activation; `ffn_out` tasks are output.dense's (a: [rank,
+  // ff], columns indexed by original neuron; b: [hidden, rank]) and add
+  // scale * (h[r] a^T) b^T with h[r] the row's activations, zero on inactive
+  // neurons. Rounding: each row sums its experts' outputs in ascending expert
+  // order, so a given batch gives the same bits on every run.
+  // 1 <= top_k <= experts; y must not alias x.
+  virtual void ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w, int top_k,
+                         Activation act, float* y, absl::Span<const LowRankTask> ffn_in = {},
+                         absl::Span<const LowRankTask> ffn_out = {}) = 0;
 
   // Bidirectional multi-head self-attention over a packed batch.
   // qkv: [total_tokens, 3 * heads * head_dim], each row Q | K | V with heads

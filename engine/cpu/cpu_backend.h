@@ -6,10 +6,15 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "engine/backend.h"
 
 namespace kiln {
+
+namespace cpu {
+struct ExpertScratch;
+}  // namespace cpu
 
 class CpuBackend final : public Backend {
  public:
@@ -17,6 +22,7 @@ class CpuBackend final : public Backend {
     int threads = 0;  // <= 0: all cores
   };
   static std::unique_ptr<CpuBackend> Create(const Options& options);
+  ~CpuBackend() override;
 
   DeviceKind kind() const override { return DeviceKind::kCpu; }
   std::string Describe() const override;
@@ -37,6 +43,9 @@ class CpuBackend final : public Backend {
                     absl::Span<const int32_t> type_ids, int hidden, float* out) override;
   void Linear(const float* x, int rows, int in, const float* w, const float* bias, int out,
               Activation act, float* y, const LowRankDeltas& lora) override;
+  void ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w, int top_k, Activation act,
+                 float* y, absl::Span<const LowRankTask> ffn_in,
+                 absl::Span<const LowRankTask> ffn_out) override;
   void AddLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,
                     int rows, int cols, float eps) override;
   void Attention(const float* qkv, absl::Span<const int32_t> seq_starts, int heads, int head_dim,
@@ -47,6 +56,8 @@ class CpuBackend final : public Backend {
  private:
   CpuBackend() = default;
   int threads_ = 1;
+  // ExpertFfn's per-thread scratch, reused between calls.
+  std::vector<std::unique_ptr<cpu::ExpertScratch>> expert_scratch_;
 };
 
 }  // namespace kiln

@@ -41,6 +41,8 @@ class EmbeddingModel {
   int dim() const { return config_.encoder.hidden_size; }
   int num_layers() const { return config_.encoder.num_layers; }
   Backend* backend() const { return encoder_->backend(); }
+  // The encoder (for SparseFfn::Create and Forward statistics).
+  const Encoder& encoder() const { return *encoder_; }
   size_t weight_bytes() const { return encoder_->weight_bytes(); }
 
  private:

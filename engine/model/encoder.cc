@@ -1,12 +1,14 @@
 #include "engine/model/encoder.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <numeric>
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "engine/sparse_ffn.h"
 
 namespace kiln {
 namespace {
@@ -135,10 +137,86 @@ void Encoder::CollectLora(int layer, LoraTarget target, int col, absl::Span<cons
   }
 }
 
+absl::StatusOr<Encoder::FfnHostWeights> Encoder::FfnWeightsToHost(int layer) const {
+  if (layer < 0 || layer >= config_.num_layers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " is out of range 0..", config_.num_layers - 1));
+  }
+  const size_t h = config_.hidden_size, ff = config_.intermediate_size;
+  const Layer& L = layers_[layer];
+  FfnHostWeights w;
+  w.w1.resize(ff * h);
+  w.b1.resize(ff);
+  w.w2.resize(h * ff);
+  w.b2.resize(h);
+  backend_->CopyToHost(L.ffn_in_w.get(), w.w1.size(), w.w1.data());
+  backend_->CopyToHost(L.ffn_in_b.get(), w.b1.size(), w.b1.data());
+  backend_->CopyToHost(L.ffn_out_w.get(), w.w2.size(), w.w2.data());
+  backend_->CopyToHost(L.ffn_out_b.get(), w.b2.size(), w.b2.data());
+  return w;
+}
+
+int64_t Encoder::SegmentedFfn(int l, absl::Span<const Segment> segments,
+                              absl::Span<const int32_t> starts, int rows,
+                              absl::Span<const LoraPlan> plans, bool any_lora, float* x) {
+  const int h = config_.hidden_size, ff = config_.intermediate_size;
+  const Layer& L = layers_[l];
+  int64_t macs = 0;
+  // LoRA tasks of the segments in `run` on `target`, with rows made relative
+  // to the run's first row (the x of the call that applies them).
+  auto collect = [&](LoraTarget target, absl::Span<const Segment> run, int r0,
+                     std::vector<LowRankTask>& tasks) {
+    tasks.clear();
+    if (!any_lora) return;
+    CollectLora(l, target, 0, run, starts, rows, plans, tasks);
+    for (LowRankTask& t : tasks) {
+      t.row_begin -= r0;
+      t.row_end -= r0;
+    }
+  };
+  size_t s = 0;
+  while (s < segments.size() && starts[segments[s].first] < rows) {
+    size_t e = s + 1;
+    while (e < segments.size() && starts[segments[e].first] < rows &&
+           segments[e].ffn == segments[s].ffn && segments[e].top_k == segments[s].top_k) {
+      ++e;
+    }
+    const absl::Span<const Segment> run = segments.subspan(s, e - s);
+    const int r0 = starts[run.front().first];
+    const int n = std::min<int>(starts[run.back().last], rows) - r0;
+    const float* in = ws_.attn.get() + static_cast<int64_t>(r0) * h;
+    float* out = x + static_cast<int64_t>(r0) * h;
+    if (run.front().top_k == 0) {
+      float* mid = ws_.ffn.get() + static_cast<int64_t>(r0) * ff;
+      collect(LoraTarget::kFfnIn, run, r0, lora_tasks_);
+      backend_->Linear(in, n, h, L.ffn_in_w.get(), L.ffn_in_b.get(), ff, config_.hidden_act, mid,
+                       {.tasks = lora_tasks_, .tmp = ws_.lora_tmp.get(), .tmp_ld = lora_tmp_ld_});
+      collect(LoraTarget::kFfnOut, run, r0, lora_tasks_);
+      backend_->Linear(mid, n, ff, L.ffn_out_w.get(), L.ffn_out_b.get(), h, Activation::kNone, out,
+                       {.tasks = lora_tasks_, .tmp = ws_.lora_tmp.get(), .tmp_ld = lora_tmp_ld_});
+      macs += int64_t{n} * ff * h * 2;
+    } else {
+      const SparseFfn& sparse = *run.front().ffn;
+      const int k = run.front().top_k;
+      collect(LoraTarget::kFfnIn, run, r0, lora_tasks_);
+      collect(LoraTarget::kFfnOut, run, r0, lora_tasks_out_);
+      backend_->ExpertFfn(in, n, sparse.layer(l), k, config_.hidden_act, out, lora_tasks_,
+                          lora_tasks_out_);
+      macs += int64_t{n} * k * sparse.group_size() * h * 2 + int64_t{n} * sparse.experts() * h;
+    }
+    s = e;
+  }
+  return macs;
+}
+
 absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out,
                               absl::Span<const LoraPlan> plans) {
   const int n = static_cast<int>(seqs.size());
-  if (n == 0) return absl::OkStatus();
+  if (n == 0) {
+    last_ffn_macs_ = 0;
+    last_ffn_seconds_ = 0;
+    return absl::OkStatus();
+  }
   const int num_layers = config_.num_layers;
   int max_rank = 0;
   for (size_t p = 0; p < plans.size(); ++p) {
@@ -166,6 +244,24 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out,
       return absl::InvalidArgumentError(absl::StrCat("sequence ", i, ": plan ", s.plan,
                                                      " is out of range -1..", plans.size() - 1));
     }
+    if (!std::isfinite(s.ffn_fraction) || s.ffn_fraction <= 0.0f || s.ffn_fraction > 1.0f) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", i, ": ffn_fraction ", s.ffn_fraction, " is not in (0, 1]"));
+    }
+    if (s.ffn == nullptr && s.ffn_fraction < 1.0f) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence ", i, ": ffn_fraction ", s.ffn_fraction,
+                       " needs an ffn_partition brick (ffn is null)"));
+    }
+    if (s.ffn != nullptr &&
+        (s.ffn->num_layers() != num_layers || s.ffn->hidden_size() != config_.hidden_size ||
+         s.ffn->intermediate_size() != config_.intermediate_size)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence ", i, ": ffn brick ", s.ffn->name(), " made for ", s.ffn->num_layers(),
+          " layers, hidden ", s.ffn->hidden_size(), ", intermediate ", s.ffn->intermediate_size(),
+          "; the model has ", num_layers, " layers, hidden ", config_.hidden_size,
+          ", intermediate ", config_.intermediate_size));
+    }
     const int exit = s.exit == 0 ? num_layers : s.exit;
     if (exit < 1 || exit > num_layers) {
       return absl::InvalidArgumentError(
@@ -188,22 +284,45 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out,
     }
     exits[i] = exit;
   }
+  // The FFN each sequence runs: top_k 0 = dense (no brick, or every expert).
+  // Bricks are numbered by first appearance so the order below is
+  // deterministic (not by address).
+  std::vector<int> top_k(n, 0), ffn_id(n, 0);
+  std::vector<const SparseFfn*> ffn_of(n, nullptr), distinct;
+  for (int i = 0; i < n; ++i) {
+    const SparseFfn* f = seqs[i].ffn;
+    if (f == nullptr) continue;
+    const int k = f->ExpertsFor(seqs[i].ffn_fraction);
+    if (k >= f->experts()) continue;
+    top_k[i] = k;
+    ffn_of[i] = f;
+    auto it = std::find(distinct.begin(), distinct.end(), f);
+    if (it == distinct.end()) it = distinct.insert(distinct.end(), f);
+    ffn_id[i] = 1 + static_cast<int>(it - distinct.begin());
+  }
 
   // Deepest exit first (stable, so equal exits keep input order): the
   // sequences still running after any layer are then a prefix of the batch.
-  // Inside one exit, sequences are grouped by plan, so each plan's rows form
-  // as few segments as possible.
+  // Inside one exit, sequences are grouped by plan, then by FFN (brick, k),
+  // so each (plan, FFN) pair's rows form as few segments as possible.
   std::vector<int> order(n);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
     if (exits[a] != exits[b]) return exits[a] > exits[b];
-    return seqs[a].plan < seqs[b].plan;
+    if (seqs[a].plan != seqs[b].plan) return seqs[a].plan < seqs[b].plan;
+    if (ffn_id[a] != ffn_id[b]) return ffn_id[a] < ffn_id[b];
+    return top_k[a] < top_k[b];
   });
   std::vector<Segment> segments;
+  bool any_sparse = false;
   for (int k = 0; k < n; ++k) {
-    const int plan = seqs[order[k]].plan;
-    if (segments.empty() || segments.back().plan != plan) {
-      segments.push_back({.first = k, .last = k + 1, .plan = plan});
+    const int i = order[k];
+    const int plan = seqs[i].plan;
+    any_sparse |= top_k[i] > 0;
+    if (segments.empty() || segments.back().plan != plan || segments.back().ffn != ffn_of[i] ||
+        segments.back().top_k != top_k[i]) {
+      segments.push_back(
+          {.first = k, .last = k + 1, .plan = plan, .ffn = ffn_of[i], .top_k = top_k[i]});
     } else {
       segments.back().last = k + 1;
     }
@@ -238,6 +357,8 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out,
                          h, x);
   backend_->AddLayerNorm(x, nullptr, emb_ln_g_.get(), emb_ln_b_.get(), total, h, eps);
 
+  int64_t ffn_macs = 0;
+  std::chrono::steady_clock::duration ffn_time{};
   int live = n;  // sequences [0, live) run the next layer
   for (int l = 0; l < num_layers; ++l) {
     while (live > 0 && exits[order[live - 1]] <= l) --live;
@@ -264,14 +385,30 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out,
     backend_->Linear(ws_.ctx.get(), rows, h, L.attn_out_w.get(), L.attn_out_b.get(), h,
                      Activation::kNone, ws_.attn.get(), deltas({{LoraTarget::kAttnOut, 0}}));
     backend_->AddLayerNorm(ws_.attn.get(), x, L.ln1_g.get(), L.ln1_b.get(), rows, h, eps);
-    backend_->Linear(ws_.attn.get(), rows, h, L.ffn_in_w.get(), L.ffn_in_b.get(), ff,
-                     config_.hidden_act, ws_.ffn.get(), deltas({{LoraTarget::kFfnIn, 0}}));
     // The FFN output lands in x (the layer input is no longer needed) and the
-    // residual is the attention block's output.
-    backend_->Linear(ws_.ffn.get(), rows, ff, L.ffn_out_w.get(), L.ffn_out_b.get(), h,
-                     Activation::kNone, x, deltas({{LoraTarget::kFfnOut, 0}}));
+    // residual is the attention block's output. Without a sparse segment
+    // alive, one dense Linear pair over all rows (the path without bricks);
+    // otherwise each run of segments sharing an FFN on its own rows.
+    const auto ffn_start = std::chrono::steady_clock::now();
+    const bool sparse_live =
+        any_sparse && std::any_of(segments.begin(), segments.end(), [&](const Segment& seg) {
+          return seg.top_k > 0 && starts[seg.first] < rows;
+        });
+    if (!sparse_live) {
+      backend_->Linear(ws_.attn.get(), rows, h, L.ffn_in_w.get(), L.ffn_in_b.get(), ff,
+                       config_.hidden_act, ws_.ffn.get(), deltas({{LoraTarget::kFfnIn, 0}}));
+      backend_->Linear(ws_.ffn.get(), rows, ff, L.ffn_out_w.get(), L.ffn_out_b.get(), h,
+                       Activation::kNone, x, deltas({{LoraTarget::kFfnOut, 0}}));
+      ffn_macs += int64_t{rows} * ff * h * 2;
+    } else {
+      ffn_macs += SegmentedFfn(l, segments, starts, rows, plans, any_lora, x);
+    }
+    ffn_time += std::chrono::steady_clock::now() - ffn_start;
     backend_->AddLayerNorm(x, ws_.attn.get(), L.ln2_g.get(), L.ln2_b.get(), rows, h, eps);
   }
+
+  last_ffn_macs_ = ffn_macs;
+  last_ffn_seconds_ = std::chrono::duration<double>(ffn_time).count();
 
   std::vector<float> pooled(static_cast<size_t>(n) * h);
   bool all_default = true;

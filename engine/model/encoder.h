@@ -29,6 +29,8 @@
 
 namespace kiln {
 
+class SparseFfn;
+
 struct SequenceInput {
   absl::Span<const int32_t> ids;  // [CLS] ... [SEP], at most max_position_embeddings
   int exit = 0;                   // 1..num_layers; 0 means full depth
@@ -38,6 +40,14 @@ struct SequenceInput {
   // Index into Forward's `plans` (the LoRA bricks this sequence runs with);
   // -1 = the base model alone.
   int plan = -1;
+  // Sparse FFN (an ffn_partition brick, engine/sparse_ffn.h): each token
+  // computes only its ffn->ExpertsFor(ffn_fraction) best-scoring experts of
+  // every layer's FFN. ffn_fraction must be finite and in (0, 1]; below 1 it
+  // needs `ffn`. When ExpertsFor gives every expert (or ffn is null) the
+  // sequence runs the dense FFN, exactly as without a brick. Not owned; kept
+  // alive by the caller until Forward returns.
+  const SparseFfn* ffn = nullptr;
+  float ffn_fraction = 1.0f;
 };
 
 class Encoder {
@@ -56,6 +66,12 @@ class Encoder {
   // empty, too long, token id out of range, plan index out of range) or the
   // plan at fault (a null adapter, an adapter for another layer count).
   //
+  // Sparse FFN: INVALID_ARGUMENT names the sequence for a bad ffn_fraction
+  // (non-finite or outside (0, 1]), a fraction below 1 without a brick, or a
+  // brick made for another layer count or shape. A plan's LoRA deltas on
+  // intermediate.dense / output.dense compose with a sparse FFN as on the
+  // dense FFN with the inactive neurons' activations zeroed.
+  //
   // LoRA: sequence i runs with plans[seqs[i].plan] (see engine/lora.h).
   // Sequences are grouped by plan inside each exit, so each segment's deltas
   // are two thin products per module on its rows; the adapters must stay
@@ -67,6 +83,28 @@ class Encoder {
   Backend* backend() const { return backend_; }
   // Bytes of weights held on the backend.
   size_t weight_bytes() const { return weight_bytes_; }
+
+  // Layer `layer`'s FFN weights, copied to host memory from the backend, as
+  // the checkpoint stores them.
+  struct FfnHostWeights {
+    std::vector<float> w1;  // intermediate.dense.weight [intermediate, hidden]
+    std::vector<float> b1;  // intermediate.dense.bias   [intermediate]
+    std::vector<float> w2;  // output.dense.weight       [hidden, intermediate]
+    std::vector<float> b2;  // output.dense.bias         [hidden]
+  };
+  // INVALID_ARGUMENT when `layer` is outside 0..num_layers-1.
+  absl::StatusOr<FfnHostWeights> FfnWeightsToHost(int layer) const;
+
+  // Statistics of the last successful Forward (zero before the first).
+  // FFN multiply-adds, counted per layer over the rows that ran it: a dense
+  // row costs 2 * intermediate * hidden (the two matmuls), a sparse row
+  // k * 2 * group_size * hidden for its k experts plus experts * hidden to
+  // score them. LoRA deltas are not counted.
+  int64_t last_ffn_macs() const { return last_ffn_macs_; }
+  // Host wall time spent in the FFN ops (both matmuls, activation, routing;
+  // not the LayerNorm after them), seconds. On a backend whose ops are
+  // asynchronous this measures enqueueing only.
+  double last_ffn_seconds() const { return last_ffn_seconds_; }
 
  private:
   struct Layer {
@@ -80,11 +118,21 @@ class Encoder {
     size_t lora_capacity = 0;  // floats in lora_tmp
     DeviceArray lora_tmp;      // LoRA scratch (LowRankDeltas::tmp): tokens x the largest rank
   };
-  // A run of consecutive sequences (in Forward's exit order) sharing a plan.
+  // A run of consecutive sequences (in Forward's exit order) sharing a plan
+  // and an FFN (dense: ffn null and top_k 0; sparse: the brick and its k).
   struct Segment {
     int first = 0, last = 0;  // sequences [first, last)
     int plan = -1;
+    const SparseFfn* ffn = nullptr;
+    int top_k = 0;
   };
+  // Runs layer l's FFN from ws_.attn into x for the live rows [0, rows):
+  // each maximal run of segments sharing an FFN goes through the dense
+  // Linear pair or Backend::ExpertFfn on its own row range; returns the
+  // multiply-adds it counted.
+  int64_t SegmentedFfn(int layer, absl::Span<const Segment> segments,
+                       absl::Span<const int32_t> starts, int rows, absl::Span<const LoraPlan> plans,
+                       bool any_lora, float* x);
   // Appends the LoRA tasks of every live segment for (layer, target) to
   // `tasks`, landing at column `col` of the Linear's output; live_rows clips
   // the segments to the running prefix.
@@ -103,8 +151,11 @@ class Encoder {
   DeviceArray word_emb_, pos_emb_, type_emb_, emb_ln_g_, emb_ln_b_;
   std::vector<Layer> layers_;
   Workspace ws_;
-  int lora_tmp_ld_ = 0;                  // row stride of ws_.lora_tmp in this Forward
-  std::vector<LowRankTask> lora_tasks_;  // Forward's scratch
+  int lora_tmp_ld_ = 0;                      // row stride of ws_.lora_tmp in this Forward
+  std::vector<LowRankTask> lora_tasks_;      // Forward's scratch
+  std::vector<LowRankTask> lora_tasks_out_;  // Forward's scratch (FFN output LoRA)
+  int64_t last_ffn_macs_ = 0;
+  double last_ffn_seconds_ = 0;
 };
 
 }  // namespace kiln

@@ -1,8 +1,10 @@
 // Conformance of every Backend op against a plain-loop reference written
 // here, instantiated per available device (CPU now; the CUDA backend joins
 // the same suite with its own issue).
+#include <algorithm>
 #include <cmath>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -170,6 +172,142 @@ TEST_P(BackendOpsTest, LinearAddsLoraDeltasBeforeTheActivation) {
                        {.tasks = tasks, .tmp = tmp.get(), .tmp_ld = max_rank});
       ExpectNear(Down(dy, rows * out), want, 3e-5f);
     }
+  }
+}
+
+TEST_P(BackendOpsTest, ExpertFfnMatchesMaskedDenseReference) {
+  // The dense FFN with every neuron outside each row's top-k groups zeroed,
+  // in plain loops on the ORIGINAL weights; the op gets them rearranged by a
+  // random permutation (so a wrong group mapping shows). LoRA on the FFN's
+  // input and output on row ranges; shapes: few rows per expert (the skinny
+  // kernel), a small batch, and one above the parallel threshold. Experts 1
+  // and 2 share a key in the first shape: ties go to the lower index.
+  struct Shape {
+    int rows, hidden, experts, group, top_k;
+    std::vector<std::pair<int, int>> lora_rows;
+  };
+  const std::vector<Shape> shapes = {{7, 24, 4, 8, 2, {{0, 3}, {5, 7}}},
+                                     {37, 48, 6, 16, 3, {{4, 30}}},
+                                     {600, 256, 8, 64, 3, {{0, 250}, {250, 320}, {400, 600}}}};
+  for (const Shape& sh : shapes) {
+    SCOPED_TRACE(testing::Message() << sh.rows << " rows, " << sh.experts << " experts of "
+                                    << sh.group << ", top " << sh.top_k);
+    const int rows = sh.rows, h = sh.hidden, E = sh.experts, g = sh.group, ff = E * g;
+    const int rank = 3;
+    const auto x = RandomVector(rows * h, 41), w1 = RandomVector(ff * h, 42, 0.2f),
+               b1 = RandomVector(ff, 43), w2 = RandomVector(h * ff, 44, 0.2f),
+               b2 = RandomVector(h, 45);
+    auto keys = RandomVector(E * h, 46);
+    if (sh.rows == 7) std::copy_n(keys.begin() + h, h, keys.begin() + 2 * h);
+    std::vector<int32_t> ids(ff);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::shuffle(ids.begin(), ids.end(), std::mt19937(47));
+    // Group order: w1 / b1 rows, w2 as [E][h][g] blocks.
+    std::vector<float> w1g(ff * h), b1g(ff), w2g(ff * h);
+    for (int j = 0; j < ff; ++j) {
+      std::copy_n(w1.begin() + ids[j] * h, h, w1g.begin() + j * h);
+      b1g[j] = b1[ids[j]];
+    }
+    for (int e = 0; e < E; ++e)
+      for (int o = 0; o < h; ++o)
+        for (int j = 0; j < g; ++j) w2g[(e * h + o) * g + j] = w2[o * ff + ids[e * g + j]];
+    // LoRA: per row range, one intermediate.dense task and one output.dense task.
+    std::vector<LowRankTask> in_tasks, out_tasks;
+    std::vector<std::vector<float>> host;
+    std::vector<DeviceArray> device;
+    uint32_t seed = 50;
+    for (const auto& [r0, r1] : sh.lora_rows) {
+      for (int target = 0; target < 2; ++target) {
+        const int in = target == 0 ? h : ff, out = target == 0 ? ff : h;
+        host.push_back(RandomVector(rank * in, seed++, 0.3f));
+        host.push_back(RandomVector(out * rank, seed++, 0.3f));
+        device.push_back(Up(host[host.size() - 2]));
+        device.push_back(Up(host.back()));
+        (target == 0 ? in_tasks : out_tasks)
+            .push_back({.row_begin = r0,
+                        .row_end = r1,
+                        .col = 0,
+                        .cols = out,
+                        .a = device[device.size() - 2].get(),
+                        .b = device.back().get(),
+                        .rank = rank,
+                        .scale = target == 0 ? 0.7f : -1.3f});
+      }
+    }
+    auto low_rank = [&](int task, const double* v, int in, int r, int c) {
+      const std::vector<float>& a = host[2 * task];
+      const std::vector<float>& b = host[2 * task + 1];
+      double acc = 0;
+      for (int q = 0; q < rank; ++q) {
+        double d = 0;
+        for (int i = 0; i < in; ++i) d += v[i] * a[q * in + i];
+        acc += d * b[c * rank + q];
+      }
+      (void)r;
+      return acc;
+    };
+    std::vector<float> want(rows * h);
+    std::vector<char> near_tie(rows, 0);
+    for (int r = 0; r < rows; ++r) {
+      std::vector<double> xr(x.begin() + r * h, x.begin() + (r + 1) * h);
+      std::vector<double> s(E);
+      for (int e = 0; e < E; ++e)
+        for (int i = 0; i < h; ++i) s[e] += xr[i] * keys[e * h + i];
+      std::vector<int> by_score(E);
+      std::iota(by_score.begin(), by_score.end(), 0);
+      std::stable_sort(by_score.begin(), by_score.end(), [&](int a, int b) { return s[a] > s[b]; });
+      const double gap = s[by_score[sh.top_k - 1]] - s[by_score[sh.top_k]];
+      near_tie[r] = gap > 0 && gap < 1e-4;  // float and double may disagree
+      std::vector<char> active(ff, 0);
+      for (int i = 0; i < sh.top_k; ++i)
+        for (int j = 0; j < g; ++j) active[ids[by_score[i] * g + j]] = 1;
+      std::vector<double> mid(ff, 0.0);
+      for (int n = 0; n < ff; ++n) {
+        if (!active[n]) continue;
+        double acc = b1[n];
+        for (int i = 0; i < h; ++i) acc += xr[i] * w1[n * h + i];
+        for (size_t t = 0; t < sh.lora_rows.size(); ++t) {
+          if (r >= sh.lora_rows[t].first && r < sh.lora_rows[t].second)
+            acc += 0.7 * low_rank(2 * t, xr.data(), h, r, n);
+        }
+        mid[n] = 0.5 * acc * (1.0 + std::erf(acc / std::sqrt(2.0)));
+      }
+      for (int o = 0; o < h; ++o) {
+        double acc = b2[o];
+        for (int n = 0; n < ff; ++n) acc += mid[n] * w2[o * ff + n];
+        for (size_t t = 0; t < sh.lora_rows.size(); ++t) {
+          if (r >= sh.lora_rows[t].first && r < sh.lora_rows[t].second)
+            acc += -1.3 * low_rank(2 * t + 1, mid.data(), ff, r, o);
+        }
+        want[r * h + o] = static_cast<float>(acc);
+      }
+    }
+    auto dx = Up(x), dkeys = Up(keys), dw1 = Up(w1g), db1 = Up(b1g), dw2 = Up(w2g), db2 = Up(b2),
+         dy = Up(std::vector<float>(rows * h, 5.0f));
+    const ExpertFfnWeights weights{.experts = E,
+                                   .group_size = g,
+                                   .hidden = h,
+                                   .centroids = dkeys.get(),
+                                   .w1 = dw1.get(),
+                                   .b1 = db1.get(),
+                                   .w2 = dw2.get(),
+                                   .b2 = db2.get(),
+                                   .neuron_ids = ids};
+    backend_->ExpertFfn(dx.get(), rows, weights, sh.top_k, Activation::kGelu, dy.get(), in_tasks,
+                        out_tasks);
+    const auto got = Down(dy, rows * h);
+    int skipped = 0;
+    for (int r = 0; r < rows; ++r) {
+      if (near_tie[r]) {
+        ++skipped;
+        continue;
+      }
+      for (int o = 0; o < h; ++o) {
+        ASSERT_NEAR(got[r * h + o], want[r * h + o], 1e-4f * (1.0f + std::fabs(want[r * h + o])))
+            << "row " << r << " col " << o;
+      }
+    }
+    EXPECT_LE(skipped, rows / 50);
   }
 }
 

@@ -1,0 +1,206 @@
+// kiln_bench_sparse_ffn: what an ffn_partition brick (MoEfication) saves, on
+// this machine: the texts of FILE in batches cut by a token budget (as the
+// server's batcher cuts them), every sequence at one FFN fraction per pass.
+//
+//   kiln_bench_sparse_ffn --model=DIR --input=FILE [--threads=N] [--rounds=R]
+//                         [--experts=16] [--fractions=1,0.75,0.5,0.25,0.125]
+//                         [--max_batch_tokens=2048]
+//
+// Per fraction: end-to-end tokens/s (median pass), FFN time (median pass of
+// the summed Encoder::last_ffn_seconds: both FFN matmuls, activation and
+// routing), counted FFN multiply-adds against fraction 1 (routing included),
+// and the mean cosine of each text's embedding to its dense one. One warm-up
+// pass per fraction, then --rounds rounds that run every fraction once, the
+// starting fraction rotating per round so drift hits all alike.
+//
+// The partition is a seeded random split (bench/seeded_ffn_partition.h), not
+// a trained one: timings and MAC ratios are what a real brick gets, the
+// cosines are a floor.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/str_format.h"
+#include "bench/seeded_ffn_partition.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/model/embedding_model.h"
+#include "engine/safetensors.h"
+#include "engine/sparse_ffn.h"
+
+ABSL_FLAG(std::string, model, "models/all-MiniLM-L6-v2", "model folder");
+ABSL_FLAG(std::string, input, "bench/out/texts.txt", "texts, one per line");
+ABSL_FLAG(int, threads, 0, "compute threads; 0 = all cores");
+ABSL_FLAG(int, rounds, 3, "timed rounds (every fraction once per round)");
+ABSL_FLAG(int, experts, 16, "experts per layer of the seeded partition");
+ABSL_FLAG(std::vector<std::string>, fractions,
+          std::vector<std::string>({"1", "0.75", "0.5", "0.25", "0.125"}),
+          "FFN fractions; the first is the reference for cosines and MACs");
+ABSL_FLAG(int, max_batch_tokens, 2048, "token budget of one batch (the server's CPU default)");
+
+namespace kiln {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+std::string CpuName() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  }
+  return "unknown cpu";
+}
+
+struct PassResult {
+  double seconds = 0, ffn_seconds = 0;
+  int64_t macs = 0;
+};
+
+int Run() {
+  const std::string dir = absl::GetFlag(FLAGS_model);
+  auto backend = CpuBackend::Create({.threads = absl::GetFlag(FLAGS_threads)});
+  auto model = EmbeddingModel::Load(dir, backend.get());
+  if (!model.ok()) {
+    std::cerr << "kiln_bench_sparse_ffn: " << model.status() << "\n";
+    return 2;
+  }
+  auto weights = SafetensorsFile::Open(dir + "/model.safetensors");
+  if (!weights.ok()) {
+    std::cerr << "kiln_bench_sparse_ffn: " << weights.status() << "\n";
+    return 2;
+  }
+  const int experts = absl::GetFlag(FLAGS_experts);
+  auto partition = bench::SeededFfnPartition(**weights, (*model)->config().encoder, experts, 7);
+  if (!partition.ok()) {
+    std::cerr << "kiln_bench_sparse_ffn: " << partition.status() << "\n";
+    return 2;
+  }
+  auto sparse = SparseFfn::Create((*model)->encoder(), *partition, "seeded");
+  if (!sparse.ok()) {
+    std::cerr << "kiln_bench_sparse_ffn: " << sparse.status() << "\n";
+    return 2;
+  }
+
+  std::ifstream in(absl::GetFlag(FLAGS_input));
+  if (!in) {
+    std::cerr << "kiln_bench_sparse_ffn: cannot read " << absl::GetFlag(FLAGS_input) << "\n";
+    return 2;
+  }
+  std::vector<Encoding> encs;
+  int64_t tokens = 0;
+  for (std::string line; std::getline(in, line);) {
+    auto enc = (*model)->Tokenize(line);
+    if (!enc.ok()) continue;
+    tokens += static_cast<int64_t>(enc->ids.size());
+    encs.push_back(*std::move(enc));
+  }
+  const int budget = absl::GetFlag(FLAGS_max_batch_tokens);
+  std::vector<std::pair<size_t, size_t>> batches;  // [first, last) texts
+  int in_batch = 0;
+  for (size_t i = 0; i < encs.size(); ++i) {
+    const int n = static_cast<int>(encs[i].ids.size());
+    if (batches.empty() || in_batch + n > budget) {
+      batches.push_back({i, i});
+      in_batch = 0;
+    }
+    batches.back().second = i + 1;
+    in_batch += n;
+  }
+
+  std::vector<float> fractions;
+  for (const std::string& f : absl::GetFlag(FLAGS_fractions)) fractions.push_back(std::stof(f));
+  const int dim = (*model)->dim();
+  std::vector<std::vector<float>> out(fractions.size(), std::vector<float>(encs.size() * dim));
+  auto pass = [&](size_t fi) -> PassResult {
+    PassResult r;
+    std::vector<SequenceInput> seqs;
+    const auto t0 = Clock::now();
+    for (const auto& [first, last] : batches) {
+      seqs.clear();
+      for (size_t i = first; i < last; ++i) {
+        seqs.push_back({.ids = encs[i].ids, .ffn = sparse->get(), .ffn_fraction = fractions[fi]});
+      }
+      absl::Status st = (*model)->Forward(seqs, out[fi].data() + first * dim);
+      if (!st.ok()) {
+        std::cerr << "kiln_bench_sparse_ffn: " << st << "\n";
+        std::exit(1);
+      }
+      r.ffn_seconds += (*model)->encoder().last_ffn_seconds();
+      r.macs += (*model)->encoder().last_ffn_macs();
+    }
+    r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    return r;
+  };
+
+  std::printf(
+      "# kiln_bench_sparse_ffn: %s; %s; %u hardware threads\n"
+      "# model %s, %zu texts, %lld tokens, %zu batches of <= %d tokens, %d experts x %d "
+      "neurons (seeded split), %d rounds\n",
+      CpuName().c_str(), backend->Describe().c_str(), std::thread::hardware_concurrency(),
+      dir.c_str(), encs.size(), static_cast<long long>(tokens), batches.size(), budget, experts,
+      (*sparse)->group_size(), absl::GetFlag(FLAGS_rounds));
+  for (size_t f = 0; f < fractions.size(); ++f) pass(f);  // warm-up
+  std::vector<std::vector<PassResult>> results(fractions.size());
+  for (int round = 0; round < absl::GetFlag(FLAGS_rounds); ++round) {
+    for (size_t j = 0; j < fractions.size(); ++j) {
+      const size_t f = (j + round) % fractions.size();
+      results[f].push_back(pass(f));
+    }
+  }
+  std::printf("%-9s %-8s %12s %12s %10s %10s %12s\n", "fraction", "experts", "tokens/s", "ffn_ms",
+              "ffn_x", "mac_ratio", "mean_cosine");
+  const int64_t ref_macs = results[0][0].macs;
+  double ref_ffn = 0;
+  for (size_t f = 0; f < fractions.size(); ++f) {
+    std::vector<double> secs, ffn;
+    for (const PassResult& r : results[f]) {
+      secs.push_back(r.seconds);
+      ffn.push_back(r.ffn_seconds);
+    }
+    const double sec = Median(secs), ffn_sec = Median(ffn);
+    if (f == 0) ref_ffn = ffn_sec;
+    double cos_sum = 0;
+    for (size_t i = 0; i < encs.size(); ++i) {
+      double dot = 0, na = 0, nb = 0;
+      for (int c = 0; c < dim; ++c) {
+        const double a = out[0][i * dim + c], b = out[f][i * dim + c];
+        dot += a * b;
+        na += a * a;
+        nb += b * b;
+      }
+      cos_sum += dot / std::sqrt(na * nb);
+    }
+    const double mac_ratio = static_cast<double>(results[f][0].macs) / ref_macs;
+    const double mean_cos = cos_sum / encs.size();
+    std::printf("%-9.4g %-8d %12.1f %12.1f %10.3f %10.4f %12.4f\n", fractions[f],
+                (*sparse)->ExpertsFor(fractions[f]), tokens / sec, ffn_sec * 1e3, ffn_sec / ref_ffn,
+                mac_ratio, mean_cos);
+    std::printf(
+        "{\"measure\":\"sparse_ffn\",\"fraction\":%g,\"experts\":%d,\"of\":%d,\"tokens\":%lld,"
+        "\"tokens_per_s\":%.1f,\"ffn_seconds\":%.4f,\"ffn_time_ratio\":%.4f,\"mac_ratio\":%.4f,"
+        "\"mean_cosine\":%.4f}\n",
+        fractions[f], (*sparse)->ExpertsFor(fractions[f]), experts, static_cast<long long>(tokens),
+        tokens / sec, ffn_sec, ffn_sec / ref_ffn, mac_ratio, mean_cos);
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace kiln
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return kiln::Run();
+}

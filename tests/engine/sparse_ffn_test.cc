@@ -1,0 +1,598 @@
+// Sparse FFN (ffn_partition bricks, MoEfication) in the encoder: building a
+// SparseFfn from a partition, Forward at FFN fractions below 1 against a
+// plain-loop reference of the whole model whose FFN zeroes the inactive
+// neurons (with and without LoRA), the counted multiply-adds, exactness of
+// fraction 1, and the errors.
+#include "engine/sparse_ffn.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/cpu/cpu_backend.h"
+#include "engine/lora.h"
+#include "engine/model/embedding_model.h"
+#include "engine/model/encoder.h"
+#include "engine/safetensors.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace kiln {
+namespace {
+
+using ::testing::HasSubstr;
+
+const std::string kModelDir = std::string(KILN_SOURCE_DIR) + "/models/all-MiniLM-L6-v2";
+
+const std::vector<std::string> kTexts = {
+    "The quick brown fox jumps over the lazy dog.",
+    "def parse(path): return open(path).read()",
+    "Kiln routes each token to a few experts of the feed-forward layer.",
+    "short",
+    "Sparse mixtures of experts cut the FFN's work in proportion to the fraction kept.",
+    "Paris is the capital of France.",
+};
+
+// The model's tensors in host memory, for the reference forward.
+struct HostModel {
+  EncoderConfig config;
+  std::map<std::string, std::vector<float>> t;
+  const std::vector<float>& at(const std::string& name) const { return t.at(name); }
+};
+
+// A deterministic split of every layer's neurons: a seeded random
+// permutation cut into `experts` groups; each key is the mean of its group's
+// L2-normalised intermediate.dense rows (what a router trained on nothing
+// would use) — enough to route, and any wrong group mapping shows.
+FfnPartition SeededPartition(const HostModel& m, int experts, uint32_t seed) {
+  const int h = m.config.hidden_size, ff = m.config.intermediate_size, g = ff / experts;
+  FfnPartition p{.experts = experts, .hidden_size = h, .intermediate_size = ff};
+  std::mt19937 rng(seed);
+  for (int l = 0; l < m.config.num_layers; ++l) {
+    const std::vector<float>& w1 =
+        m.at(absl::StrCat("encoder.layer.", l, ".intermediate.dense.weight"));
+    FfnPartition::Layer layer;
+    layer.groups.resize(ff);
+    std::iota(layer.groups.begin(), layer.groups.end(), 0);
+    std::shuffle(layer.groups.begin(), layer.groups.end(), rng);
+    layer.centroids.assign(static_cast<size_t>(experts) * h, 0.0f);
+    for (int e = 0; e < experts; ++e) {
+      for (int j = 0; j < g; ++j) {
+        const float* row = w1.data() + static_cast<size_t>(layer.groups[e * g + j]) * h;
+        double sq = 0;
+        for (int c = 0; c < h; ++c) sq += double(row[c]) * row[c];
+        const double inv = 1.0 / std::sqrt(sq) / g;
+        for (int c = 0; c < h; ++c) layer.centroids[static_cast<size_t>(e) * h + c] += row[c] * inv;
+      }
+    }
+    p.layers.push_back(std::move(layer));
+  }
+  return p;
+}
+
+std::vector<LoraHostModule> RandomModules(const EncoderConfig& config,
+                                          std::vector<LoraTarget> targets, int rank, float scale,
+                                          uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, 0.08f);
+  std::vector<LoraHostModule> modules;
+  for (int l = 0; l < config.num_layers; ++l) {
+    for (LoraTarget t : targets) {
+      const int in = LoraTargetIn(config, t), out = LoraTargetOut(config, t);
+      LoraHostModule m{.layer = l, .target = t, .rank = rank, .scale = scale};
+      m.a.resize(static_cast<size_t>(rank) * in);
+      m.b.resize(static_cast<size_t>(out) * rank);
+      for (float& v : m.a) v = dist(rng);
+      for (float& v : m.b) v = dist(rng);
+      modules.push_back(std::move(m));
+    }
+  }
+  return modules;
+}
+
+// What one sequence runs in the reference.
+struct RefRun {
+  int exit = 0;                                       // 0 = full depth
+  const FfnPartition* partition = nullptr;            // with top_k experts per token
+  int top_k = 0;                                      // 0 = dense
+  const std::vector<LoraHostModule>* lora = nullptr;  // weight 1
+};
+
+// y[T, out] = x[T, in] w^T + b (+ the LoRA delta of module `m`), in double.
+std::vector<double> RefLinear(const std::vector<double>& x, int rows, int in,
+                              const std::vector<float>& w, const std::vector<float>& b, int out,
+                              const LoraHostModule* m) {
+  std::vector<double> y(static_cast<size_t>(rows) * out);
+  for (int r = 0; r < rows; ++r) {
+    const double* xr = x.data() + static_cast<size_t>(r) * in;
+    std::vector<double> ax;
+    if (m != nullptr) {
+      ax.assign(m->rank, 0.0);
+      for (int q = 0; q < m->rank; ++q)
+        for (int i = 0; i < in; ++i) ax[q] += xr[i] * m->a[static_cast<size_t>(q) * in + i];
+    }
+    for (int o = 0; o < out; ++o) {
+      double acc = b[o];
+      const float* wo = w.data() + static_cast<size_t>(o) * in;
+      for (int i = 0; i < in; ++i) acc += xr[i] * wo[i];
+      if (m != nullptr) {
+        for (int q = 0; q < m->rank; ++q) acc += m->scale * ax[q] * m->b[o * m->rank + q];
+      }
+      y[static_cast<size_t>(r) * out + o] = acc;
+    }
+  }
+  return y;
+}
+
+void RefLayerNorm(std::vector<double>& x, int rows, int cols, const std::vector<float>& g,
+                  const std::vector<float>& b, double eps) {
+  for (int r = 0; r < rows; ++r) {
+    double* row = x.data() + static_cast<size_t>(r) * cols;
+    double mean = 0, var = 0;
+    for (int c = 0; c < cols; ++c) mean += row[c];
+    mean /= cols;
+    for (int c = 0; c < cols; ++c) var += (row[c] - mean) * (row[c] - mean);
+    var /= cols;
+    for (int c = 0; c < cols; ++c) row[c] = (row[c] - mean) / std::sqrt(var + eps) * g[c] + b[c];
+  }
+}
+
+// The whole model in plain loops for one sequence, mean-pooled and
+// normalised. The FFN of a sparse run zeroes every neuron outside the
+// token's top_k groups (scored by the centroids; ties to the lower index).
+// *min_gap gets the smallest score gap at a top-k boundary seen.
+std::vector<float> Reference(const HostModel& m, const std::vector<int32_t>& ids, const RefRun& run,
+                             double* min_gap) {
+  const EncoderConfig& c = m.config;
+  const int T = static_cast<int>(ids.size()), h = c.hidden_size, ff = c.intermediate_size;
+  std::map<std::pair<int, LoraTarget>, const LoraHostModule*> lora;
+  if (run.lora != nullptr) {
+    for (const LoraHostModule& mod : *run.lora) lora[{mod.layer, mod.target}] = &mod;
+  }
+  auto module = [&](int l, LoraTarget t) -> const LoraHostModule* {
+    auto it = lora.find({l, t});
+    return it == lora.end() ? nullptr : it->second;
+  };
+  std::vector<double> x(static_cast<size_t>(T) * h);
+  for (int t = 0; t < T; ++t) {
+    for (int k = 0; k < h; ++k) {
+      x[t * h + k] = double(m.at("embeddings.word_embeddings.weight")[ids[t] * h + k]) +
+                     m.at("embeddings.position_embeddings.weight")[t * h + k] +
+                     m.at("embeddings.token_type_embeddings.weight")[k];
+    }
+  }
+  RefLayerNorm(x, T, h, m.at("embeddings.LayerNorm.weight"), m.at("embeddings.LayerNorm.bias"),
+               c.layer_norm_eps);
+  const int exit = run.exit == 0 ? c.num_layers : run.exit;
+  const int heads = c.num_heads, d = c.head_dim();
+  for (int l = 0; l < exit; ++l) {
+    const std::string p = absl::StrCat("encoder.layer.", l, ".");
+    auto lin = [&](const std::vector<double>& in, int in_dim, const std::string& name, int out,
+                   LoraTarget target) {
+      return RefLinear(in, T, in_dim, m.at(p + name + ".weight"), m.at(p + name + ".bias"), out,
+                       module(l, target));
+    };
+    const auto q = lin(x, h, "attention.self.query", h, LoraTarget::kQuery);
+    const auto k = lin(x, h, "attention.self.key", h, LoraTarget::kKey);
+    const auto v = lin(x, h, "attention.self.value", h, LoraTarget::kValue);
+    std::vector<double> ctx(static_cast<size_t>(T) * h, 0.0);
+    for (int hd = 0; hd < heads; ++hd) {
+      for (int i = 0; i < T; ++i) {
+        std::vector<double> s(T);
+        double mx = -1e300, sum = 0;
+        for (int j = 0; j < T; ++j) {
+          double acc = 0;
+          for (int e = 0; e < d; ++e) acc += q[i * h + hd * d + e] * k[j * h + hd * d + e];
+          s[j] = acc / std::sqrt(double(d));
+          mx = std::max(mx, s[j]);
+        }
+        for (int j = 0; j < T; ++j) sum += (s[j] = std::exp(s[j] - mx));
+        for (int j = 0; j < T; ++j)
+          for (int e = 0; e < d; ++e) ctx[i * h + hd * d + e] += s[j] / sum * v[j * h + hd * d + e];
+      }
+    }
+    auto attn = lin(ctx, h, "attention.output.dense", h, LoraTarget::kAttnOut);
+    for (size_t i = 0; i < attn.size(); ++i) attn[i] += x[i];
+    RefLayerNorm(attn, T, h, m.at(p + "attention.output.LayerNorm.weight"),
+                 m.at(p + "attention.output.LayerNorm.bias"), c.layer_norm_eps);
+    auto mid = lin(attn, h, "intermediate.dense", ff, LoraTarget::kFfnIn);
+    for (double& z : mid) z = 0.5 * z * (1.0 + std::erf(z / std::sqrt(2.0)));
+    if (run.top_k > 0) {
+      const FfnPartition& part = *run.partition;
+      const int E = part.experts, g = ff / E;
+      const FfnPartition::Layer& pl = part.layers[l];
+      for (int t = 0; t < T; ++t) {
+        std::vector<double> s(E);
+        for (int e = 0; e < E; ++e) {
+          double acc = 0;
+          for (int i = 0; i < h; ++i) acc += attn[t * h + i] * pl.centroids[e * h + i];
+          s[e] = acc;
+        }
+        std::vector<int> rank(E);
+        std::iota(rank.begin(), rank.end(), 0);
+        std::stable_sort(rank.begin(), rank.end(), [&](int a, int b) { return s[a] > s[b]; });
+        if (run.top_k < E)
+          *min_gap = std::min(*min_gap, s[rank[run.top_k - 1]] - s[rank[run.top_k]]);
+        std::vector<char> active(ff, 0);
+        for (int i = 0; i < run.top_k; ++i)
+          for (int j = 0; j < g; ++j) active[pl.groups[rank[i] * g + j]] = 1;
+        for (int j = 0; j < ff; ++j)
+          if (!active[j]) mid[static_cast<size_t>(t) * ff + j] = 0.0;
+      }
+    }
+    x = lin(mid, ff, "output.dense", h, LoraTarget::kFfnOut);
+    for (size_t i = 0; i < x.size(); ++i) x[i] += attn[i];
+    RefLayerNorm(x, T, h, m.at(p + "output.LayerNorm.weight"), m.at(p + "output.LayerNorm.bias"),
+                 c.layer_norm_eps);
+  }
+  std::vector<double> pooled(h, 0.0);
+  for (int t = 0; t < T; ++t)
+    for (int k = 0; k < h; ++k) pooled[k] += x[t * h + k] / T;
+  double sq = 0;
+  for (double z : pooled) sq += z * z;
+  std::vector<float> out(h);
+  for (int k = 0; k < h; ++k) out[k] = static_cast<float>(pooled[k] / std::sqrt(sq));
+  return out;
+}
+
+double MaxDiff(const float* a, const float* b, int n) {
+  double d = 0;
+  for (int i = 0; i < n; ++i) d = std::max(d, std::fabs(double(a[i]) - b[i]));
+  return d;
+}
+
+// Routing gaps below this are within the float rounding of the engine's
+// scores: engine and reference may then pick different experts, and that
+// sequence's comparison is skipped (counted by the caller).
+constexpr double kTieGap = 1e-5;
+
+// got vs want to 1e-4, unless the sequence's routing had a near tie.
+void ExpectMatchesReference(const float* got, const std::vector<float>& want, double gap, size_t s,
+                            int* skipped) {
+  if (gap < kTieGap) {
+    ++*skipped;
+    std::printf("sequence %zu: routing gap %.3g, not compared\n", s, gap);
+    return;
+  }
+  EXPECT_LT(MaxDiff(got, want.data(), 384), 1e-4) << "sequence " << s;
+}
+
+class SparseFfnTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    backend_ = CpuBackend::Create({.threads = 2}).release();
+    auto model = EmbeddingModel::Load(kModelDir, backend_);
+    ASSERT_TRUE(model.ok()) << model.status() << " (run scripts/fetch_model.sh)";
+    model_ = model->release();
+    auto file = SafetensorsFile::Open(kModelDir + "/model.safetensors");
+    ASSERT_TRUE(file.ok()) << file.status();
+    host_ = new HostModel();
+    host_->config = model_->config().encoder;
+    for (const TensorInfo& t : (*file)->tensors()) {
+      if (t.dtype != DType::kF32) continue;
+      std::string name = t.name;
+      if (name.rfind("bert.", 0) == 0) name = name.substr(5);
+      host_->t[name] = *(*file)->ReadFloat32(t.name);
+    }
+    partition16_ = new FfnPartition(SeededPartition(*host_, 16, 7));
+    auto sparse = SparseFfn::Create(model_->encoder(), *partition16_, "split16");
+    ASSERT_TRUE(sparse.ok()) << sparse.status();
+    sparse16_ = sparse->release();
+  }
+  static void TearDownTestSuite() {
+    delete sparse16_;
+    delete partition16_;
+    delete host_;
+    delete model_;
+    delete backend_;
+  }
+  void SetUp() override { ASSERT_NE(sparse16_, nullptr); }
+
+  static const Encoder& encoder() { return model_->encoder(); }
+  static std::vector<int32_t> Ids(const std::string& text) { return model_->Tokenize(text)->ids; }
+
+  std::vector<float> Forward(const std::vector<SequenceInput>& seqs,
+                             absl::Span<const LoraPlan> plans = {}) {
+    std::vector<float> out(seqs.size() * 384);
+    absl::Status st = model_->Forward(seqs, out.data(), plans);
+    EXPECT_TRUE(st.ok()) << st;
+    return out;
+  }
+
+  static CpuBackend* backend_;
+  static EmbeddingModel* model_;
+  static HostModel* host_;
+  static FfnPartition* partition16_;
+  static SparseFfn* sparse16_;
+};
+CpuBackend* SparseFfnTest::backend_ = nullptr;
+EmbeddingModel* SparseFfnTest::model_ = nullptr;
+HostModel* SparseFfnTest::host_ = nullptr;
+FfnPartition* SparseFfnTest::partition16_ = nullptr;
+SparseFfn* SparseFfnTest::sparse16_ = nullptr;
+
+TEST_F(SparseFfnTest, CreateBuildsEveryLayer) {
+  EXPECT_EQ(sparse16_->experts(), 16);
+  EXPECT_EQ(sparse16_->group_size(), 96);
+  EXPECT_EQ(sparse16_->num_layers(), 6);
+  EXPECT_EQ(sparse16_->name(), "split16");
+  // Per layer: W1 and W2 copies, b1, b2 and the keys.
+  EXPECT_EQ(sparse16_->device_bytes(),
+            6u * (2 * 1536 * 384 + 1536 + 384 + 16 * 384) * sizeof(float));
+}
+
+TEST_F(SparseFfnTest, ExpertsForRoundsCarefully) {
+  EXPECT_EQ(sparse16_->ExpertsFor(1.0f), 16);
+  EXPECT_EQ(sparse16_->ExpertsFor(0.75f), 12);
+  EXPECT_EQ(sparse16_->ExpertsFor(0.5f), 8);
+  EXPECT_EQ(sparse16_->ExpertsFor(0.25f), 4);
+  EXPECT_EQ(sparse16_->ExpertsFor(0.125f), 2);
+  EXPECT_EQ(sparse16_->ExpertsFor(0.51f), 9);
+  EXPECT_EQ(sparse16_->ExpertsFor(0.3f), 5);   // 4.8
+  EXPECT_EQ(sparse16_->ExpertsFor(0.01f), 1);  // at least one expert
+  EXPECT_EQ(sparse16_->ExpertsFor(0.99f), 16);
+  auto three = SparseFfn::Create(encoder(), SeededPartition(*host_, 3, 1), "three");
+  ASSERT_TRUE(three.ok()) << three.status();
+  EXPECT_EQ((*three)->ExpertsFor(1.0f / 3.0f), 1);
+  EXPECT_EQ((*three)->ExpertsFor(2.0f / 3.0f), 2);
+  EXPECT_EQ((*three)->ExpertsFor(0.7f), 3);
+}
+
+TEST_F(SparseFfnTest, FractionOneEqualsDenseExactly) {
+  auto lora = LoraAdapter::Upload(
+      host_->config,
+      RandomModules(host_->config, {LoraTarget::kFfnIn, LoraTarget::kFfnOut}, 4, 1.0f, 3), backend_,
+      "a");
+  ASSERT_TRUE(lora.ok()) << lora.status();
+  const std::vector<LoraPlan> plans = {{{lora->get(), 1.0f}}};
+  std::vector<std::vector<int32_t>> ids;
+  for (const auto& t : kTexts) ids.push_back(Ids(t));
+  // Some sequences carry the brick at fraction 1 (or 0.99: all 16 experts),
+  // others none; exits and plans mixed.
+  std::vector<SequenceInput> with, without;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    SequenceInput s{.ids = ids[i], .exit = static_cast<int>(i % 3) * 2, .plan = int(i % 2) - 1};
+    without.push_back(s);
+    if (i % 3 != 1) s.ffn = sparse16_;
+    s.ffn_fraction = i % 3 == 2 ? 0.99f : 1.0f;
+    with.push_back(s);
+  }
+  const auto a = Forward(without, plans);
+  const int64_t dense_macs = encoder().last_ffn_macs();
+  const auto b = Forward(with, plans);
+  EXPECT_EQ(encoder().last_ffn_macs(), dense_macs);
+  for (size_t i = 0; i < a.size(); ++i) ASSERT_EQ(a[i], b[i]) << "at " << i;
+}
+
+TEST_F(SparseFfnTest, CountsMultiplyAddsByFraction) {
+  std::vector<std::vector<int32_t>> ids;
+  for (const auto& t : kTexts) ids.push_back(Ids(t));
+  std::vector<SequenceInput> seqs;
+  for (const auto& i : ids) seqs.push_back({.ids = i});
+  Forward(seqs);
+  const int64_t dense = encoder().last_ffn_macs();
+  int64_t tokens = 0;
+  for (const auto& i : ids) tokens += static_cast<int64_t>(i.size());
+  EXPECT_EQ(dense, tokens * 6 * 1536 * 384 * 2);
+  for (float f : {0.5f, 0.25f, 0.125f}) {
+    for (auto& s : seqs) {
+      s.ffn = sparse16_;
+      s.ffn_fraction = f;
+    }
+    Forward(seqs);
+    const int64_t scoring = tokens * 6 * 16 * 384;
+    EXPECT_EQ(encoder().last_ffn_macs() - scoring, static_cast<int64_t>(f * dense)) << f;
+  }
+  // By hand: "hello" is [CLS] hello [SEP], 3 tokens, to exit 2 at a quarter
+  // (4 experts of 96 neurons): 3 x 2 x (4 x 96 x 384 x 2 + 16 x 384), beside
+  // a dense 3-token sequence to exit 1: 3 x 1536 x 384 x 2.
+  const auto hello = Ids("hello");
+  ASSERT_EQ(hello.size(), 3u);
+  Forward({{.ids = hello, .exit = 2, .ffn = sparse16_, .ffn_fraction = 0.25f},
+           {.ids = hello, .exit = 1}});
+  EXPECT_EQ(encoder().last_ffn_macs(), 3 * 2 * (4 * 96 * 384 * 2 + 16 * 384) + 3 * 1536 * 384 * 2);
+  EXPECT_EQ(encoder().last_ffn_macs(), 1806336 + 3538944);
+  EXPECT_GT(encoder().last_ffn_seconds(), 0.0);
+}
+
+TEST_F(SparseFfnTest, SparseEqualsMaskedDenseReference) {
+  const FfnPartition partition4 = SeededPartition(*host_, 4, 99);
+  auto sparse4 = SparseFfn::Create(encoder(), partition4, "split4");
+  ASSERT_TRUE(sparse4.ok()) << sparse4.status();
+  std::vector<std::vector<int32_t>> ids;
+  for (const auto& t : kTexts) ids.push_back(Ids(t));
+  struct Case {
+    const SparseFfn* ffn;
+    const FfnPartition* partition;
+    float fraction;
+    int exit;
+  };
+  std::vector<Case> cases;
+  std::vector<SequenceInput> seqs;
+  const Case kinds[] = {{sparse16_, partition16_, 0.5f, 0},
+                        {sparse16_, partition16_, 0.125f, 0},
+                        {sparse4->get(), &partition4, 0.5f, 0},
+                        {sparse16_, partition16_, 0.25f, 3},
+                        {nullptr, nullptr, 1.0f, 0}};
+  for (size_t i = 0; i < ids.size(); ++i) {
+    for (const Case& k : kinds) {
+      if ((i + cases.size()) % 2 == 1 && k.ffn != nullptr && k.exit == 0) continue;  // fewer cases
+      cases.push_back(k);
+      seqs.push_back({.ids = ids[i], .exit = k.exit, .ffn = k.ffn, .ffn_fraction = k.fraction});
+    }
+  }
+  const auto got = Forward(seqs);
+  double min_gap = 1e9;
+  int skipped = 0;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const Case& k = cases[s];
+    const int top_k = k.ffn == nullptr ? 0 : k.ffn->ExpertsFor(k.fraction);
+    double gap = 1e9;
+    const auto want =
+        Reference(*host_, std::vector<int32_t>(seqs[s].ids.begin(), seqs[s].ids.end()),
+                  {.exit = k.exit, .partition = k.partition, .top_k = top_k}, &gap);
+    min_gap = std::min(min_gap, gap);
+    ExpectMatchesReference(got.data() + s * 384, want, gap, s, &skipped);
+    if (top_k > 0) {
+      // The masking shows: far from the dense embedding.
+      const auto dense =
+          Reference(*host_, std::vector<int32_t>(seqs[s].ids.begin(), seqs[s].ids.end()),
+                    {.exit = k.exit}, &gap);
+      EXPECT_GT(MaxDiff(dense.data(), want.data(), 384), 1e-3) << "sequence " << s;
+    }
+  }
+  std::printf("smallest routing score gap at a top-k boundary: %.3g\n", min_gap);
+  EXPECT_LE(skipped, 1);
+}
+
+TEST_F(SparseFfnTest, LoraAndSparseInOneBatchEqualReferenceAndOneAtATime) {
+  const auto mods = RandomModules(
+      host_->config, {LoraTarget::kQuery, LoraTarget::kFfnIn, LoraTarget::kFfnOut}, 4, 2.0f, 11);
+  auto lora = LoraAdapter::Upload(host_->config, mods, backend_, "a");
+  ASSERT_TRUE(lora.ok()) << lora.status();
+  const std::vector<LoraPlan> plans = {{{lora->get(), 1.0f}}};
+  std::vector<std::vector<int32_t>> ids;
+  for (const auto& t : kTexts) ids.push_back(Ids(t));
+  // (plan, fraction, exit) cut across each other.
+  struct Mix {
+    int plan;
+    float fraction;
+    int exit;
+  };
+  const Mix mixes[] = {{0, 0.5f, 0},  {-1, 0.25f, 0}, {0, 1.0f, 4}, {0, 0.25f, 2},
+                       {-1, 1.0f, 0}, {0, 0.125f, 6}, {-1, 0.5f, 3}};
+  std::vector<SequenceInput> seqs;
+  for (size_t i = 0; i < 12; ++i) {
+    const Mix& m = mixes[i % 7];
+    seqs.push_back({.ids = ids[i % ids.size()],
+                    .exit = m.exit,
+                    .plan = m.plan,
+                    .ffn = sparse16_,
+                    .ffn_fraction = m.fraction});
+  }
+  const auto got = Forward(seqs, plans);
+  double min_gap = 1e9;
+  int skipped = 0;
+  for (size_t s = 0; s < seqs.size(); ++s) {
+    const int top_k = sparse16_->ExpertsFor(seqs[s].ffn_fraction);
+    double gap = 1e9;
+    const auto want =
+        Reference(*host_, std::vector<int32_t>(seqs[s].ids.begin(), seqs[s].ids.end()),
+                  {.exit = seqs[s].exit,
+                   .partition = partition16_,
+                   .top_k = top_k == 16 ? 0 : top_k,
+                   .lora = seqs[s].plan == 0 ? &mods : nullptr},
+                  &gap);
+    min_gap = std::min(min_gap, gap);
+    ExpectMatchesReference(got.data() + s * 384, want, gap, s, &skipped);
+    std::vector<float> alone(384);
+    ASSERT_TRUE(model_->Forward({&seqs[s], 1}, alone.data(), plans).ok());
+    EXPECT_LT(MaxDiff(got.data() + s * 384, alone.data(), 384), 1e-5) << "sequence " << s;
+  }
+  std::printf("smallest routing score gap at a top-k boundary: %.3g\n", min_gap);
+  EXPECT_LE(skipped, 1);
+}
+
+TEST_F(SparseFfnTest, ForwardRejectsBadFractions) {
+  const auto ids = Ids("x");
+  std::vector<float> out(2 * 384);
+  auto expect = [&](const SequenceInput& bad, const std::string& want) {
+    const SequenceInput seqs[] = {{.ids = ids}, bad};
+    const absl::Status st = model_->Forward(seqs, out.data());
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << want;
+    EXPECT_THAT(st.message(), HasSubstr(want));
+  };
+  expect({.ids = ids, .ffn = sparse16_, .ffn_fraction = std::nanf("")},
+         "sequence 1: ffn_fraction nan is not in (0, 1]");
+  expect({.ids = ids, .ffn = sparse16_, .ffn_fraction = 0.0f},
+         "sequence 1: ffn_fraction 0 is not in (0, 1]");
+  expect({.ids = ids, .ffn = sparse16_, .ffn_fraction = -1.0f},
+         "sequence 1: ffn_fraction -1 is not in (0, 1]");
+  expect({.ids = ids, .ffn = sparse16_, .ffn_fraction = 1.5f},
+         "sequence 1: ffn_fraction 1.5 is not in (0, 1]");
+  expect({.ids = ids, .ffn_fraction = 0.5f},
+         "sequence 1: ffn_fraction 0.5 needs an ffn_partition brick (ffn is null)");
+
+  // A brick built on a 2-layer encoder of the same weights.
+  EncoderConfig two = host_->config;
+  two.num_layers = 2;
+  auto file = SafetensorsFile::Open(kModelDir + "/model.safetensors");
+  ASSERT_TRUE(file.ok());
+  auto shallow = Encoder::Load(two, model_->config().pooling, **file, backend_);
+  ASSERT_TRUE(shallow.ok()) << shallow.status();
+  FfnPartition p2 = *partition16_;
+  p2.layers.resize(2);
+  auto small = SparseFfn::Create(**shallow, p2, "shallow");
+  ASSERT_TRUE(small.ok()) << small.status();
+  expect({.ids = ids, .ffn = small->get(), .ffn_fraction = 0.5f},
+         "sequence 1: ffn brick shallow made for 2 layers");
+}
+
+TEST_F(SparseFfnTest, CreateRejectsAPartitionForAnotherShape) {
+  FfnPartition p = *partition16_;
+  p.intermediate_size = 1024;
+  auto r = SparseFfn::Create(encoder(), p, "other");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(r.status().message(),
+              HasSubstr("other: made for a model with 6 layers, hidden 384, intermediate 1024; "
+                        "this model has 6 layers, hidden 384, intermediate 1536"));
+  p = *partition16_;
+  p.layers.pop_back();
+  r = SparseFfn::Create(encoder(), p, "other");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(r.status().message(), HasSubstr("made for a model with 5 layers"));
+}
+
+TEST_F(SparseFfnTest, CreateRejectsAMalformedPartition) {
+  auto expect = [&](const FfnPartition& p, const std::string& want) {
+    auto r = SparseFfn::Create(encoder(), p, "bad");
+    ASSERT_FALSE(r.ok()) << want;
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(r.status().message(), HasSubstr(want));
+  };
+  FfnPartition p = *partition16_;
+  p.experts = 7;
+  expect(p, "bad: experts 7 does not divide intermediate_size 1536");
+  p.experts = 0;
+  expect(p, "bad: experts 0 does not divide intermediate_size 1536");
+  p = *partition16_;
+  p.layers[2].groups[5] = p.layers[2].groups[6];
+  expect(p, "bad layer 2: groups is not a permutation of 0..1535: neuron");
+  p = *partition16_;
+  p.layers[3].groups[0] = 1536;
+  expect(p, "bad layer 3: groups is not a permutation of 0..1535: groups[0] = 1536");
+  p = *partition16_;
+  p.layers[1].groups.pop_back();
+  expect(p, "bad layer 1: groups has 1535 entries, want intermediate_size 1536");
+  p = *partition16_;
+  p.layers[4].centroids.resize(10);
+  expect(p, "bad layer 4: centroids has 10 floats, want experts x hidden = 6144");
+  p = *partition16_;
+  p.layers[5].centroids[17] = std::nanf("");
+  expect(p, "bad layer 5: centroids[17] is not finite");
+}
+
+TEST_F(SparseFfnTest, PrintsCosineToDense) {
+  std::vector<std::vector<int32_t>> ids;
+  for (const auto& t : kTexts) ids.push_back(Ids(t));
+  std::vector<SequenceInput> dense, half;
+  for (const auto& i : ids) {
+    dense.push_back({.ids = i});
+    half.push_back({.ids = i, .ffn = sparse16_, .ffn_fraction = 0.5f});
+  }
+  const auto a = Forward(dense), b = Forward(half);
+  for (size_t s = 0; s < ids.size(); ++s) {
+    double dot = 0;
+    for (int c = 0; c < 384; ++c) dot += double(a[s * 384 + c]) * b[s * 384 + c];
+    std::printf("cosine(fraction 0.5, dense) = %.4f  \"%s\"\n", dot, kTexts[s].c_str());
+  }
+}
+
+}  // namespace
+}  // namespace kiln
