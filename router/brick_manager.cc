@@ -10,6 +10,7 @@
 #include "common/status_macros.h"
 #include "engine/sparse_ffn.h"
 #include "router/brick.h"
+#include "router/ffn_partition.h"
 
 namespace kiln {
 
@@ -63,12 +64,21 @@ absl::StatusOr<std::shared_ptr<const DeviceBrick>> BrickManager::Load(const Bric
                      " with fingerprint ", version->manifest.base_fingerprint,
                      "; this server runs ", model_.model_id, " with fingerprint ", fingerprint_)));
   }
-  // Only LoRA bricks are applied per request so far; an ffn_partition brick
-  // has no adapter files, and reading them would report a misleading error.
-  if (version->manifest.kind != kLoraKind) {
-    return fail(absl::InvalidArgumentError(absl::StrCat(
-        version->dir, "/brick.json: field \"kind\": \"", version->manifest.kind,
-        "\" bricks cannot be applied to a request by this server (only \"", kLoraKind, "\")")));
+  if (version->manifest.kind == kFfnPartitionKind) {
+    if (options_.encoder == nullptr) {
+      return fail(absl::FailedPreconditionError(
+          "ffn_partition bricks need the engine's encoder, which this server did not provide"));
+    }
+    absl::StatusOr<FfnPartition> partition = ReadFfnPartitionBrick(version->dir, model_.encoder);
+    if (!partition.ok()) return fail(partition.status());
+    absl::StatusOr<std::unique_ptr<SparseFfn>> ffn =
+        SparseFfn::Create(*options_.encoder, *partition, key.ToString());
+    if (!ffn.ok()) return fail(ffn.status());
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      failed_.erase(key);
+    }
+    return std::shared_ptr<const DeviceBrick>(*std::move(ffn));
   }
   absl::StatusOr<std::vector<LoraHostModule>> modules = ReadLoraBrick(version->dir, model_.encoder);
   if (!modules.ok()) return fail(modules.status());
@@ -261,7 +271,20 @@ absl::StatusOr<std::string> BrickManager::KindOf(const BrickKey& key) const {
   return version.manifest.kind;
 }
 
-absl::StatusOr<BrickKey> BrickManager::FfnPartition() const {
+absl::StatusOr<int> BrickManager::FfnExperts() const {
+  ASSIGN_OR_RETURN(BrickKey key, FfnPartitionKey());
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (auto it = experts_.find(key); it != experts_.end()) return it->second;
+  }
+  ASSIGN_OR_RETURN(BrickVersion version, store_->Resolve(key.id, key.version));
+  ASSIGN_OR_RETURN(FfnPartition partition, ReadFfnPartitionBrick(version.dir, model_.encoder));
+  std::lock_guard<std::mutex> lock(mu_);
+  experts_[key] = partition.experts;
+  return partition.experts;
+}
+
+absl::StatusOr<BrickKey> BrickManager::FfnPartitionKey() const {
   if (!options_.ffn_partition.empty()) {
     absl::StatusOr<int> version = LatestVersion(options_.ffn_partition);
     if (!version.ok()) {
@@ -346,10 +369,21 @@ absl::Status BrickManager::Validate(const std::string& dir) const {
                      " with fingerprint ", manifest.base_fingerprint, "; this server runs ",
                      model_.model_id, " with fingerprint ", fingerprint_));
   }
-  if (manifest.kind != kLoraKind) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        dir, "/brick.json: field \"kind\": \"", manifest.kind,
-        "\" bricks cannot be applied to a request by this server (only \"", kLoraKind, "\")"));
+  if (manifest.kind == kFfnPartitionKind) {
+    ASSIGN_OR_RETURN(FfnPartition partition, ReadFfnPartitionBrick(dir, model_.encoder));
+    // What SparseFfn holds: a rearranged copy of each layer's FFN weights
+    // and biases, plus the keys.
+    const int64_t h = model_.encoder.hidden_size, ff = model_.encoder.intermediate_size;
+    const int64_t bytes =
+        BrickCache::kEntryOverheadBytes +
+        static_cast<int64_t>(sizeof(float)) * model_.encoder.num_layers *
+            (2 * ff * h + ff + h + static_cast<int64_t>(partition.experts) * h);
+    if (bytes > cache_->budget_bytes()) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          dir, ": the brick needs ", bytes, " bytes, more than the whole brick cache (",
+          cache_->budget_bytes(), " bytes, --brick_cache_bytes)"));
+    }
+    return absl::OkStatus();
   }
   ASSIGN_OR_RETURN(std::vector<LoraHostModule> modules, ReadLoraBrick(dir, model_.encoder));
   int64_t bytes = BrickCache::kEntryOverheadBytes;

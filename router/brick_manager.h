@@ -42,6 +42,7 @@
 
 namespace kiln {
 
+class Encoder;
 class SparseFfn;
 
 class BrickManager {
@@ -53,6 +54,10 @@ class BrickManager {
     int max_bricks_per_request = 4;            // --max_bricks_per_request
     float max_brick_weight = 2.0f;             // --max_brick_weight
     std::string ffn_partition;                 // --ffn_partition; empty = the only one
+    // The served encoder, which ffn_partition bricks are built from (its FFN
+    // weights are copied into each SparseFfn). Null: such bricks fail to
+    // load with FAILED_PRECONDITION. Not owned; must outlive the manager.
+    const Encoder* encoder = nullptr;
   };
 
   // One brick of a request, as the client sent it.
@@ -97,7 +102,7 @@ class BrickManager {
   // status: NOT_FOUND, FAILED_PRECONDITION for another base model,
   // INVALID_ARGUMENT for a corrupt file, RESOURCE_EXHAUSTED for a brick
   // larger than the cache) every pin taken is released.
-  // `partition` (from FfnPartition) is pinned with them and becomes
+  // `partition` (from FfnPartitionKey) is pinned with them and becomes
   // Held::ffn. A LoRA slot holding a brick of another kind is
   // INVALID_ARGUMENT naming it.
   void Acquire(std::vector<Resolved> bricks, std::optional<BrickKey> partition,
@@ -111,7 +116,10 @@ class BrickManager {
   // empty, of the one ffn_partition brick in the store.
   // FAILED_PRECONDITION when there is none (or several and no flag names
   // one); NOT_FOUND for a named id that does not exist.
-  absl::StatusOr<BrickKey> FfnPartition() const;
+  absl::StatusOr<BrickKey> FfnPartitionKey() const;
+  // Experts per layer of FfnPartitionKey()'s brick (its file is read once per
+  // version); FfnPartitionKey's error when there is none.
+  absl::StatusOr<int> FfnExperts() const;
 
   // Loads the latest version of each id and waits (for --preload_bricks).
   // The first failure is returned, naming the brick.
@@ -190,6 +198,7 @@ class BrickManager {
   absl::flat_hash_map<BrickKey, std::string> failed_ ABSL_GUARDED_BY(mu_);
   // Manifest kinds read by KindOf (a version's files never change).
   mutable absl::flat_hash_map<BrickKey, std::string> kinds_ ABSL_GUARDED_BY(mu_);
+  mutable absl::flat_hash_map<BrickKey, int> experts_ ABSL_GUARDED_BY(mu_);
   // Per id, the versions that may serve as latest.
   std::map<std::string, std::set<int>> candidates_ ABSL_GUARDED_BY(mu_);
   std::mutex register_mu_;  // one Register / Delete / Poll at a time

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
+#include "engine/sparse_ffn.h"
 
 namespace kiln {
 namespace {
@@ -318,8 +319,12 @@ void Batcher::RunBatch(Batch& batch) {
       if (it == plans.end()) plans.push_back(job->plan);
     }
     for (const Encoding& input : job->inputs) {
-      seqs.push_back(
-          {.ids = input.ids, .exit = job->exit, .normalize = job->normalize, .plan = plan});
+      seqs.push_back({.ids = input.ids,
+                      .exit = job->exit,
+                      .normalize = job->normalize,
+                      .plan = plan,
+                      .ffn = job->ffn,
+                      .ffn_fraction = job->ffn_fraction});
     }
   }
   const int dim = model_->dim();
@@ -344,6 +349,10 @@ void Batcher::RunBatch(Batch& batch) {
     row += n;
     output.queue_time = batch.handed - job->enqueued;
     output.compute_time = forward;
+    if (job->ffn != nullptr) {
+      output.ffn_active_fraction =
+          static_cast<double>(job->ffn->ExpertsFor(job->ffn_fraction)) / job->ffn->experts();
+    }
     job->done(std::move(output));
   }
 }

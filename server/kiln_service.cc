@@ -242,7 +242,7 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
           "ffn_fraction: below 1 needs an ffn_partition brick, and this server runs without a "
           "brick store (start it with --brick_dir)"));
     }
-    absl::StatusOr<BrickKey> key = bricks_->FfnPartition();
+    absl::StatusOr<BrickKey> key = bricks_->FfnPartitionKey();
     if (!key.ok()) {
       return done(absl::Status(key.status().code(),
                                absl::StrCat("ffn_fraction: ", key.status().message())));
@@ -554,6 +554,10 @@ grpc::ServerUnaryReactor* KilnService::Info(grpc::CallbackServerContext* ctx,
     if (bricks_ != nullptr) {
       response->set_max_bricks_per_request(bricks_->options().max_bricks_per_request);
       response->set_max_brick_weight(bricks_->options().max_brick_weight);
+    }
+    if (bricks_ != nullptr) {
+      absl::StatusOr<int> experts = bricks_->FfnExperts();
+      response->set_ffn_experts(experts.ok() ? static_cast<uint32_t>(*experts) : 0);
     }
     response->set_default_routing(router_ != nullptr ? options_.default_routing
                                                      : kiln::v1::ROUTING_NONE);

@@ -288,7 +288,8 @@ int RunServe(const ServeOptions& options) {
                               .loader_threads = o.brick_loader_threads,
                               .max_bricks_per_request = o.max_bricks_per_request,
                               .max_brick_weight = o.max_brick_weight,
-                              .ffn_partition = o.ffn_partition},
+                              .ffn_partition = o.ffn_partition,
+                              .encoder = &(*model)->encoder()},
                              (*model)->config(), backend.get(), std::move(brick_hooks));
     if (!created.ok()) {
       std::cerr << "kiln serve: " << created.status().message() << "\n";
