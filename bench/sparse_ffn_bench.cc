@@ -3,7 +3,8 @@
 // server's batcher cuts them), every sequence at one FFN fraction per pass.
 //
 //   kiln_bench_sparse_ffn --model=DIR --input=FILE [--threads=N] [--rounds=R]
-//                         [--experts=16] [--fractions=1,0.75,0.5,0.25,0.125]
+//                         [--partition=deploy/bricks/ffn-e16/1]
+//                         [--fractions=1,0.75,0.5,0.25,0.125]
 //                         [--max_batch_tokens=2048]
 //
 // Per fraction: end-to-end tokens/s (median pass), FFN time (median pass of
@@ -13,9 +14,8 @@
 // pass per fraction, then --rounds rounds that run every fraction once, the
 // starting fraction rotating per round so drift hits all alike.
 //
-// The partition is a seeded random split (bench/seeded_ffn_partition.h), not
-// a trained one: timings and MAC ratios are what a real brick gets, the
-// cosines are a floor.
+// The partition is an ffn_partition brick folder (--partition; by default the
+// one shipped for the default model, made by `kiln bricks split-ffn`).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -29,17 +29,18 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
-#include "bench/seeded_ffn_partition.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/embedding_model.h"
 #include "engine/safetensors.h"
 #include "engine/sparse_ffn.h"
+#include "router/ffn_partition.h"
 
 ABSL_FLAG(std::string, model, "models/all-MiniLM-L6-v2", "model folder");
 ABSL_FLAG(std::string, input, "bench/out/texts.txt", "texts, one per line");
 ABSL_FLAG(int, threads, 0, "compute threads; 0 = all cores");
 ABSL_FLAG(int, rounds, 3, "timed rounds (every fraction once per round)");
-ABSL_FLAG(int, experts, 16, "experts per layer of the seeded partition");
+ABSL_FLAG(std::string, partition, "deploy/bricks/ffn-e16/1",
+          "ffn_partition brick version folder (brick.json + ffn_partition.safetensors)");
 ABSL_FLAG(std::vector<std::string>, fractions,
           std::vector<std::string>({"1", "0.75", "0.5", "0.25", "0.125"}),
           "FFN fractions; the first is the reference for cosines and MACs");
@@ -76,18 +77,14 @@ int Run() {
     std::cerr << "kiln_bench_sparse_ffn: " << model.status() << "\n";
     return 2;
   }
-  auto weights = SafetensorsFile::Open(dir + "/model.safetensors");
-  if (!weights.ok()) {
-    std::cerr << "kiln_bench_sparse_ffn: " << weights.status() << "\n";
-    return 2;
-  }
-  const int experts = absl::GetFlag(FLAGS_experts);
-  auto partition = bench::SeededFfnPartition(**weights, (*model)->config().encoder, experts, 7);
+  const std::string partition_dir = absl::GetFlag(FLAGS_partition);
+  auto partition = ReadFfnPartitionBrick(partition_dir, (*model)->config().encoder);
   if (!partition.ok()) {
     std::cerr << "kiln_bench_sparse_ffn: " << partition.status() << "\n";
     return 2;
   }
-  auto sparse = SparseFfn::Create((*model)->encoder(), *partition, "seeded");
+  const int experts = partition->experts;
+  auto sparse = SparseFfn::Create((*model)->encoder(), *partition, partition_dir);
   if (!sparse.ok()) {
     std::cerr << "kiln_bench_sparse_ffn: " << sparse.status() << "\n";
     return 2;
@@ -147,10 +144,10 @@ int Run() {
   std::printf(
       "# kiln_bench_sparse_ffn: %s; %s; %u hardware threads\n"
       "# model %s, %zu texts, %lld tokens, %zu batches of <= %d tokens, %d experts x %d "
-      "neurons (seeded split), %d rounds\n",
+      "neurons (%s), %d rounds\n",
       CpuName().c_str(), backend->Describe().c_str(), std::thread::hardware_concurrency(),
       dir.c_str(), encs.size(), static_cast<long long>(tokens), batches.size(), budget, experts,
-      (*sparse)->group_size(), absl::GetFlag(FLAGS_rounds));
+      (*sparse)->group_size(), partition_dir.c_str(), absl::GetFlag(FLAGS_rounds));
   for (size_t f = 0; f < fractions.size(); ++f) pass(f);  // warm-up
   std::vector<std::vector<PassResult>> results(fractions.size());
   for (int round = 0; round < absl::GetFlag(FLAGS_rounds); ++round) {

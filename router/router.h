@@ -48,10 +48,10 @@ class BrickManager;
 class Router {
  public:
   struct Options {
-    int exit = 2;                // --router_exit: layer whose output embeds instructions
+    int exit = 6;                // --router_exit: layer whose output embeds instructions
     int cache_entries = 4096;    // --router_cache_entries: instruction embeddings kept (LRU)
     int top_k = 1;               // --router_top_k: most bricks in an AUTO plan
-    float min_score = 0.5f;      // --router_min_score: cosine a brick needs to be chosen
+    float min_score = 0.4f;      // --router_min_score: cosine a brick needs to be chosen
     float temperature = 0.05f;   // --router_temperature: softmax(score / T) weights
   };
 

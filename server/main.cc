@@ -76,12 +76,13 @@ ABSL_FLAG(std::string, admin_token_file, "",
 ABSL_FLAG(std::string, default_routing, "auto",
           "serve: what an EmbedRequest without bricks and routing gets: \"auto\" (the router "
           "picks bricks from its instruction) or \"none\" (the base model)");
-ABSL_FLAG(int, router_exit, 2,
-          "serve: layer whose output embeds instructions for routing (cheap: 2 of 6 layers)");
+ABSL_FLAG(int, router_exit, 6,
+          "serve: layer whose output embeds instructions for routing (cached per instruction; "
+          "docs/QUALITY.md compares exits)");
 ABSL_FLAG(int, router_cache_entries, 4096,
           "serve: instruction embeddings the router keeps (least recently used dropped)");
 ABSL_FLAG(int, router_top_k, 1, "serve: most bricks the router puts in one plan");
-ABSL_FLAG(float, router_min_score, 0.5f,
+ABSL_FLAG(float, router_min_score, 0.4f,
           "serve: cosine a brick's key needs with the instruction to be routed to; none above it "
           "= the base model");
 ABSL_FLAG(float, router_temperature, 0.05f,

@@ -35,10 +35,10 @@ struct ServeOptions {
   std::string admin_token_file;  // empty = no token (loopback hosts only)
   // Routing (docs/ROUTING.md); only with a brick store.
   std::string default_routing = "auto";  // "auto" or "none"
-  int router_exit = 2;
+  int router_exit = 6;
   int router_cache_entries = 4096;
   int router_top_k = 1;
-  float router_min_score = 0.5f;
+  float router_min_score = 0.4f;
   float router_temperature = 0.05f;
   // Emergent bricks: the ffn_partition brick ffn_fraction < 1 runs with;
   // empty = the only one in the store.

@@ -308,6 +308,20 @@ class Reference:
         return [self._cache[(t, exit_layer)] for t in texts]
 
 
+def expect_rpc_error(call, code, *fragments: str) -> str:
+    """Runs `call`, which must fail with grpc status `code` and a message that
+    mentions every fragment (case-insensitive); returns the message."""
+    import pytest
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    err = info.value
+    assert err.code() == code, f"got {err.code().name}: {err.details()!r}, want {code.name}"
+    msg = err.details() or ""
+    for f in fragments:
+        assert f.lower() in msg.lower(), f"{code.name} message {msg!r} does not mention {f!r}"
+    return msg
+
+
 def max_abs_diff(a, b) -> float:
     assert len(a) == len(b), (len(a), len(b))
     return max(abs(x - y) for x, y in zip(a, b))

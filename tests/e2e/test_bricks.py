@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kiln_e2e import (FX_A, FX_B, SERVING, KilnServer, Prometheus, add_brick,
+from kiln_e2e import (expect_rpc_error, FX_A, FX_B, SERVING, KilnServer, Prometheus, add_brick,
                       assert_matches_reference, bearer, brick_files, channel, kiln_binary,
                       make_text, max_abs_diff, model_dir, parse_metrics, pb, pb_grpc, write_brick)
 
@@ -62,15 +62,7 @@ def _assert_distinct(refs: dict, what: str):
                 assert d > DISTINCT, f"{what}: {a} and {b} agree on text {t} (diff {d:.3g})"
 
 
-def _expect(call, code: grpc.StatusCode, *fragments: str) -> str:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    err = info.value
-    assert err.code() == code, f"got {err.code().name}: {err.details()!r}, want {code.name}"
-    msg = err.details() or ""
-    for f in fragments:
-        assert f.lower() in msg.lower(), f"{code.name} message {msg!r} does not mention {f!r}"
-    return msg
+_expect = expect_rpc_error
 
 
 def _ref(brick_id: str, version: int = 0, weight: float | None = None):

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from kiln_e2e import REPO, KilnServer, max_abs_diff, parse_metrics, pb
+from kiln_e2e import expect_rpc_error, REPO, KilnServer, max_abs_diff, parse_metrics, pb
 
 DEPLOY = REPO / "deploy" / "bricks"
 PARTITION = "ffn-e16"
@@ -30,15 +30,7 @@ def _store(root: Path, ids=("py-docstring", PARTITION)) -> Path:
     return root
 
 
-def _expect(call, code: grpc.StatusCode, *fragments: str) -> str:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    err = info.value
-    assert err.code() == code, f"got {err.code().name}: {err.details()!r}, want {code.name}"
-    msg = err.details() or ""
-    for f in fragments:
-        assert f.lower() in msg.lower(), f"{code.name} message {msg!r} does not mention {f!r}"
-    return msg
+_expect = expect_rpc_error
 
 
 def _cos(a, b) -> float:

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The emergent-brick (MoEfication) curve on this machine, for the shipped
+# ffn_partition brick of the default model (deploy/bricks/ffn-e16, E = 16):
+#
+#   engine      build/bin/kiln_bench_sparse_ffn on the 512 benchmark texts
+#               (bench/make_bench_texts.py) in batches cut by the server's
+#               token budget, at FFN fractions 1, 0.75, 0.5, 0.25, 0.125,
+#               interleaved rounds: FFN time vs dense (median), end-to-end
+#               tokens/s, counted FFN multiply-adds vs dense, mean cosine of
+#               each text's embedding to its dense one.
+#               Targets at 0.5: FFN time <= 0.60 x dense, cosine >= 0.97.
+#   retrieval   a `kiln serve` with deploy/bricks, driven by
+#               tools/eval_sparse_ffn.py: MRR@10 on the three brick tasks'
+#               held-out sets (tools/build_retrieval_set.py) per fraction, base
+#               model and task brick. Target at 0.5: within 2 points of dense.
+#               MAX_INPUTS caps queries and documents per task (0 = all).
+#
+# Usage: bench/sparse_ffn.sh
+# Env:   THREADS (default: nproc), ROUNDS (3), MAX_INPUTS (200), SKIP_RETRIEVAL (0)
+# Output: bench/out/sparse_ffn.txt (engine), bench/out/sparse_ffn_retrieval.json
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+threads="${THREADS:-$(nproc)}"
+rounds="${ROUNDS:-3}"
+max_inputs="${MAX_INPUTS:-200}"
+model="models/all-MiniLM-L6-v2"
+out="bench/out"
+texts="$out/texts.txt"
+log() { echo "sparse_ffn: $*" >&2; }
+die() { log "$*"; exit 1; }
+[[ "$threads" =~ ^[1-9][0-9]*$ ]] || die "THREADS must be a positive integer, got '$threads'"
+[[ "$rounds" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$rounds'"
+[[ "$max_inputs" =~ ^[0-9]+$ ]] || die "MAX_INPUTS must be a non-negative integer, got '$max_inputs'"
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+venv="$(tools/setup_venv.sh | tail -n 1)"
+scripts/fetch_model.sh >&2
+log "building (Release)"
+cmake -S . -B build -DCMAKE_BUILD_TYPE=Release >&2 || die "cmake configure failed"
+cmake --build build -j2 --target kiln_bench_sparse_ffn kiln >&2 || die "build failed"
+mkdir -p "$out"
+"$venv/bin/python" bench/make_bench_texts.py "$texts" --model "$model"
+
+{
+  echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg); commit $(git describe --always --dirty)"
+  build/bin/kiln_bench_sparse_ffn --model="$model" --input="$texts" --threads="$threads" \
+    --rounds="$rounds" --partition=deploy/bricks/ffn-e16/1
+} | tee "$out/sparse_ffn.txt"
+
+[[ "${SKIP_RETRIEVAL:-0}" == 1 ]] && exit 0
+# Retrieval needs the held-out sets and the e2e venv (grpcio) for the client.
+"$venv/bin/python" tools/build_retrieval_set.py >&2
+e2e_python=".cache/e2e-venv/bin/python"
+[[ -x "$e2e_python" ]] || die "no Python with grpcio: run scripts/test.sh once (it builds .cache/e2e-venv)"
+port=$(( 20000 + RANDOM % 20000 ))
+build/bin/kiln serve --model="$model" --brick_dir=deploy/bricks --port="$port" --metrics_port=0 \
+  --admin_port=0 --threads="$threads" >"$out/sparse_ffn_server.log" 2>&1 &
+server=$!
+trap 'kill "$server" 2>/dev/null || true' EXIT
+for _ in $(seq 1 120); do
+  grep -q SERVING "$out/sparse_ffn_server.log" && break
+  kill -0 "$server" 2>/dev/null || die "server exited: $(tail -5 "$out/sparse_ffn_server.log")"
+  sleep 0.5
+done
+"$e2e_python" tools/eval_sparse_ffn.py --target "127.0.0.1:$port" --max-inputs "$max_inputs" \
+  --json "$out/sparse_ffn_retrieval.json"
