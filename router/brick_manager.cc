@@ -168,7 +168,16 @@ absl::StatusOr<std::vector<BrickManager::Resolved>> BrickManager::Resolve(
       return absl::Status(version.status().code(),
                           absl::StrCat(field, ": ", version.status().message()));
     }
-    out.push_back({.key = {ref.id, *version}, .weight = weight});
+    const BrickKey key{ref.id, *version};
+    // Only LoRA bricks go in a plan. (A manifest that cannot be read here is
+    // left for the load to report.)
+    if (absl::StatusOr<std::string> kind = KindOf(key); kind.ok() && *kind != kLoraKind) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": brick ", key.ToString(), " is an \"", *kind,
+                       "\" brick, not a lora brick (an ffn_partition brick applies through "
+                       "ffn_fraction)"));
+    }
+    out.push_back({.key = key, .weight = weight});
   }
   return out;
 }
@@ -265,10 +274,10 @@ absl::StatusOr<std::string> BrickManager::KindOf(const BrickKey& key) const {
     std::lock_guard<std::mutex> lock(mu_);
     if (auto it = kinds_.find(key); it != kinds_.end()) return it->second;
   }
-  ASSIGN_OR_RETURN(BrickVersion version, store_->Resolve(key.id, key.version));
+  ASSIGN_OR_RETURN(BrickManifest manifest, store_->ReadManifest(key.id, key.version));
   std::lock_guard<std::mutex> lock(mu_);
-  kinds_[key] = version.manifest.kind;
-  return version.manifest.kind;
+  kinds_[key] = manifest.kind;
+  return manifest.kind;
 }
 
 absl::StatusOr<int> BrickManager::FfnExperts() const {

@@ -91,7 +91,8 @@ class BrickManager {
   // Validates a request's bricks and resolves their versions. Errors name the
   // field, e.g. "bricks[1].weight: 2.5 exceeds --max_brick_weight 2":
   //  - INVALID_ARGUMENT: more than max_bricks_per_request; a bad id; an id
-  //    listed twice; a NaN, infinite or too large weight;
+  //    listed twice; a NaN, infinite or too large weight; a brick whose
+  //    manifest kind is not "lora" (e.g. an ffn_partition brick);
   //  - NOT_FOUND: an unknown brick or version, naming it;
   //  - FAILED_PRECONDITION: a brick folder that resolves outside the root.
   absl::StatusOr<std::vector<Resolved>> Resolve(absl::Span<const Ref> refs) const;

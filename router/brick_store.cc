@@ -247,8 +247,8 @@ std::vector<BrickStore::Entry> BrickStore::List() const {
   return entries;
 }
 
-absl::StatusOr<BrickVersion> BrickStore::Resolve(absl::string_view id,
-                                                 std::optional<int> version) const {
+absl::StatusOr<std::pair<std::string, int>> BrickStore::VersionDir(
+    absl::string_view id, std::optional<int> version) const {
   ASSIGN_OR_RETURN(const std::string id_dir, IdDir(id));
   int v = 0;
   if (version.has_value()) {
@@ -272,10 +272,30 @@ absl::StatusOr<BrickVersion> BrickStore::Resolve(absl::string_view id,
   if (!fs::is_regular_file(dir / kBrickManifestFile, ec)) {
     return absl::NotFoundError(absl::StrCat(BrickName(id, v), " not found"));
   }
+  RETURN_IF_ERROR(CheckContained((dir / kBrickManifestFile).string(), BrickName(id, v)));
+  return std::make_pair(dir.string(), v);
+}
+
+absl::StatusOr<BrickVersion> BrickStore::Resolve(absl::string_view id,
+                                                 std::optional<int> version) const {
+  ASSIGN_OR_RETURN(const auto found, VersionDir(id, version));
+  const fs::path dir(found.first);
   for (const char* file : kBrickFiles) {
-    RETURN_IF_ERROR(CheckContained((dir / file).string(), BrickName(id, v)));
+    RETURN_IF_ERROR(CheckContained((dir / file).string(), BrickName(id, found.second)));
   }
-  return ReadBrickVersion(dir.string(), id, v);
+  return ReadBrickVersion(found.first, id, found.second);
+}
+
+absl::StatusOr<BrickManifest> BrickStore::ReadManifest(absl::string_view id, int version) const {
+  ASSIGN_OR_RETURN(const auto found, VersionDir(id, version));
+  const std::string path = absl::StrCat(found.first, "/", kBrickManifestFile);
+  ASSIGN_OR_RETURN(BrickManifest manifest, ReadBrickManifest(path));
+  if (manifest.id != id || manifest.version != found.second) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": names ", manifest.id, "@",
+                                                   manifest.version, ", but its folder is ",
+                                                   BrickName(id, found.second)));
+  }
+  return manifest;
 }
 
 absl::StatusOr<BrickVersion> BrickStore::Register(absl::string_view id, std::optional<int> version,

@@ -33,6 +33,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -71,6 +72,12 @@ class BrickStore {
   //                        "brick \"x\" version 3";
   //   FAILED_PRECONDITION  the folder or a file in it resolves outside the root.
   absl::StatusOr<BrickVersion> Resolve(absl::string_view id, std::optional<int> version) const;
+
+  // Only the brick.json of `id` version `version`, parsed, with its id and
+  // version checked against the folder; no other file is opened (so a
+  // slow or broken weights file cannot hold up the caller). Errors as
+  // Resolve's.
+  absl::StatusOr<BrickManifest> ReadManifest(absl::string_view id, int version) const;
 
   // Every id that has at least one counted version, sorted by id, with its
   // counted versions ascending. Junk is skipped without error: names that are
@@ -124,6 +131,10 @@ class BrickStore {
   // Checks `id`, then returns <root>/<id> (which need not exist), or
   // FAILED_PRECONDITION when it exists and resolves outside the root.
   absl::StatusOr<std::string> IdDir(absl::string_view id) const;
+  // The checked folder of a version (latest when unset) holding a brick.json,
+  // and the version number.
+  absl::StatusOr<std::pair<std::string, int>> VersionDir(absl::string_view id,
+                                                         std::optional<int> version) const;
   // Counted versions under `id_dir` that stay inside the root, ascending.
   std::vector<int> CountedVersions(const std::string& id_dir) const;
   // FAILED_PRECONDITION unless `path` (if it exists) resolves inside the root.

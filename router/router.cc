@@ -267,21 +267,22 @@ absl::Status Router::Sync(BrickManager& bricks) {
       routable.insert(s.id);
       continue;
     }
-    absl::StatusOr<BrickVersion> version = bricks.store().Resolve(s.id, s.latest);
-    if (!version.ok()) {
+    // The manifest only: a slow or broken weights file must not hold up
+    // routing (the load reports it).
+    absl::StatusOr<BrickManifest> manifest = bricks.store().ReadManifest(s.id, s.latest);
+    if (!manifest.ok()) {
       // Deleted or broken since List: not routable.
-      if (first.ok()) first = version.status();
+      if (first.ok()) first = manifest.status();
       continue;
     }
-    if (version->manifest.kind != "lora") continue;
-    absl::Status st = Upsert(key, version->manifest);
+    if (manifest->kind != kLoraKind) continue;
+    absl::Status st = Upsert(key, *manifest);
     if (!st.ok()) {
       KLOG(WARNING) << st.message();
       if (first.ok()) first = st;
       continue;
     }
-    if (!version->manifest.query_instructions.empty() ||
-        !version->manifest.document_instructions.empty()) {
+    if (!manifest->query_instructions.empty() || !manifest->document_instructions.empty()) {
       routable.insert(s.id);
     }
   }

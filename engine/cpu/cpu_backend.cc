@@ -302,12 +302,12 @@ std::pair<int, int> MemberRange(const int32_t* members, int n, int row_begin, in
   return {static_cast<int>(lo - members), static_cast<int>(hi - members)};
 }
 
-// ExpertFfn works on blocks of rows whose per-(row, expert) outputs take about
-// this many bytes, so a block's buffers stay in cache between the expert
-// GEMMs that write them and the per-row sums that read them (one buffer for
-// a whole 2048-token batch at 12 of 16 experts is 37 MB, and streaming it
-// through memory made the sparse FFN slower than the dense one). Each expert
-// still gets ~170 rows of a block at 16 experts, a reasonable GEMM height.
+// ExpertFfn works on blocks of rows sized so that k expert outputs per row
+// would take about this many bytes: the block's output rows, which every
+// expert adds into, then stay in cache (a whole 2048-token batch at once,
+// streamed through memory per expert, made the sparse FFN slower than the
+// dense one). Each expert still gets ~170 rows of a block at 16 experts, a
+// reasonable GEMM height.
 constexpr int64_t kExpertBlockBytes = int64_t{4} << 20;
 
 }  // namespace
@@ -318,7 +318,7 @@ namespace cpu {
 // vectors per call would page-fault on every layer).
 struct ExpertScratch {
   std::vector<float> scores, xe, he, tmp, gathered, out;
-  std::vector<int32_t> choice, offsets, members, pos, cursor;
+  std::vector<int32_t> choice, offsets, members, cursor;
   std::vector<char> taken;
 };
 
@@ -356,25 +356,27 @@ void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, in
     std::sort(c, c + k);
   }
   // 3. Bucket rows by expert: members[offsets[e]..offsets[e+1]) are expert
-  // e's rows (absolute, ascending); pos[i * k + q] is where row i's q-th
-  // expert output lands in `out`.
+  // e's rows (absolute, ascending).
   s.offsets.assign(experts + 1, 0);
   s.members.resize(s.choice.size());
-  s.pos.resize(s.choice.size());
   for (int32_t e : s.choice) ++s.offsets[e + 1];
   for (int e = 0; e < experts; ++e) s.offsets[e + 1] += s.offsets[e];
   s.cursor.assign(s.offsets.begin(), s.offsets.end() - 1);
   for (int i = 0; i < n; ++i) {
     for (int q = 0; q < k; ++q) {
       const int32_t e = s.choice[static_cast<size_t>(i) * k + q];
-      s.members[s.cursor[e]] = r0 + i;
-      s.pos[static_cast<size_t>(i) * k + q] = s.cursor[e]++;
+      s.members[s.cursor[e]++] = r0 + i;
     }
   }
-  // 4. Each expert on its own rows only: gather them into a contiguous block,
-  // two GEMMs against its slices, LoRA on the block, outputs into its own
-  // rows of `out`.
-  s.out.resize(s.choice.size() * static_cast<size_t>(h));
+  // 4. Every row starts at the output bias; then each expert, in ascending
+  // order, runs on its own rows only (gathered into a contiguous block: two
+  // GEMMs against its slices, LoRA on the block) and adds its outputs to
+  // those rows. So each row's sum runs bias, then its experts in ascending
+  // order, and the per-expert output block stays in cache (materialising
+  // every (row, expert) output first cost a full extra pass over memory).
+  for (int i = 0; i < n; ++i) {
+    std::memcpy(y + static_cast<int64_t>(r0 + i) * h, w.b2, h * sizeof(float));
+  }
   for (int e = 0; e < experts; ++e) {
     const int ne = s.offsets[e + 1] - s.offsets[e];
     if (ne == 0) continue;
@@ -411,7 +413,8 @@ void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, in
 #pragma omp simd
       for (int64_t i = 0; i < count; ++i) hp[i] = cpu::GeluErf(hp[i]);
     }
-    float* ye = s.out.data() + static_cast<int64_t>(s.offsets[e]) * h;
+    s.out.resize(static_cast<size_t>(ne) * h);
+    float* ye = s.out.data();
     SerialLinear(s.he.data(), ne, g, w.w2 + static_cast<int64_t>(e) * h * g, nullptr, h, ye);
     for (const LowRankTask& t : ffn_out) {
       const auto [m0, m1] = MemberRange(rows_e, ne, t.row_begin, t.row_end);
@@ -430,14 +433,9 @@ void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, in
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, h, t.rank, t.scale,
                   s.tmp.data(), t.rank, t.b, t.rank, 1.0f, ye + static_cast<int64_t>(m0) * h, h);
     }
-  }
-  // 5. Per row: the bias, then its experts' outputs in ascending expert order.
-  for (int i = 0; i < n; ++i) {
-    float* yr = y + static_cast<int64_t>(r0 + i) * h;
-    std::memcpy(yr, w.b2, h * sizeof(float));
-    for (int q = 0; q < k; ++q) {
-      const float* src =
-          s.out.data() + static_cast<int64_t>(s.pos[static_cast<size_t>(i) * k + q]) * h;
+    for (int i = 0; i < ne; ++i) {
+      float* yr = y + static_cast<int64_t>(rows_e[i]) * h;
+      const float* src = ye + static_cast<int64_t>(i) * h;
 #pragma omp simd
       for (int c = 0; c < h; ++c) yr[c] += src[c];
     }

@@ -98,7 +98,7 @@ def test_fraction_misuse_gets_clear_errors(start_server, tmp_path):
     # The partition brick named as a LoRA brick.
     _expect(lambda: _embed(two.stub, bricks=[pb.BrickRef(id=PARTITION)],
                            routing=pb.ROUTING_EXPLICIT),
-            grpc.StatusCode.INVALID_ARGUMENT, PARTITION, "not a lora brick")
+            grpc.StatusCode.INVALID_ARGUMENT, "bricks[0]", PARTITION, "not a lora brick")
     two.healthy_embed()
     named: KilnServer = start_server(brick_dir=root, ffn_partition="ffn-other")
     assert _embed(named.stub, ffn_fraction=0.25).ffn_fraction == 0.25

@@ -153,7 +153,7 @@ TEST_F(KilnServiceBricksTest, BrokenBricksFailTheirLoadAndNothingElse) {
   StartWith(root, 400 << 10);
   const std::vector<std::tuple<std::string, grpc::StatusCode, std::string>> cases = {
       {"ffn-e16", grpc::StatusCode::INVALID_ARGUMENT,
-       "field \"kind\": \"ffn_partition\" bricks cannot be applied to a request"},
+       "bricks[0]: brick ffn-e16@1 is an \"ffn_partition\" brick, not a lora brick"},
       {"other-base", grpc::StatusCode::FAILED_PRECONDITION, "made for base model"},
       {"big", grpc::StatusCode::RESOURCE_EXHAUSTED, "big@1"},
       {"truncated", grpc::StatusCode::INVALID_ARGUMENT, "adapter_model.safetensors"},
