@@ -302,13 +302,16 @@ std::pair<int, int> MemberRange(const int32_t* members, int n, int row_begin, in
   return {static_cast<int>(lo - members), static_cast<int>(hi - members)};
 }
 
-// ExpertFfn works on blocks of rows sized so that k expert outputs per row
-// would take about this many bytes: the block's output rows, which every
-// expert adds into, then stay in cache (a whole 2048-token batch at once,
-// streamed through memory per expert, made the sparse FFN slower than the
-// dense one). Each expert still gets ~170 rows of a block at 16 experts, a
-// reasonable GEMM height.
-constexpr int64_t kExpertBlockBytes = int64_t{4} << 20;
+// ExpertFfn splits the rows into one block per thread, capped so that k
+// expert outputs per row of a block would take at most this many bytes. Tall
+// blocks matter: each expert's two GEMMs get about rows * k / E of the
+// block's rows, and at the ~170 rows a 4 MB cap gave (16 experts, 2048-token
+// batch) the small GEMMs ran so far below the dense GEMM's efficiency that a
+// 0.75 fraction took as long as the dense FFN; one block per thread brought
+// it to 0.86 and 0.5 from 0.63 to 0.59 of dense (bench/sparse_ffn.sh).
+// Each expert's output block is added into the rows right away, so nothing
+// of size rows * k * hidden is ever materialised.
+constexpr int64_t kExpertBlockBytes = int64_t{64} << 20;
 
 }  // namespace
 
