@@ -122,6 +122,9 @@ class KilnService final : public kiln::v1::Kiln::CallbackService {
 // added to the response's initial metadata.
 std::string RequestId(grpc::CallbackServerContext* ctx);
 
+// One log line for a failed RPC: its method, request id, code and message.
+void LogRpcFailure(absl::string_view rpc, const std::string& request_id, const grpc::Status& st);
+
 }  // namespace kiln
 
 #endif  // KILN_SERVER_KILN_SERVICE_H_

@@ -379,7 +379,9 @@ int RunServe(const ServeOptions& options) {
     Router* r = router.get();
     BrickManager* b = bricks.get();
     bricks->SetOnChange([r, b] {
-      if (absl::Status st = r->Sync(*b); !st.ok()) KLOG(WARNING) << "router: " << st.message();
+      if (absl::Status st = r->Sync(*b); !st.ok()) {
+        KLOG(WARNING) << "router: " << st.message();
+      }
     });
     KLOG(INFO) << "router: " << router->keys().size() << " routable bricks, exit "
                << o.router_exit << ", default routing " << o.default_routing;

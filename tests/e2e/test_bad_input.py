@@ -10,7 +10,8 @@ import time
 import grpc
 import pytest
 
-from kiln_e2e import MAX_INPUT_TOKENS, KilnServer, assert_matches_reference, pb
+from kiln_e2e import (MAX_INPUT_TOKENS, KilnServer, assert_matches_reference, expect_rpc_error,
+                      pb)
 
 MAX_CLIENT_BATCH = 64
 
@@ -38,13 +39,7 @@ def _raw_embed(server: KilnServer):
 
 
 def _expect_error(call, code: grpc.StatusCode, *fragments: str, pattern: str | None = None):
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    err = info.value
-    assert err.code() == code, f"got {err.code().name}: {err.details()!r}, want {code.name}"
-    msg = err.details() or ""
-    for f in fragments:
-        assert f.lower() in msg.lower(), f"message {msg!r} does not mention {f!r}"
+    msg = expect_rpc_error(call, code, *fragments)
     if pattern:
         assert re.search(pattern, msg), f"message {msg!r} does not match {pattern!r}"
     return msg

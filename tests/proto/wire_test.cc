@@ -58,7 +58,8 @@ T RoundTrip(const T& in) {
 
 TEST(WireTest, TraitsCarryEveryEmbedAndRouteField) {
   v1::EmbedRequest in;
-  in.add_inputs("a");
+  std::string input = "an input";
+  in.add_inputs(input);
   in.set_instruction("Find code:");
   in.set_exit_layer(2);
   in.set_normalize(false);
