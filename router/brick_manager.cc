@@ -446,6 +446,14 @@ absl::StatusOr<BrickVersion> BrickManager::Register(const std::string& id,
   NotifyAfter notify{[this] { NotifyChange(); }};
   std::lock_guard<std::mutex> serial(register_mu_);
   RETURN_IF_ERROR(BrickStore::ValidateBrickId(id));
+  ASSIGN_OR_RETURN(BrickManifest manifest,
+                   ReadBrickManifest(absl::StrCat(source_dir, "/", kBrickManifestFile)));
+  if (manifest.kind != kLoraKind) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        source_dir, "/brick.json: field \"kind\": RegisterBrick publishes \"", kLoraKind,
+        "\" bricks only; put an \"", manifest.kind,
+        "\" brick into --brick_dir (read at start-up, or with --brick_poll_s)"));
+  }
   RETURN_IF_ERROR(Validate(source_dir));
   ASSIGN_OR_RETURN(BrickVersion published, store_->Register(id, version, source_dir));
   const BrickKey key{id, published.manifest.version};

@@ -142,14 +142,17 @@ class BrickManager {
 
   // Checks a finished brick folder against the served model without
   // publishing it: manifest, base-model fingerprint (FAILED_PRECONDITION),
-  // LoRA files (ReadLoraBrick), size against the cache (RESOURCE_EXHAUSTED).
+  // LoRA files (ReadLoraBrick) or partition file (ReadFfnPartitionBrick),
+  // size against the cache (RESOURCE_EXHAUSTED).
   absl::Status Validate(const std::string& dir) const;
 
   // Publishes `source_dir` (a finished folder anywhere) as `id` version
   // `version` (unset = next), loads it, makes it the id's latest and unloads
   // the previous latest once unused. Blocks for the load: call it off the
-  // gRPC threads. Nothing is published if Validate fails; if the load fails
-  // after publishing, the version is removed again.
+  // gRPC threads. Nothing is published if Validate fails, or for a brick
+  // whose kind is not "lora" (INVALID_ARGUMENT naming the kind: an
+  // ffn_partition brick is published by putting it into --brick_dir); if
+  // the load fails after publishing, the version is removed again.
   absl::StatusOr<BrickVersion> Register(const std::string& id, std::optional<int> version,
                                         const std::string& source_dir);
 

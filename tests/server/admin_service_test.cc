@@ -174,6 +174,9 @@ TEST_F(AdminServiceTest, RegisterRefusesBadBricksAndPublishesNothing) {
   CopyBrick("fx-b", root + "/incoming", "other-base", 1, std::string(64, 'a'));
   CopyBrick("fx-b", root + "/incoming", "truncated", 1);
   fs::resize_file(fs::path(root) / "incoming/truncated/1/adapter_model.safetensors", 500);
+  fs::create_directories(fs::path(root) / "incoming/ffn");
+  fs::copy(std::string(KILN_SOURCE_DIR) + "/deploy/bricks/ffn-e16/1",
+           fs::path(root) / "incoming/ffn/1", fs::copy_options::recursive);
   StartWith(root);
   const std::vector<std::tuple<std::string, grpc::StatusCode, std::string>> cases = {
       {"incoming/other-base/1", grpc::StatusCode::FAILED_PRECONDITION, "made for base model"},
@@ -181,6 +184,7 @@ TEST_F(AdminServiceTest, RegisterRefusesBadBricksAndPublishesNothing) {
       {"../outside", grpc::StatusCode::INVALID_ARGUMENT, "must be a folder inside --brick_dir"},
       {"/etc", grpc::StatusCode::INVALID_ARGUMENT, "must be a folder inside --brick_dir"},
       {"incoming/missing", grpc::StatusCode::NOT_FOUND, "brick.json"},
+      {"incoming/ffn/1", grpc::StatusCode::INVALID_ARGUMENT, "RegisterBrick publishes \"lora\""},
   };
   for (const auto& [folder, code, message] : cases) {
     v1::RegisterBrickRequest reg;
