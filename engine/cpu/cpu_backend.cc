@@ -13,45 +13,19 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "engine/cpu/expert_scratch.h"
+#include "engine/cpu/parallel.h"
 #include "engine/cpu/skinny_gemm.h"
 #include "engine/cpu/vec_math.h"
 
 namespace kiln {
 namespace {
 
+using cpu::kParallelElements;
+using cpu::kParallelMacs;
+using cpu::SerialBlasScope;
+
 constexpr size_t kAlignment = 64;
-
-// Memory-bound element-wise ops go parallel only above this many elements:
-// below it a fork-join costs more than it saves (measured: LayerNorm over
-// 2048 x 384 takes 0.4 ms on one thread and no less on two), and on a busy
-// machine a descheduled worker stalls the whole barrier.
-constexpr int64_t kParallelElements = int64_t{1} << 22;
-
-// GEMM-shaped work goes parallel only above this many multiply-adds (about
-// 0.3 ms on one core). A small batch (one short request) then runs on one
-// thread with no barriers: on a machine whose other cores are busy, a
-// 2-thread team waits a scheduler time slice at every barrier and a 20-token
-// forward took 80-130 ms instead of about 1 ms (measured on 2 loaded cores).
-constexpr int64_t kParallelMacs = int64_t{1} << 24;
-
-// Makes OpenBLAS calls from this thread single-threaded while alive. The
-// OpenMP build of OpenBLAS sizes its team from the calling thread's
-// omp_get_max_threads(), and splits even small GEMMs (above 262,144
-// multiply-adds) across threads unless told otherwise.
-class SerialBlasScope {
- public:
-  explicit SerialBlasScope(bool active) : saved_(active ? omp_get_max_threads() : 0) {
-    if (active) omp_set_num_threads(1);
-  }
-  ~SerialBlasScope() {
-    if (saved_ > 0) omp_set_num_threads(saved_);
-  }
-  SerialBlasScope(const SerialBlasScope&) = delete;
-  SerialBlasScope& operator=(const SerialBlasScope&) = delete;
-
- private:
-  int saved_;
-};
 
 // Exponentiates one row of scores in place, softmax-style (shifted by the row
 // maximum), and returns 1 / sum: the normalisation is applied later to the
@@ -275,207 +249,7 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
   }
 }
 
-namespace {
-
-// y[n, out] = x[n, in] * w[out, in]^T (+ bias), single-threaded: SkinnyGemm
-// for few rows, else one OpenBLAS call (serial inside a parallel region).
-void SerialLinear(const float* x, int n, int in, const float* w, const float* bias, int out,
-                  float* y) {
-  if (n == 0) return;
-  if (bias != nullptr) {
-    for (int r = 0; r < n; ++r)
-      std::memcpy(y + static_cast<int64_t>(r) * out, bias, out * sizeof(float));
-  }
-  if (n <= cpu::kSkinnyGemmMaxRows) {
-    cpu::SkinnyGemm(x, n, in, w, out, bias != nullptr, y);
-  } else {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, out, in, 1.0f, x, in, w, in,
-                bias != nullptr ? 1.0f : 0.0f, y, out);
-  }
-}
-
-// The members [m0, m1) of one expert's ascending row list that fall in
-// [row_begin, row_end).
-std::pair<int, int> MemberRange(const int32_t* members, int n, int row_begin, int row_end) {
-  const int32_t* lo = std::lower_bound(members, members + n, row_begin);
-  const int32_t* hi = std::lower_bound(lo, members + n, row_end);
-  return {static_cast<int>(lo - members), static_cast<int>(hi - members)};
-}
-
-// ExpertFfn splits the rows into one block per thread, capped so that k
-// expert outputs per row of a block would take at most this many bytes. Tall
-// blocks matter: each expert's two GEMMs get about rows * k / E of the
-// block's rows, and at the ~170 rows a 4 MB cap gave (16 experts, 2048-token
-// batch) the small GEMMs ran so far below the dense GEMM's efficiency that a
-// 0.75 fraction took as long as the dense FFN; one block per thread brought
-// it to 0.86 and 0.5 from 0.63 to 0.59 of dense (bench/sparse_ffn.sh).
-// Each expert's output block is added into the rows right away, so nothing
-// of size rows * k * hidden is ever materialised.
-constexpr int64_t kExpertBlockBytes = int64_t{64} << 20;
-
-}  // namespace
-
-namespace cpu {
-
-// One thread's scratch for ExpertFfn, kept between calls (fresh multi-MB
-// vectors per call would page-fault on every layer).
-struct ExpertScratch {
-  std::vector<float> scores, xe, he, tmp, gathered, out;
-  std::vector<int32_t> choice, offsets, members, cursor;
-  std::vector<char> taken;
-};
-
-namespace {
-
-// ExpertFfn on rows [r0, r0 + n) of x, single-threaded (see the contract in
-// backend.h); LoRA task rows and the rows in `members` are absolute.
-void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, int k, Activation act,
-                    float* y, absl::Span<const LowRankTask> ffn_in,
-                    absl::Span<const LowRankTask> ffn_out, ExpertScratch& s) {
-  const int experts = w.experts, g = w.group_size, h = w.hidden, ff = experts * g;
-  // 1. Router scores, n x experts.
-  s.scores.resize(static_cast<size_t>(n) * experts);
-  SerialLinear(x + static_cast<int64_t>(r0) * h, n, h, w.centroids, nullptr, experts,
-               s.scores.data());
-  // 2. Top-k per row by repeated scans (experts is small): a strictly greater
-  // score wins, so ties go to the lower index and NaN never beats a number.
-  // Each row's choice is then sorted by expert, which fixes the order its
-  // experts' outputs are summed in.
-  s.choice.resize(static_cast<size_t>(n) * k);
-  s.taken.resize(experts);
-  for (int i = 0; i < n; ++i) {
-    const float* sc = s.scores.data() + static_cast<int64_t>(i) * experts;
-    int32_t* c = s.choice.data() + static_cast<int64_t>(i) * k;
-    std::fill(s.taken.begin(), s.taken.end(), 0);
-    for (int q = 0; q < k; ++q) {
-      int best = -1;
-      for (int e = 0; e < experts; ++e) {
-        if (s.taken[e]) continue;
-        if (best < 0 || sc[e] > sc[best]) best = e;
-      }
-      s.taken[best] = 1;
-      c[q] = best;
-    }
-    std::sort(c, c + k);
-  }
-  // 3. Bucket rows by expert: members[offsets[e]..offsets[e+1]) are expert
-  // e's rows (absolute, ascending).
-  s.offsets.assign(experts + 1, 0);
-  s.members.resize(s.choice.size());
-  for (int32_t e : s.choice) ++s.offsets[e + 1];
-  for (int e = 0; e < experts; ++e) s.offsets[e + 1] += s.offsets[e];
-  s.cursor.assign(s.offsets.begin(), s.offsets.end() - 1);
-  for (int i = 0; i < n; ++i) {
-    for (int q = 0; q < k; ++q) {
-      const int32_t e = s.choice[static_cast<size_t>(i) * k + q];
-      s.members[s.cursor[e]++] = r0 + i;
-    }
-  }
-  // 4. Every row starts at the output bias; then each expert, in ascending
-  // order, runs on its own rows only (gathered into a contiguous block: two
-  // GEMMs against its slices, LoRA on the block) and adds its outputs to
-  // those rows. So each row's sum runs bias, then its experts in ascending
-  // order, and the per-expert output block stays in cache (materialising
-  // every (row, expert) output first cost a full extra pass over memory).
-  for (int i = 0; i < n; ++i) {
-    std::memcpy(y + static_cast<int64_t>(r0 + i) * h, w.b2, h * sizeof(float));
-  }
-  for (int e = 0; e < experts; ++e) {
-    const int ne = s.offsets[e + 1] - s.offsets[e];
-    if (ne == 0) continue;
-    const int32_t* rows_e = s.members.data() + s.offsets[e];
-    const int32_t* ids = w.neuron_ids.data() + static_cast<int64_t>(e) * g;
-    s.xe.resize(static_cast<size_t>(ne) * h);
-    for (int i = 0; i < ne; ++i) {
-      std::memcpy(s.xe.data() + static_cast<int64_t>(i) * h,
-                  x + static_cast<int64_t>(rows_e[i]) * h, h * sizeof(float));
-    }
-    s.he.resize(static_cast<size_t>(ne) * g);
-    SerialLinear(s.xe.data(), ne, h, w.w1 + static_cast<int64_t>(e) * g * h,
-                 w.b1 + static_cast<int64_t>(e) * g, g, s.he.data());
-    for (const LowRankTask& t : ffn_in) {
-      const auto [m0, m1] = MemberRange(rows_e, ne, t.row_begin, t.row_end);
-      if (m1 <= m0) continue;
-      s.tmp.resize(static_cast<size_t>(m1 - m0) * t.rank);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, t.rank, h, 1.0f,
-                  s.xe.data() + static_cast<int64_t>(m0) * h, h, t.a, h, 0.0f, s.tmp.data(),
-                  t.rank);
-      // B's rows of this expert's neurons, [g, rank].
-      s.gathered.resize(static_cast<size_t>(g) * t.rank);
-      for (int j = 0; j < g; ++j) {
-        std::memcpy(s.gathered.data() + static_cast<int64_t>(j) * t.rank,
-                    t.b + static_cast<int64_t>(ids[j]) * t.rank, t.rank * sizeof(float));
-      }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, g, t.rank, t.scale,
-                  s.tmp.data(), t.rank, s.gathered.data(), t.rank, 1.0f,
-                  s.he.data() + static_cast<int64_t>(m0) * g, g);
-    }
-    if (act == Activation::kGelu) {
-      const int64_t count = static_cast<int64_t>(ne) * g;
-      float* hp = s.he.data();
-#pragma omp simd
-      for (int64_t i = 0; i < count; ++i) hp[i] = cpu::GeluErf(hp[i]);
-    }
-    s.out.resize(static_cast<size_t>(ne) * h);
-    float* ye = s.out.data();
-    SerialLinear(s.he.data(), ne, g, w.w2 + static_cast<int64_t>(e) * h * g, nullptr, h, ye);
-    for (const LowRankTask& t : ffn_out) {
-      const auto [m0, m1] = MemberRange(rows_e, ne, t.row_begin, t.row_end);
-      if (m1 <= m0) continue;
-      // A's columns of this expert's neurons, [rank, g].
-      s.gathered.resize(static_cast<size_t>(t.rank) * g);
-      for (int q = 0; q < t.rank; ++q) {
-        const float* a_row = t.a + static_cast<int64_t>(q) * ff;
-        float* dst = s.gathered.data() + static_cast<int64_t>(q) * g;
-        for (int j = 0; j < g; ++j) dst[j] = a_row[ids[j]];
-      }
-      s.tmp.resize(static_cast<size_t>(m1 - m0) * t.rank);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, t.rank, g, 1.0f,
-                  s.he.data() + static_cast<int64_t>(m0) * g, g, s.gathered.data(), g, 0.0f,
-                  s.tmp.data(), t.rank);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, h, t.rank, t.scale,
-                  s.tmp.data(), t.rank, t.b, t.rank, 1.0f, ye + static_cast<int64_t>(m0) * h, h);
-    }
-    for (int i = 0; i < ne; ++i) {
-      float* yr = y + static_cast<int64_t>(rows_e[i]) * h;
-      const float* src = ye + static_cast<int64_t>(i) * h;
-#pragma omp simd
-      for (int c = 0; c < h; ++c) yr[c] += src[c];
-    }
-  }
-}
-
-}  // namespace
-}  // namespace cpu
-
 CpuBackend::~CpuBackend() = default;
-
-void CpuBackend::ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w, int top_k,
-                           Activation act, float* y, absl::Span<const LowRankTask> ffn_in,
-                           absl::Span<const LowRankTask> ffn_out) {
-  if (rows <= 0) return;
-  const int k = std::clamp(top_k, 1, w.experts);
-  // Row blocks, one per task: each block routes, buckets and runs its own
-  // rows through the experts on one thread, so no two threads write the same
-  // place and each row's sum has a fixed order.
-  const int64_t macs = int64_t{rows} * k * (int64_t{w.group_size} * 2 + w.experts) * w.hidden;
-  const bool parallel = macs >= kParallelMacs && threads_ > 1;
-  int block = static_cast<int>(std::clamp<int64_t>(
-      kExpertBlockBytes / (int64_t{k} * w.hidden * static_cast<int64_t>(sizeof(float))), 64, rows));
-  if (parallel) block = std::min(block, (rows + threads_ - 1) / threads_);
-  const int blocks = (rows + block - 1) / block;
-  const int team = parallel ? threads_ : 1;
-  while (static_cast<int>(expert_scratch_.size()) < team) {
-    expert_scratch_.push_back(std::make_unique<cpu::ExpertScratch>());
-  }
-  SerialBlasScope serial(!parallel);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads_) if (parallel)
-  for (int b = 0; b < blocks; ++b) {
-    const int r0 = b * block;
-    cpu::ExpertFfnBlock(x, r0, std::min(rows, r0 + block) - r0, w, k, act, y, ffn_in, ffn_out,
-                        *expert_scratch_[omp_get_thread_num()]);
-  }
-}
 
 void CpuBackend::AddLayerNorm(float* x, const float* residual, const float* gamma,
                               const float* beta, int rows, int cols, float eps) {
