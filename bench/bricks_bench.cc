@@ -34,6 +34,7 @@
 #include "absl/flags/parse.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/bench_texts.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/lora.h"
 #include "engine/model/embedding_model.h"
@@ -186,19 +187,14 @@ int Run() {
   fs::remove_all(root);
 
   // --- 1. throughput ------------------------------------------------------
-  std::ifstream in(absl::GetFlag(FLAGS_input));
-  if (!in) {
-    std::cerr << "kiln_bench_bricks: cannot read " << absl::GetFlag(FLAGS_input) << "\n";
+  absl::StatusOr<bench::BenchTexts> texts =
+      bench::ReadBenchTexts(absl::GetFlag(FLAGS_input), **model);
+  if (!texts.ok()) {
+    std::cerr << "kiln_bench_bricks: " << texts.status() << "\n";
     return 2;
   }
-  std::vector<Encoding> encodings;
-  int64_t tokens = 0;
-  for (std::string line; std::getline(in, line);) {
-    auto enc = (*model)->Tokenize(line);
-    if (!enc.ok()) continue;
-    tokens += static_cast<int64_t>(enc->ids.size());
-    encodings.push_back(*std::move(enc));
-  }
+  const std::vector<Encoding>& encodings = texts->encodings;
+  const int64_t tokens = texts->tokens;
   std::vector<std::unique_ptr<LoraAdapter>> adapters;
   for (int b = 0; b < nbricks; ++b) {
     auto a = LoraAdapter::Upload(config, RandomBrick(config, rank, 100 + b), backend.get(),
@@ -211,30 +207,24 @@ int Run() {
   }
   std::vector<LoraPlan> plans;
   for (const auto& a : adapters) plans.push_back({{a.get(), 1.0f}});
-  const int budget = absl::GetFlag(FLAGS_max_batch_tokens);
+  const std::vector<std::pair<size_t, size_t>> batches =
+      bench::CutByTokenBudget(encodings, absl::GetFlag(FLAGS_max_batch_tokens));
   auto pass = [&](bool with_bricks) {
     const auto t0 = Clock::now();
     std::vector<SequenceInput> batch;
-    int batch_tokens = 0;
     std::vector<float> out;
-    auto flush = [&] {
-      if (batch.empty()) return;
+    for (const auto& [first, last] : batches) {
+      batch.clear();
+      for (size_t i = first; i < last; ++i) {
+        batch.push_back({.ids = encodings[i].ids,
+                         .plan = with_bricks ? static_cast<int>(i % plans.size()) : -1});
+      }
       out.resize(batch.size() * 384);
       absl::Status st = (*model)->Forward(
           batch, out.data(),
           with_bricks ? absl::MakeConstSpan(plans) : absl::Span<const LoraPlan>());
       if (!st.ok()) std::cerr << st << "\n";
-      batch.clear();
-      batch_tokens = 0;
-    };
-    for (size_t i = 0; i < encodings.size(); ++i) {
-      const int n = static_cast<int>(encodings[i].ids.size());
-      if (!batch.empty() && batch_tokens + n > budget) flush();
-      batch.push_back(
-          {.ids = encodings[i].ids, .plan = with_bricks ? static_cast<int>(i % plans.size()) : -1});
-      batch_tokens += n;
     }
-    flush();
     return static_cast<double>(tokens) / Seconds(t0, Clock::now());
   };
   pass(false);

@@ -19,6 +19,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
+#include "bench/bench_texts.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/embedding_model.h"
 
@@ -37,34 +38,20 @@ int main(int argc, char** argv) {
     std::cerr << "kiln_bench_engine: " << model.status() << "\n";
     return 2;
   }
-  std::ifstream in(absl::GetFlag(FLAGS_input));
-  if (!in) {
-    std::cerr << "kiln_bench_engine: cannot read " << absl::GetFlag(FLAGS_input) << "\n";
+  absl::StatusOr<kiln::bench::BenchTexts> texts =
+      kiln::bench::ReadBenchTexts(absl::GetFlag(FLAGS_input), **model);
+  if (!texts.ok()) {
+    std::cerr << "kiln_bench_engine: " << texts.status() << "\n";
     return 2;
   }
-  std::vector<kiln::Encoding> encs;
-  int64_t tokens = 0;
-  for (std::string line; std::getline(in, line);) {
-    auto enc = (*model)->Tokenize(line);
-    if (!enc.ok()) {
-      std::cerr << "kiln_bench_engine: line " << encs.size() + 1 << ": " << enc.status() << "\n";
-      return 2;
-    }
-    tokens += enc->ids.size();
-    encs.push_back(*std::move(enc));
-  }
+  const std::vector<kiln::Encoding>& encs = texts->encodings;
+  const int64_t tokens = texts->tokens;
   const int exit = absl::GetFlag(FLAGS_exit);
   const int budget = absl::GetFlag(FLAGS_max_batch_tokens);
-  std::vector<std::vector<kiln::SequenceInput>> batches(1);
-  int in_batch = 0;
-  for (const auto& e : encs) {
-    const int n = static_cast<int>(e.ids.size());
-    if (!batches.back().empty() && in_batch + n > budget) {
-      batches.emplace_back();
-      in_batch = 0;
-    }
-    batches.back().push_back({e.ids, exit});
-    in_batch += n;
+  std::vector<std::vector<kiln::SequenceInput>> batches;
+  for (const auto& [first, last] : kiln::bench::CutByTokenBudget(encs, budget)) {
+    batches.emplace_back();
+    for (size_t i = first; i < last; ++i) batches.back().push_back({encs[i].ids, exit});
   }
   std::vector<float> out(encs.size() * (*model)->dim());
   std::vector<double> seconds;

@@ -29,6 +29,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/str_format.h"
+#include "bench/bench_texts.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/model/embedding_model.h"
 #include "engine/safetensors.h"
@@ -54,14 +55,6 @@ using Clock = std::chrono::steady_clock;
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
-}
-
-std::string CpuName() {
-  std::ifstream in("/proc/cpuinfo");
-  for (std::string line; std::getline(in, line);) {
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  }
-  return "unknown cpu";
 }
 
 struct PassResult {
@@ -90,31 +83,16 @@ int Run() {
     return 2;
   }
 
-  std::ifstream in(absl::GetFlag(FLAGS_input));
-  if (!in) {
-    std::cerr << "kiln_bench_sparse_ffn: cannot read " << absl::GetFlag(FLAGS_input) << "\n";
+  absl::StatusOr<bench::BenchTexts> texts =
+      bench::ReadBenchTexts(absl::GetFlag(FLAGS_input), **model);
+  if (!texts.ok()) {
+    std::cerr << "kiln_bench_sparse_ffn: " << texts.status() << "\n";
     return 2;
   }
-  std::vector<Encoding> encs;
-  int64_t tokens = 0;
-  for (std::string line; std::getline(in, line);) {
-    auto enc = (*model)->Tokenize(line);
-    if (!enc.ok()) continue;
-    tokens += static_cast<int64_t>(enc->ids.size());
-    encs.push_back(*std::move(enc));
-  }
+  const std::vector<Encoding>& encs = texts->encodings;
+  const int64_t tokens = texts->tokens;
   const int budget = absl::GetFlag(FLAGS_max_batch_tokens);
-  std::vector<std::pair<size_t, size_t>> batches;  // [first, last) texts
-  int in_batch = 0;
-  for (size_t i = 0; i < encs.size(); ++i) {
-    const int n = static_cast<int>(encs[i].ids.size());
-    if (batches.empty() || in_batch + n > budget) {
-      batches.push_back({i, i});
-      in_batch = 0;
-    }
-    batches.back().second = i + 1;
-    in_batch += n;
-  }
+  const std::vector<std::pair<size_t, size_t>> batches = bench::CutByTokenBudget(encs, budget);
 
   std::vector<float> fractions;
   for (const std::string& f : absl::GetFlag(FLAGS_fractions)) fractions.push_back(std::stof(f));
@@ -145,7 +123,7 @@ int Run() {
       "# kiln_bench_sparse_ffn: %s; %s; %u hardware threads\n"
       "# model %s, %zu texts, %lld tokens, %zu batches of <= %d tokens, %d experts x %d "
       "neurons (%s), %d rounds\n",
-      CpuName().c_str(), backend->Describe().c_str(), std::thread::hardware_concurrency(),
+      bench::CpuModelName().c_str(), backend->Describe().c_str(), std::thread::hardware_concurrency(),
       dir.c_str(), encs.size(), static_cast<long long>(tokens), batches.size(), budget, experts,
       (*sparse)->group_size(), partition_dir.c_str(), absl::GetFlag(FLAGS_rounds));
   for (size_t f = 0; f < fractions.size(); ++f) pass(f);  // warm-up
