@@ -110,6 +110,24 @@ class KilnServeFlagsTest(unittest.TestCase):
             self.assertEqual(p.returncode, 2, flag)
             self.assertIn(message, p.stderr.decode(), flag)
 
+    def test_bad_routing_and_ffn_flags_exit_2_naming_the_flag(self):
+        for flag, message in [("--default_routing=maybe", "--default_routing=maybe is not"),
+                              ("--ffn_partition=ffn-e16", "--ffn_partition needs --brick_dir")]:
+            p = self.serve(f"--model={MODEL}", flag)
+            self.assertEqual(p.returncode, 2, flag)
+            self.assertIn(message, p.stderr.decode(), flag)
+        # Router flags are checked once the brick store is open.
+        bricks = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__)))), "deploy", "bricks")
+        for flag, message in [("--router_exit=7", "--router_exit=7 is past the model's 6 layers"),
+                              ("--router_top_k=0", "--router_top_k: 0 must be at least 1"),
+                              ("--router_min_score=2", "--router_min_score: 2 is not a cosine"),
+                              ("--router_temperature=0", "--router_temperature: 0 must be > 0"),
+                              ("--router_cache_entries=0", "--router_cache_entries: 0")]:
+            p = self.serve(f"--model={MODEL}", f"--brick_dir={bricks}", "--admin_port=0", flag)
+            self.assertEqual(p.returncode, 2, flag)
+            self.assertIn(message, p.stderr.decode(), flag)
+
     def test_bad_model_folder_exits_2_naming_it(self):
         p = self.serve("--model=/nonexistent/kiln-model")
         self.assertEqual(p.returncode, 2)
