@@ -1,6 +1,9 @@
 // The Backend interface: every primitive the model code needs, implemented
-// once per device (CpuBackend now; CudaBackend with its own issue). The model
+// once per device. The model
 // (engine/model/) is written once, against this interface.
+//
+// Implementations: CpuBackend (engine/cpu/), CudaBackend (engine/cuda/,
+// built with KILN_CUDA); engine/device.h chooses between them.
 //
 // Memory: pointers passed to ops are *device* pointers of this backend, from
 // Allocate() or Upload(); on the CPU backend they are ordinary host memory.
@@ -159,6 +162,14 @@ class Backend {
   // memory), then L2-normalises the row if `normalize`.
   virtual void Pool(const float* x, absl::Span<const int32_t> seq_starts, int hidden,
                     PoolingMode mode, bool normalize, float* out_host) = 0;
+
+  // --- errors -----------------------------------------------------------------
+  // Ops return nothing, and a device backend runs them asynchronously, so a
+  // failed launch or a device fault is recorded and reported here: the first
+  // error since the last call (then cleared), OK if none. The CPU backend's
+  // ops cannot fail. Encoder::Forward checks it after pooling and returns it
+  // (INTERNAL) rather than vectors that may be wrong.
+  virtual absl::Status TakeError() { return absl::OkStatus(); }
 };
 
 }  // namespace kiln

@@ -418,6 +418,9 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out,
   // Normalisation is fused into pooling unless some sequence asks otherwise;
   // then pooling returns raw vectors and each row is normalised here.
   backend_->Pool(x, starts, h, pooling_.mode, all_default && pooling_.normalize, pooled.data());
+  if (absl::Status st = backend_->TakeError(); !st.ok()) {
+    return absl::InternalError(absl::StrCat("engine (", backend_->Describe(), "): ", st.message()));
+  }
   if (!all_default) {
     for (int k = 0; k < n; ++k) {
       if (!seqs[order[k]].normalize.value_or(pooling_.normalize)) continue;
