@@ -22,7 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
-#include "engine/cpu/cpu_backend.h"
+#include "engine/device.h"
 #include "engine/model/embedding_model.h"
 #include "nlohmann/json.hpp"
 #include "server/bricks_command.h"
@@ -33,7 +33,14 @@ ABSL_FLAG(std::string, model, "models/all-MiniLM-L6-v2",
           "Hugging Face model folder (config.json, model.safetensors, tokenizer.json / vocab.txt, "
           "and for sentence-transformers models modules.json + pooling config)");
 ABSL_FLAG(int, exit, 0, "Exit layer 1..N to pool at; 0 = full depth");
-ABSL_FLAG(int, threads, 0, "Compute threads; 0 = all cores");
+ABSL_FLAG(int, threads, 0, "CPU backend compute threads; 0 = all cores");
+ABSL_FLAG(std::string, device, "auto",
+          "Engine device: auto (CUDA when a usable GPU is present, else the CPU, logging why), "
+          "cpu, or cuda (fail if no usable GPU)");
+ABSL_FLAG(int, cuda_device, 0, "CUDA device ordinal for --device=auto|cuda");
+ABSL_FLAG(std::string, gemm_precision, "fp16",
+          "CUDA GEMM input precision, fp32 accumulation: fp16, bf16, or fp32 (no tensor-core "
+          "rounding); the CPU is always fp32");
 ABSL_FLAG(std::string, host, "127.0.0.1",
           "serve: address to listen on (gRPC and metrics); 0.0.0.0 for all interfaces");
 ABSL_FLAG(int, port, 50051, "serve: gRPC port (0 = any free port, logged)");
@@ -171,7 +178,25 @@ bool FlushBatch(EmbeddingModel& model, int exit, std::vector<std::string>& lines
 }
 
 int RunEmbed() {
-  auto backend = CpuBackend::Create({.threads = absl::GetFlag(FLAGS_threads)});
+  absl::StatusOr<DeviceChoice> device = ParseDeviceChoice(absl::GetFlag(FLAGS_device));
+  absl::StatusOr<GemmPrecision> precision =
+      ParseGemmPrecision(absl::GetFlag(FLAGS_gemm_precision));
+  if (!device.ok() || !precision.ok()) {
+    std::cerr << "kiln embed: "
+              << (!device.ok() ? absl::StrCat("--device: ", device.status().message())
+                               : absl::StrCat("--gemm_precision: ", precision.status().message()))
+              << "\n";
+    return 2;
+  }
+  absl::StatusOr<BackendChoice> chosen = CreateBackend({.device = *device,
+                                                        .threads = absl::GetFlag(FLAGS_threads),
+                                                        .cuda_device = absl::GetFlag(FLAGS_cuda_device),
+                                                        .precision = *precision});
+  if (!chosen.ok()) {
+    std::cerr << "kiln embed: " << chosen.status().message() << "\n";
+    return 1;
+  }
+  std::unique_ptr<Backend> backend = std::move(chosen->backend);
   absl::StatusOr<std::unique_ptr<EmbeddingModel>> model =
       EmbeddingModel::Load(absl::GetFlag(FLAGS_model), backend.get());
   if (!model.ok()) {
@@ -239,6 +264,9 @@ int main(int argc, char** argv) {
                            .max_queue_requests = absl::GetFlag(FLAGS_max_queue_requests),
                            .max_client_batch = absl::GetFlag(FLAGS_max_client_batch),
                            .threads = absl::GetFlag(FLAGS_threads),
+                           .device = absl::GetFlag(FLAGS_device),
+                           .cuda_device = absl::GetFlag(FLAGS_cuda_device),
+                           .gemm_precision = absl::GetFlag(FLAGS_gemm_precision),
                            .drain_timeout_s = absl::GetFlag(FLAGS_drain_timeout_s),
                            .log_requests = absl::GetFlag(FLAGS_log_requests),
                            .brick_dir = absl::GetFlag(FLAGS_brick_dir),

@@ -19,7 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "common/logging.h"
-#include "engine/cpu/cpu_backend.h"
+#include "engine/device.h"
 #include "engine/model/embedding_model.h"
 #include "router/brick_manager.h"
 #include "server/admin_service.h"
@@ -32,6 +32,9 @@ namespace kiln {
 namespace {
 
 constexpr int kCpuDefaultBatchTokens = 2048;
+// A GPU needs many tokens in flight to fill its SMs; 16k tokens of MiniLM is
+// ~25 MB of activations per layer.
+constexpr int kCudaDefaultBatchTokens = 16384;
 constexpr char kServiceName[] = "kiln.v1.Kiln";
 
 bool IsLoopback(const std::string& host) {
@@ -121,6 +124,13 @@ absl::Status ValidateOptions(const ServeOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat("--default_routing=", o.default_routing,
                                                    " is not \"auto\" or \"none\""));
   }
+  if (absl::StatusOr<DeviceChoice> d = ParseDeviceChoice(o.device); !d.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--device: ", d.status().message()));
+  }
+  if (absl::StatusOr<GemmPrecision> p = ParseGemmPrecision(o.gemm_precision); !p.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--gemm_precision: ", p.status().message()));
+  }
+  if (o.cuda_device < 0) return absl::InvalidArgumentError("--cuda_device must be >= 0");
   if (o.brick_dir.empty() && !o.ffn_partition.empty()) {
     return absl::InvalidArgumentError("--ffn_partition needs --brick_dir");
   }
@@ -214,12 +224,29 @@ int RunServe(const ServeOptions& options) {
     return 2;
   }
   ServeOptions o = options;
-  if (o.max_batch_tokens == 0) o.max_batch_tokens = kCpuDefaultBatchTokens;
-
-  auto backend = CpuBackend::Create({.threads = o.threads});
+  absl::StatusOr<BackendChoice> engine_device =
+      CreateBackend({.device = *ParseDeviceChoice(o.device),
+                     .threads = o.threads,
+                     .cuda_device = o.cuda_device,
+                     .precision = *ParseGemmPrecision(o.gemm_precision)});
+  if (!engine_device.ok()) {
+    std::cerr << "kiln serve: " << engine_device.status().message() << "\n";
+    return 1;
+  }
+  std::unique_ptr<Backend> backend = std::move(engine_device->backend);
+  if (!engine_device->fallback_reason.empty()) {
+    KLOG(INFO) << "--device=auto: using the CPU (" << engine_device->fallback_reason << ")";
+  }
+  KLOG(INFO) << "engine device: " << backend->Describe();
+  if (o.max_batch_tokens == 0) {
+    o.max_batch_tokens =
+        backend->kind() == DeviceKind::kCuda ? kCudaDefaultBatchTokens : kCpuDefaultBatchTokens;
+  }
   absl::StatusOr<std::unique_ptr<Metrics>> metrics =
       Metrics::Create({.listen = HostPort(o.host, o.metrics_port),
-                       .device = "cpu",
+                       .device = backend->kind() == DeviceKind::kCuda
+                                     ? absl::StrCat("cuda:", o.cuda_device)
+                                     : std::string("cpu"),
                        .model_id = "",
                        .version = kVersion,
                        .brick_metrics_max = o.brick_metrics_max});

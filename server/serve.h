@@ -13,11 +13,17 @@ struct ServeOptions {
   std::string host = "127.0.0.1";
   int port = 50051;          // 0 = any free port (logged)
   int metrics_port = 9464;   // 0 = any free port (logged)
-  int max_batch_tokens = 0;  // 0 = the device's default (2048 on the CPU)
+  int max_batch_tokens = 0;  // 0 = the device's default (2048 on the CPU, 16384 on CUDA)
   int max_queue_delay_us = 0;
   int max_queue_requests = 1024;
   int max_client_batch = 64;
-  int threads = 0;  // 0 = all cores
+  int threads = 0;  // CPU backend threads; 0 = all cores
+  // The engine's device (engine/device.h): "auto" (CUDA when a usable GPU
+  // answers, else the CPU with one log line saying why), "cpu" or "cuda"
+  // (a start-up error without a usable GPU).
+  std::string device = "auto";
+  int cuda_device = 0;
+  std::string gemm_precision = "fp16";  // CUDA GEMM inputs: fp16, bf16 or fp32
   int drain_timeout_s = 30;
   bool log_requests = false;
   // Bricks (docs/BRICKS.md). An empty brick_dir serves the base model only.
