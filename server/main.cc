@@ -108,7 +108,7 @@ constexpr char kUsage[] =
     "\n"
     "Usage:\n"
     "  kiln serve --model=DIR [--port=50051] ...         start the gRPC server\n"
-    "  kiln embed --model=DIR [--exit=K] [--threads=N]   embed stdin, one text per line\n"
+    "  kiln embed --model=DIR [--exit=K] [--device=auto] embed stdin, one text per line\n"
     "  kiln bricks split-ffn --model=DIR --out=DIR ...   make an ffn_partition brick\n"
     "  kiln version                                      print the version\n"
     "\n"
@@ -186,6 +186,10 @@ int RunEmbed() {
               << (!device.ok() ? absl::StrCat("--device: ", device.status().message())
                                : absl::StrCat("--gemm_precision: ", precision.status().message()))
               << "\n";
+    return 2;
+  }
+  if (absl::GetFlag(FLAGS_cuda_device) < 0) {
+    std::cerr << "kiln embed: --cuda_device must be >= 0\n";
     return 2;
   }
   absl::StatusOr<BackendChoice> chosen = CreateBackend({.device = *device,

@@ -128,6 +128,29 @@ class KilnServeFlagsTest(unittest.TestCase):
             self.assertEqual(p.returncode, 2, flag)
             self.assertIn(message, p.stderr.decode(), flag)
 
+    def test_bad_device_flags_exit_2_naming_the_flag(self):
+        for flag, message in [("--device=gpu", "--device: device 'gpu' is not one of auto, cpu, cuda"),
+                              ("--gemm_precision=int8", "--gemm_precision: GEMM precision 'int8'"),
+                              ("--cuda_device=-1", "--cuda_device must be >= 0")]:
+            p = self.serve(f"--model={MODEL}", flag)
+            self.assertEqual(p.returncode, 2, flag)
+            self.assertIn(message, p.stderr.decode(), flag)
+            e = subprocess.run([KILN, "embed", f"--model={MODEL}", flag], input=b"x\n",
+                               capture_output=True, timeout=120)
+            self.assertEqual(e.returncode, 2, flag)
+            self.assertIn(message, e.stderr.decode(), flag)
+
+    def test_device_cuda_without_a_usable_gpu_is_a_start_up_error(self):
+        e = subprocess.run([KILN, "embed", f"--model={MODEL}", "--device=cuda"], input=b"x\n",
+                           capture_output=True, timeout=120)
+        if e.returncode == 0:
+            self.skipTest("a usable CUDA device is present")
+        self.assertEqual(e.returncode, 1)
+        self.assertIn("--device=cuda: no usable CUDA device: ", e.stderr.decode())
+        p = self.serve(f"--model={MODEL}", "--device=cuda")
+        self.assertEqual(p.returncode, 1)
+        self.assertIn("--device=cuda: no usable CUDA device: ", p.stderr.decode())
+
     def test_bad_model_folder_exits_2_naming_it(self):
         p = self.serve("--model=/nonexistent/kiln-model")
         self.assertEqual(p.returncode, 2)
