@@ -173,6 +173,15 @@ class CudaBackend final : public Backend {
  private:
   CudaBackend() = default;
 
+  // Makes device_ current on the calling thread (the current device is per
+  // host thread, and the engine worker, loader threads and the thread that
+  // ran Create may all differ). Cheap when it already is: Scratch and Gemm
+  // call it, and so does every op and memory method.
+  void UseDevice();
+  // Records `message` as the first error (INTERNAL, prefixed "cuda:N: ")
+  // unless one is already held.
+  void RecordError(const std::string& message);
+
   int device_ = 0;
   GemmPrecision precision_ = GemmPrecision::kFp16;
   std::string description_;
