@@ -1,0 +1,250 @@
+// Device conformance of Backend::ExpertFfn (the sparse FFN of an
+// ffn_partition brick) against the dense FFN with every neuron outside each
+// row's top-k groups zeroed, in plain double loops on the ORIGINAL weights,
+// on each (device, GEMM precision) case of backend_ops_fixture.h.
+//
+// Rows and router keys are QuantisedVector data, so every device scores the
+// experts to the same bits and picks the same ones, ties included: every row
+// is compared, none skipped as a near tie, at any GEMM precision.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <utility>
+#include <vector>
+
+#include "engine/backend.h"
+#include "gtest/gtest.h"
+#include "tests/engine/backend_ops_fixture.h"
+
+namespace kiln {
+namespace {
+
+struct ExpertCase {
+  int rows, hidden, experts, group, top_k;
+  std::vector<std::pair<int, int>> lora_rows;  // one ffn_in and one ffn_out task each
+  bool same_keys = false;                      // every expert's key identical: all rows tie
+};
+
+class ExpertFfnOpsTest : public BackendOpsTest {
+ protected:
+  void RunCase(const ExpertCase& c);
+};
+
+void ExpertFfnOpsTest::RunCase(const ExpertCase& c) {
+  SCOPED_TRACE(testing::Message() << c.rows << " rows, " << c.experts << " experts of " << c.group
+                                  << ", top " << c.top_k << (c.same_keys ? ", tied keys" : ""));
+  const int rows = c.rows, h = c.hidden, E = c.experts, g = c.group, ff = E * g, rank = 3;
+  const float in_scale = 0.7f, out_scale = -1.3f;
+  const auto x = QuantisedVector(static_cast<size_t>(rows) * h, 41),
+             w1 = RandomVector(static_cast<size_t>(ff) * h, 42, 0.2f), b1 = RandomVector(ff, 43),
+             w2 = RandomVector(static_cast<size_t>(h) * ff, 44, 0.2f), b2 = RandomVector(h, 45);
+  auto keys = QuantisedVector(static_cast<size_t>(E) * h, 46);
+  if (c.same_keys) {
+    for (int e = 1; e < E; ++e) std::copy_n(keys.begin(), h, keys.begin() + e * h);
+  }
+  // The op gets the neurons rearranged by a random permutation (so a wrong
+  // group mapping shows): w1 / b1 rows in group order, w2 as [E][h][g] blocks.
+  std::vector<int32_t> ids(ff);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), std::mt19937(47));
+  std::vector<float> w1g(static_cast<size_t>(ff) * h), b1g(ff), w2g(static_cast<size_t>(ff) * h);
+  for (int j = 0; j < ff; ++j) {
+    std::copy_n(w1.begin() + static_cast<size_t>(ids[j]) * h, h, w1g.begin() + j * h);
+    b1g[j] = b1[ids[j]];
+  }
+  for (int e = 0; e < E; ++e)
+    for (int o = 0; o < h; ++o)
+      for (int j = 0; j < g; ++j)
+        w2g[(static_cast<size_t>(e) * h + o) * g + j] =
+            w2[static_cast<size_t>(o) * ff + ids[e * g + j]];
+  // LoRA per row range: intermediate.dense (a [rank, h], b [ff, rank] by
+  // original neuron) and output.dense (a [rank, ff] by original neuron, b [h, rank]).
+  std::vector<HostLora> in_loras, out_loras;
+  uint32_t seed = 50;
+  for (const auto& [r0, r1] : c.lora_rows) {
+    in_loras.push_back({.row_begin = r0,
+                        .row_end = r1,
+                        .col = 0,
+                        .cols = ff,
+                        .rank = rank,
+                        .scale = in_scale,
+                        .a = RandomVector(static_cast<size_t>(rank) * h, seed, 0.3f),
+                        .b = RandomVector(static_cast<size_t>(ff) * rank, seed + 1, 0.3f)});
+    out_loras.push_back({.row_begin = r0,
+                         .row_end = r1,
+                         .col = 0,
+                         .cols = h,
+                         .rank = rank,
+                         .scale = out_scale,
+                         .a = RandomVector(static_cast<size_t>(rank) * ff, seed + 2, 0.3f),
+                         .b = RandomVector(static_cast<size_t>(h) * rank, seed + 3, 0.3f)});
+    seed += 4;
+  }
+
+  // The reference, with each value's GEMM magnitude (see GemmRelTolerance)
+  // carried through GELU into output.dense.
+  std::vector<float> want(static_cast<size_t>(rows) * h);
+  std::vector<double> mag(want.size());
+  // (sum_i v_i a[q, i], sum_i |v_i a[q, i]|) for each q, where v has magnitude bound vm.
+  auto shrink = [&](const HostLora& t, const double* v, const double* vm, int in) {
+    std::vector<std::pair<double, double>> out(rank);
+    for (int q = 0; q < rank; ++q) {
+      for (int i = 0; i < in; ++i) {
+        const double a = t.a[static_cast<size_t>(q) * in + i];
+        out[q].first += v[i] * a;
+        out[q].second += (std::fabs(v[i]) + (vm ? vm[i] : 0.0)) * std::fabs(a);
+      }
+    }
+    return out;
+  };
+  for (int r = 0; r < rows; ++r) {
+    std::vector<double> xr(x.begin() + static_cast<size_t>(r) * h,
+                           x.begin() + static_cast<size_t>(r + 1) * h);
+    std::vector<double> s(E, 0.0);
+    for (int e = 0; e < E; ++e)
+      for (int i = 0; i < h; ++i) s[e] += xr[i] * keys[static_cast<size_t>(e) * h + i];
+    std::vector<int> by_score(E);
+    std::iota(by_score.begin(), by_score.end(), 0);
+    std::stable_sort(by_score.begin(), by_score.end(), [&](int a, int b) { return s[a] > s[b]; });
+    std::vector<char> active(ff, 0);
+    for (int i = 0; i < c.top_k; ++i)
+      for (int j = 0; j < g; ++j) active[ids[by_score[i] * g + j]] = 1;
+    std::vector<const HostLora*> in_here, out_here;
+    for (size_t t = 0; t < c.lora_rows.size(); ++t) {
+      if (r >= c.lora_rows[t].first && r < c.lora_rows[t].second) {
+        in_here.push_back(&in_loras[t]);
+        out_here.push_back(&out_loras[t]);
+      }
+    }
+    std::vector<std::vector<std::pair<double, double>>> ax;
+    for (const HostLora* t : in_here) ax.push_back(shrink(*t, xr.data(), nullptr, h));
+    std::vector<double> mid(ff, 0.0), mid_mag(ff, 0.0);
+    for (int n = 0; n < ff; ++n) {
+      if (!active[n]) continue;
+      double acc = b1[n], m = std::fabs(b1[n]);
+      for (int i = 0; i < h; ++i) {
+        acc += xr[i] * w1[static_cast<size_t>(n) * h + i];
+        m += std::fabs(xr[i] * w1[static_cast<size_t>(n) * h + i]);
+      }
+      for (size_t t = 0; t < in_here.size(); ++t) {
+        for (int q = 0; q < rank; ++q) {
+          const double b = in_here[t]->b[static_cast<size_t>(n) * rank + q];
+          acc += in_scale * ax[t][q].first * b;
+          m += 2.0 * std::fabs(in_scale) * ax[t][q].second * std::fabs(b);
+        }
+      }
+      mid[n] = Gelu(acc);
+      mid_mag[n] = kGeluMaxSlope * m;
+    }
+    std::vector<std::vector<std::pair<double, double>>> hm;
+    for (const HostLora* t : out_here) hm.push_back(shrink(*t, mid.data(), mid_mag.data(), ff));
+    for (int o = 0; o < h; ++o) {
+      double acc = b2[o], m = std::fabs(b2[o]);
+      for (int n = 0; n < ff; ++n) {
+        const double w = w2[static_cast<size_t>(o) * ff + n];
+        acc += mid[n] * w;
+        m += (std::fabs(mid[n]) + mid_mag[n]) * std::fabs(w);
+      }
+      for (size_t t = 0; t < out_here.size(); ++t) {
+        for (int q = 0; q < rank; ++q) {
+          const double b = out_here[t]->b[static_cast<size_t>(o) * rank + q];
+          acc += out_scale * hm[t][q].first * b;
+          m += 2.0 * std::fabs(out_scale) * hm[t][q].second * std::fabs(b);
+        }
+      }
+      want[static_cast<size_t>(r) * h + o] = static_cast<float>(acc);
+      mag[static_cast<size_t>(r) * h + o] = m;
+    }
+  }
+
+  std::vector<DeviceArray> keep;
+  const std::vector<LowRankTask> in_tasks = UploadTasks(in_loras, &keep),
+                                 out_tasks = UploadTasks(out_loras, &keep);
+  auto dx = Up(x), dkeys = Up(keys), dw1 = Up(w1g), db1 = Up(b1g), dw2 = Up(w2g), db2 = Up(b2),
+       dy = Up(std::vector<float>(want.size(), 5.0f));
+  const ExpertFfnWeights weights{.experts = E,
+                                 .group_size = g,
+                                 .hidden = h,
+                                 .centroids = dkeys.get(),
+                                 .w1 = dw1.get(),
+                                 .b1 = db1.get(),
+                                 .w2 = dw2.get(),
+                                 .b2 = db2.get(),
+                                 .neuron_ids = ids};
+  backend_->ExpertFfn(dx.get(), rows, weights, c.top_k, Activation::kGelu, dy.get(), in_tasks,
+                      out_tasks);
+  ExpectClose(Down(dy, want.size()), want, 1e-4f, mag, gemm_rel());
+}
+
+TEST_P(ExpertFfnOpsTest, MatchesMaskedDenseReferenceForOneHalfAndAllExperts) {
+  // Few rows per expert (the CPU's skinny kernel), a small batch, and one
+  // above the CPU's parallel threshold where LoRA row ranges straddle its row
+  // blocks; each with top_k 1, experts / 2 and experts (every neuron on).
+  const std::vector<ExpertCase> shapes = {
+      {.rows = 7, .hidden = 24, .experts = 4, .group = 8, .lora_rows = {{0, 3}, {5, 7}}},
+      {.rows = 37, .hidden = 48, .experts = 6, .group = 16, .lora_rows = {{4, 30}}},
+      {.rows = 600,
+       .hidden = 256,
+       .experts = 8,
+       .group = 64,
+       .lora_rows = {{0, 250}, {250, 320}, {400, 600}}}};
+  for (ExpertCase c : shapes) {
+    for (const int top_k : {1, c.experts / 2, c.experts}) {
+      c.top_k = top_k;
+      RunCase(c);
+    }
+  }
+}
+
+TEST_P(ExpertFfnOpsTest, OverlappingLoraRowRanges) {
+  // FFN LoRA tasks on overlapping rows, as two bricks of one plan give them
+  // (each task here owns its scratch, so none may clobber another's).
+  RunCase({.rows = 200,
+           .hidden = 64,
+           .experts = 8,
+           .group = 32,
+           .top_k = 3,
+           .lora_rows = {{0, 200}, {50, 120}, {119, 120}}});
+}
+
+TEST_P(ExpertFfnOpsTest, TiesGoToTheLowerExpertIndex) {
+  // Every key identical: every row scores all experts the same, so rows must
+  // run experts 0 .. top_k - 1 and no others.
+  for (const int top_k : {1, 4}) {
+    RunCase({.rows = 37,
+             .hidden = 48,
+             .experts = 8,
+             .group = 16,
+             .top_k = top_k,
+             .lora_rows = {{0, 37}},
+             .same_keys = true});
+  }
+}
+
+TEST_P(ExpertFfnOpsTest, ZeroRowsIsANoOp) {
+  const int h = 8, E = 2, g = 4, ff = E * g;
+  std::vector<int32_t> ids(ff);
+  std::iota(ids.begin(), ids.end(), 0);
+  auto keys = Up(RandomVector(E * h, 1)), w1 = Up(RandomVector(ff * h, 2)),
+       b1 = Up(RandomVector(ff, 3)), w2 = Up(RandomVector(ff * h, 4)), b2 = Up(RandomVector(h, 5)),
+       y = Up({7.0f});
+  const ExpertFfnWeights weights{.experts = E,
+                                 .group_size = g,
+                                 .hidden = h,
+                                 .centroids = keys.get(),
+                                 .w1 = w1.get(),
+                                 .b1 = b1.get(),
+                                 .w2 = w2.get(),
+                                 .b2 = b2.get(),
+                                 .neuron_ids = ids};
+  backend_->ExpertFfn(nullptr, 0, weights, 1, Activation::kGelu, y.get());
+  EXPECT_EQ(Down(y, 1)[0], 7.0f);
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, ExpertFfnOpsTest, ::testing::ValuesIn(kDeviceCases),
+                         DeviceCaseName);
+
+}  // namespace
+}  // namespace kiln
