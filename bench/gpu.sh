@@ -41,9 +41,9 @@ done
 [[ -n "$cuda_dirs" ]] || { echo "gpu.sh: $need not found on this machine; the binaries were built with CUDA 13" >&2; exit 3; }
 run() { "$work/lib/"ld-linux-x86-64.so.2 --library-path "$work/lib$cuda_dirs" "$@"; }
 
-export KILN_TEST_MODEL_DIR="$dev/model-f16"
+export KILN_TEST_MODEL_DIR="$dev/model-f16" KILN_SOURCE_DIR="$root"
 status=0
-for t in device_test backend_ops_test device_parity_test; do
+for t in device_test backend_ops_test expert_ffn_ops_test device_parity_test; do
   echo "== $t"
   if ! run "$work/bin/$t" --gtest_brief=1 > "$out/$t.log" 2>&1; then status=1; fi
   tail -n 25 "$out/$t.log"

@@ -26,7 +26,7 @@ dev="$build/device"
 model="models/all-MiniLM-L6-v2"
 
 bins=("$build/bin/kiln_bench_device" "$build/tests/backend_ops_test"
-      "$build/tests/device_test" "$build/tests/device_parity_test")
+      "$build/tests/device_test" "$build/tests/device_parity_test" "$build/tests/expert_ffn_ops_test")
 for b in "${bins[@]}"; do
   [[ -x "$b" ]] || { echo "gpu_bundle: $b is missing: build first (scripts/build.sh)" >&2; exit 2; }
 done

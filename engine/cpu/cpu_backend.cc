@@ -140,6 +140,11 @@ void CpuBackend::SetThreads(int threads) {
 }
 
 absl::StatusOr<DeviceArray> CpuBackend::Allocate(size_t count) {
+  // count * 4 rounded up must not wrap around (a wrapped size would "succeed").
+  if (count > (SIZE_MAX - kAlignment) / sizeof(float)) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("cpu backend: cannot allocate ", count, " floats (size overflows)"));
+  }
   const size_t bytes = std::max<size_t>(
       kAlignment, (count * sizeof(float) + kAlignment - 1) / kAlignment * kAlignment);
   void* p = std::aligned_alloc(kAlignment, bytes);

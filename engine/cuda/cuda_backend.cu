@@ -276,7 +276,8 @@ void CudaBackend::UseDevice() {
 
 absl::StatusOr<DeviceArray> CudaBackend::Allocate(size_t count) {
   UseDevice();
-  if (count > std::numeric_limits<size_t>::max() / sizeof(float)) {
+  // Leaves room for the pool's rounding up (2 MiB granules) not to wrap.
+  if (count > (std::numeric_limits<size_t>::max() - (size_t{64} << 20)) / sizeof(float)) {
     return absl::ResourceExhaustedError(absl::StrCat("cuda:", device_, ": cannot allocate ", count,
                                                      " floats (the size overflows)"));
   }
@@ -395,7 +396,7 @@ absl::Status CudaBackend::TakeError() {
 // ---- GEMM -------------------------------------------------------------------
 
 void CudaBackend::Gemm(const float* a, int lda, const float* b, int ldb, float* c, int ldc, int m,
-                       int n, int k, float alpha, float beta) {
+                       int n, int k, float alpha, float beta, bool full_fp32) {
   if (m <= 0 || n <= 0) return;
   UseDevice();
   if (k <= 0) {
@@ -407,7 +408,8 @@ void CudaBackend::Gemm(const float* a, int lda, const float* b, int ldb, float* 
     return;
   }
   const cublasComputeType_t compute =
-      precision_ == GemmPrecision::kFp16   ? CUBLAS_COMPUTE_32F_FAST_16F
+      full_fp32                            ? CUBLAS_COMPUTE_32F
+      : precision_ == GemmPrecision::kFp16 ? CUBLAS_COMPUTE_32F_FAST_16F
       : precision_ == GemmPrecision::kBf16 ? CUBLAS_COMPUTE_32F_FAST_16BF
                                            : CUBLAS_COMPUTE_32F;
   // Row-major C = A B^T is column-major C^T = B A^T: cuBLAS sees B (stored

@@ -126,9 +126,11 @@ class CudaBackend final : public Backend {
   // out, computed per precision(): the Linear GEMM (B laid out as nn.Linear
   // stores its weight). lda / ldb / ldc are row strides in elements (>= k, k,
   // n). Enqueued on stream(); m, n or k of 0 is a no-op (beta still applies
-  // when k is 0).
+  // when k is 0). full_fp32 forces CUBLAS_COMPUTE_32F whatever precision()
+  // says (ExpertFfn's router scores: a 16-bit near-tie must not choose other
+  // experts than the fp32 CPU backend would).
   void Gemm(const float* a, int lda, const float* b, int ldb, float* c, int ldc, int m, int n,
-            int k, float alpha = 1.0f, float beta = 0.0f);
+            int k, float alpha = 1.0f, float beta = 0.0f, bool full_fp32 = false);
 
   enum class Slot : int {
     kIds,          // EmbeddingSum: ids, positions, type ids

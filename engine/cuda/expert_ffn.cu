@@ -2,7 +2,7 @@
 // (contract in engine/backend.h; CPU reference in engine/cpu/expert_ffn.cc).
 //
 // Pipeline, all on stream(), one host synchronisation per call:
-//   1. scores = x * centroids^T                      Gemm -> kExpertScore
+//   1. scores = x * centroids^T                      Gemm (fp32) -> kExpertScore
 //   2. top-k per row, written in ascending expert order (TopKKernel, one warp
 //      per row)                                      -> kExpertIndex
 //   3. routing copied to the host and synchronised; rows are bucketed per
@@ -27,9 +27,9 @@
 // Rounding differs from the CPU (GEMM blocking, precision(), fused bias), but
 // the structure matches: routing ties go to the lower expert, a NaN score
 // wins only when it is the first candidate left (as the CPU's scan), and each
-// row sums its experts in ascending order. Note that the router GEMM runs at
-// precision(): with 16-bit GEMMs a near-tie may route differently from the
-// CPU's fp32 scores.
+// row sums its experts in ascending order. The router GEMM is full fp32 at
+// every precision() (it is ~1% of the FFN's work), so the experts chosen are
+// the CPU's up to fp32 summation order.
 #include <algorithm>
 #include <climits>
 #include <cstdint>
@@ -253,7 +253,7 @@ void CudaBackend::ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w,
   auto* d_choice = static_cast<int32_t*>(
       Scratch(Slot::kExpertIndex, static_cast<size_t>(members) * sizeof(int32_t)));
   if (scores == nullptr || d_choice == nullptr) return;
-  Gemm(x, h, w.centroids, h, scores, experts, rows, experts, h);
+  Gemm(x, h, w.centroids, h, scores, experts, rows, experts, h, 1.0f, 0.0f, /*full_fp32=*/true);
   TopKKernel<<<CeilDiv(rows, kWarpsPerBlock), kBlock, 0, stream()>>>(scores, rows, experts, k,
                                                                      d_choice);
   if (!CheckLaunch("ExpertFfn top-k kernel")) return;

@@ -449,6 +449,9 @@ TEST_P(BackendOpsTest, HugeAllocateIsResourceExhaustedAndTheBackendStaysUsable) 
       EXPECT_THAT(huge.status().message(), HasSubstr("cannot allocate 4398046511104 bytes"));
     }
   }
+  // A count whose byte size wraps around size_t must not "succeed" small.
+  absl::StatusOr<DeviceArray> wrapped = backend_->Allocate(SIZE_MAX / 2);
+  EXPECT_EQ(wrapped.status().code(), absl::StatusCode::kResourceExhausted) << wrapped.status();
   const auto x = RandomVector(2 * 8, 16), w = RandomVector(3 * 8, 17);
   const Expected e = ReferenceLinear(x, 2, 8, w, {}, 3, Activation::kNone);
   auto dx = Up(x), dw = Up(w), dy = Zeros(6);

@@ -13,6 +13,7 @@
 // 0.99996 at bf16.)
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 #include <memory>
@@ -34,9 +35,17 @@
 namespace kiln {
 namespace {
 
-const std::string kModelDir = std::string(KILN_SOURCE_DIR) + "/models/all-MiniLM-L6-v2";
-const std::string kFixture =
-    std::string(KILN_SOURCE_DIR) + "/tests/engine/model/testdata/minilm_exits.json";
+// On the device machine the tree sits elsewhere and the model travels as an
+// fp16 copy (bench/gpu_bundle.sh), so both can be named by the environment:
+// KILN_SOURCE_DIR (the checkout) and KILN_TEST_MODEL_DIR (the model folder).
+std::string FromEnv(const char* name, const std::string& fallback) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? std::string(v) : fallback;
+}
+const std::string kSourceDir = FromEnv("KILN_SOURCE_DIR", KILN_SOURCE_DIR);
+const std::string kModelDir =
+    FromEnv("KILN_TEST_MODEL_DIR", kSourceDir + "/models/all-MiniLM-L6-v2");
+const std::string kFixture = kSourceDir + "/tests/engine/model/testdata/minilm_exits.json";
 
 struct Fixture {
   std::vector<std::string> texts;
