@@ -181,6 +181,13 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
   cudaError_t e = cudaGetDeviceCount(&count);
   if (e != cudaSuccess) {
     cudaGetLastError();  // leave no stale error on this thread
+    if (e == cudaErrorInsufficientDriver) {
+      // Also what the runtime says when there is no driver at all.
+      return absl::UnavailableError(absl::StrFormat(
+          "CUDA: no NVIDIA driver, or one older than this build's CUDA runtime %d.%d needs (%s)",
+          CUDART_VERSION / 1000, CUDART_VERSION % 1000 / 10, cudaGetErrorString(e)));
+    }
+    if (e == cudaErrorNoDevice) return absl::UnavailableError("CUDA: no CUDA device is present");
     return absl::UnavailableError(absl::StrCat("CUDA: ", cudaGetErrorString(e)));
   }
   if (count == 0) return absl::UnavailableError("CUDA: no CUDA device is present");
