@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "engine/cuda/cublas_api.cuh"
 #include "engine/cuda/cuda_backend.cuh"
 #include "engine/cuda/lora_kernels.cuh"
 
@@ -208,9 +209,15 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
         prop.name, prop.major, prop.minor));
   }
 
+  absl::StatusOr<const CublasApi*> cublas_api = LoadCublas();
+  if (!cublas_api.ok()) {
+    return absl::UnavailableError(absl::StrCat("cuda:", d, ": ", cublas_api.status().message()));
+  }
+
   // From here on the destructor releases whatever was created, so every
   // failure path just returns.
   std::unique_ptr<CudaBackend> b(new CudaBackend());
+  b->blas_ = *cublas_api;
   b->device_ = d;
   b->precision_ = options.precision;
   b->sm_count_ = prop.multiProcessorCount;
@@ -223,28 +230,28 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
     b->stream_ = nullptr;
     return fail("creating a stream", cudaGetErrorString(e));
   }
-  cublasStatus_t s = cublasCreate(&b->cublas_);
+  cublasStatus_t s = b->blas_->Create(&b->cublas_);
   if (s != CUBLAS_STATUS_SUCCESS) {
     b->cublas_ = nullptr;
-    return fail("cublasCreate", cublasGetStatusString(s));
+    return fail("cublasCreate", b->blas_->GetStatusString(s));
   }
   // cublasSetStream resets the workspace to cuBLAS's default, so it goes first.
-  if ((s = cublasSetStream(b->cublas_, b->stream_)) != CUBLAS_STATUS_SUCCESS) {
-    return fail("cublasSetStream", cublasGetStatusString(s));
+  if ((s = b->blas_->SetStream(b->cublas_, b->stream_)) != CUBLAS_STATUS_SUCCESS) {
+    return fail("cublasSetStream", b->blas_->GetStatusString(s));
   }
   if ((e = cudaMalloc(&b->cublas_workspace_, kCublasWorkspaceBytes)) != cudaSuccess) {
     b->cublas_workspace_ = nullptr;
     return fail("allocating the cuBLAS workspace", cudaGetErrorString(e));
   }
-  if ((s = cublasSetWorkspace(b->cublas_, b->cublas_workspace_, kCublasWorkspaceBytes)) !=
+  if ((s = b->blas_->SetWorkspace(b->cublas_, b->cublas_workspace_, kCublasWorkspaceBytes)) !=
       CUBLAS_STATUS_SUCCESS) {
-    return fail("cublasSetWorkspace", cublasGetStatusString(s));
+    return fail("cublasSetWorkspace", b->blas_->GetStatusString(s));
   }
 
   int runtime = 0, driver = 0, cublas = 0;
   cudaRuntimeGetVersion(&runtime);
   cudaDriverGetVersion(&driver);
-  cublasGetVersion(b->cublas_, &cublas);  // 10000 * major + 100 * minor + patch
+  b->blas_->GetVersion(b->cublas_, &cublas);  // 10000 * major + 100 * minor + patch
   cudaGetLastError();
   b->description_ = absl::StrFormat(
       "cuda:%d (%s, sm_%d%d, %.1f GiB, CUDA runtime %s, driver %s, cuBLAS %d.%d.%d, %s GEMM)", d,
@@ -263,7 +270,7 @@ CudaBackend::~CudaBackend() {
     pool_.Free(s.ptr);
     s = {};
   }
-  if (cublas_ != nullptr) cublasDestroy(cublas_);
+  if (cublas_ != nullptr) blas_->Destroy(cublas_);
   if (cublas_workspace_ != nullptr) cudaFree(cublas_workspace_);
   if (stream_ != nullptr) cudaStreamDestroy(stream_);
   cudaGetLastError();
@@ -378,7 +385,7 @@ bool CudaBackend::Check(cudaError_t e, const char* what) {
 
 bool CudaBackend::Check(cublasStatus_t s, const char* what) {
   if (s == CUBLAS_STATUS_SUCCESS) return true;
-  RecordError(absl::StrCat(what, ": ", cublasGetStatusName(s), ": ", cublasGetStatusString(s)));
+  RecordError(absl::StrCat(what, ": ", blas_->GetStatusName(s), ": ", blas_->GetStatusString(s)));
   return false;
 }
 
@@ -421,7 +428,7 @@ void CudaBackend::Gemm(const float* a, int lda, const float* b, int ldb, float* 
                                            : CUBLAS_COMPUTE_32F;
   // Row-major C = A B^T is column-major C^T = B A^T: cuBLAS sees B (stored
   // as column-major [k, n]) transposed and A (column-major [k, m]) as is.
-  Check(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, b, CUDA_R_32F, ldb, a,
+  Check(blas_->GemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, b, CUDA_R_32F, ldb, a,
                      CUDA_R_32F, lda, &beta, c, CUDA_R_32F, ldc, compute, CUBLAS_GEMM_DEFAULT),
         "cublasGemmEx");
 }

@@ -55,6 +55,8 @@
 namespace kiln {
 namespace cuda {
 
+struct CublasApi;
+
 // Threads per block for the simple element-wise kernels.
 inline constexpr int kBlock = 256;
 
@@ -189,6 +191,7 @@ class CudaBackend final : public Backend {
   std::string description_;
   int sm_count_ = 0;
   cudaStream_t stream_ = nullptr;
+  const CublasApi* blas_ = nullptr;  // cuBLAS, loaded at run time (cublas_api.cuh)
   cublasHandle_t cublas_ = nullptr;
   void* cublas_workspace_ = nullptr;
   DevicePool pool_;
