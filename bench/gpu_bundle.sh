@@ -3,7 +3,8 @@
 # CMake and PyTorch but none of Debian's gRPC, abseil, OpenBLAS or GoogleTest,
 # and reaches no registry):
 #
-#   bundle.tar.xz  the GPU test and benchmark binaries with every shared
+#   bundle.tar.xz  the GPU test and benchmark binaries and the CUDA plugin
+#                  (libkiln_cuda.so, found through the loader's path) with every shared
 #                  library they load (ldd closure, glibc and its loader
 #                  included, so they run whatever the device's distribution),
 #                  except the CUDA driver and cuBLAS, which are the device's
@@ -32,7 +33,8 @@ for b in "${bins[@]}"; do
   [[ -x "$b" ]] || { echo "gpu_bundle: $b is missing: build first (scripts/build.sh)" >&2; exit 2; }
 done
 
-if [[ ! -f "$build/engine/libkiln_cuda.a" ]]; then
+plugin="$build/lib/libkiln_cuda.so"
+if [[ ! -f "$plugin" ]]; then
   echo "gpu_bundle: $build was built without the CUDA backend (KILN_CUDA=OFF or no nvcc)" >&2
   exit 2
 fi
@@ -43,8 +45,10 @@ mkdir -p "$stage/bin" "$stage/lib"
 for b in "${bins[@]}"; do
   cp "$b" "$stage/bin/" && strip --strip-unneeded "$stage/bin/$(basename "$b")"
 done
-# Every library the binaries load, but not the GPU driver's or the toolkit's.
-for b in "${bins[@]}"; do ldd "$b"; done |
+cp "$plugin" "$stage/lib/" && strip --strip-unneeded "$stage/lib/libkiln_cuda.so"
+# Every library the binaries and the CUDA plugin load, but not the GPU
+# driver's or the toolkit's.
+for b in "${bins[@]}" "$plugin"; do ldd "$b"; done |
   awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/.*ld-linux/ {print $1}' | sort -u |
   grep -Ev '/(libcuda|libcublas|libcublasLt|libcudart|libnvidia)[.-]' |
   while read -r lib; do cp -L "$lib" "$stage/lib/"; done

@@ -24,6 +24,7 @@
 #include <memory>
 #include <string>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
@@ -171,6 +172,18 @@ class Backend {
   // (INTERNAL) rather than vectors that may be wrong.
   virtual absl::Status TakeError() { return absl::OkStatus(); }
 };
+
+// Header-only, so that a backend built as a separate module (the CUDA
+// plugin, engine/cuda/) needs nothing from the binary that loads it.
+inline void DeviceDeleter::operator()(float* p) const {
+  if (p != nullptr && backend != nullptr) backend->Free(p);
+}
+
+inline absl::StatusOr<DeviceArray> Backend::Upload(absl::Span<const float> host) {
+  absl::StatusOr<DeviceArray> array = Allocate(host.size());
+  if (array.ok()) CopyToDevice(host.data(), host.size(), array->get());
+  return array;
+}
 
 }  // namespace kiln
 

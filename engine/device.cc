@@ -5,6 +5,14 @@
 #include "absl/strings/str_cat.h"
 #include "engine/cpu/cpu_backend.h"
 #if defined(KILN_HAVE_CUDA)
+#include <dlfcn.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <vector>
+
+#include "absl/strings/str_join.h"
+#include "common/status_macros.h"
 #include "engine/cuda/cuda_backend.h"
 #endif
 
@@ -52,10 +60,63 @@ bool CudaBackendBuilt() {
 
 namespace {
 
+#if defined(KILN_HAVE_CUDA)
+// Where the CUDA plugin may be: $KILN_CUDA_PLUGIN, the build tree's copy,
+// ../lib next to the running binary, then the loader's search path (e.g. the
+// device bundle's lib/, bench/gpu_bundle.sh).
+std::vector<std::string> PluginCandidates() {
+  std::vector<std::string> paths;
+  if (const char* env = std::getenv("KILN_CUDA_PLUGIN"); env != nullptr && *env != '\0') {
+    paths.push_back(env);
+  }
+  paths.push_back(KILN_CUDA_PLUGIN_PATH);
+  char exe[4096];
+  const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  if (n > 0) {
+    std::string dir(exe, static_cast<size_t>(n));
+    dir.resize(dir.find_last_of('/') + 1);
+    paths.push_back(dir + "../lib/libkiln_cuda.so");
+  }
+  paths.push_back("libkiln_cuda.so");
+  return paths;
+}
+
+// The plugin's entry point, loaded once per process (never unloaded: the
+// backends it makes run its code); or why it cannot be loaded.
+absl::StatusOr<decltype(&KilnCudaCreateBackend)> LoadPlugin() {
+  static const absl::StatusOr<decltype(&KilnCudaCreateBackend)> entry =
+      []() -> absl::StatusOr<decltype(&KilnCudaCreateBackend)> {
+    std::vector<std::string> errors;
+    for (const std::string& path : PluginCandidates()) {
+      void* lib = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+      if (lib == nullptr) {
+        const char* e = dlerror();
+        errors.push_back(e != nullptr ? e : path);
+        continue;
+      }
+      void* sym = dlsym(lib, kKilnCudaCreateSymbol);
+      if (sym == nullptr) {
+        return absl::UnavailableError(
+            absl::StrCat(path, " has no ", kKilnCudaCreateSymbol, " (not a Kiln CUDA plugin?)"));
+      }
+      return reinterpret_cast<decltype(&KilnCudaCreateBackend)>(sym);
+    }
+    return absl::UnavailableError(
+        absl::StrCat("cannot load the CUDA plugin: ", absl::StrJoin(errors, "; ")));
+  }();
+  return entry;
+}
+#endif
+
 // The CUDA backend, or why not.
 absl::StatusOr<std::unique_ptr<Backend>> TryCuda(const BackendOptions& options) {
 #if defined(KILN_HAVE_CUDA)
-  return CreateCudaBackend({.device = options.cuda_device, .precision = options.precision});
+  ASSIGN_OR_RETURN(auto create, LoadPlugin());
+  const CudaBackendOptions cuda{.device = options.cuda_device, .precision = options.precision};
+  char error[1024] = "";
+  Backend* backend = create(&cuda, error, sizeof(error));
+  if (backend == nullptr) return absl::UnavailableError(error);
+  return std::unique_ptr<Backend>(backend);
 #else
   (void)options;
   return absl::UnavailableError("this kiln was built without the CUDA backend (KILN_CUDA=OFF)");

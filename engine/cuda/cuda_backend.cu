@@ -30,6 +30,12 @@ constexpr int kBlocksPerSm = 16;
 constexpr int kLayerNormMaxThreads = 1024;
 constexpr int kLayerNormMaxCols = kLayerNormMaxThreads * 16;
 
+// engine/device.cc's GemmPrecisionName, repeated: the plugin uses nothing
+// of the binary that loads it.
+const char* PrecisionName(GemmPrecision p) {
+  return p == GemmPrecision::kFp16 ? "fp16" : p == GemmPrecision::kBf16 ? "bf16" : "fp32";
+}
+
 std::string VersionString(int v) {  // CUDA's 1000 * major + 10 * minor
   return absl::StrCat(v / 1000, ".", (v % 1000) / 10);
 }
@@ -258,7 +264,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(
       prop.name, prop.major, prop.minor,
       static_cast<double>(prop.totalGlobalMem) / static_cast<double>(size_t{1} << 30),
       VersionString(runtime), VersionString(driver), cublas / 10000, cublas / 100 % 100,
-      cublas % 100, GemmPrecisionName(options.precision));
+      cublas % 100, PrecisionName(options.precision));
   return b;
 }
 
@@ -527,11 +533,18 @@ void CudaBackend::Pool(const float* x, absl::Span<const int32_t> seq_starts, int
 }
 
 }  // namespace cuda
-
-absl::StatusOr<std::unique_ptr<Backend>> CreateCudaBackend(const CudaBackendOptions& options) {
-  absl::StatusOr<std::unique_ptr<cuda::CudaBackend>> backend = cuda::CudaBackend::Create(options);
-  if (!backend.ok()) return backend.status();
-  return std::unique_ptr<Backend>(*std::move(backend));
-}
-
 }  // namespace kiln
+
+extern "C" __attribute__((visibility("default"))) kiln::Backend* KilnCudaCreateBackend(
+    const kiln::CudaBackendOptions* options, char* error, size_t error_len) {
+  absl::StatusOr<std::unique_ptr<kiln::cuda::CudaBackend>> backend =
+      kiln::cuda::CudaBackend::Create(*options);
+  if (backend.ok()) return backend->release();
+  if (error != nullptr && error_len > 0) {
+    const absl::string_view message = backend.status().message();
+    const size_t n = std::min(message.size(), error_len - 1);
+    std::copy_n(message.data(), n, error);
+    error[n] = '\0';
+  }
+  return nullptr;
+}
