@@ -136,8 +136,11 @@ def _functions(tree):
     return out
 
 
-def python_pairs(stdlib):
-    pairs = []
+def python_modules(stdlib):
+    """(module, source lines, ast tree) for every .py file under stdlib that
+    parses, in a fixed order (directories and files sorted by name, whatever
+    order the file system lists them in). PY_SKIP_DIRS and test_*.py are left
+    out; "pkg/__init__.py" is module "pkg"."""
     for dirpath, dirnames, filenames in os.walk(stdlib):
         dirnames[:] = sorted(d for d in dirnames if d not in PY_SKIP_DIRS)
         for name in sorted(filenames):
@@ -154,19 +157,35 @@ def python_pairs(stdlib):
                 tree = ast.parse(source, filename=path)
             except (SyntaxError, UnicodeDecodeError, ValueError):
                 continue
-            lines = source.splitlines()
-            for qualname, node in _functions(tree):
-                doc = ast.get_docstring(node, clean=True)
-                if not doc or len(doc.split()) < PY_MIN_DOC_WORDS:
-                    continue
-                first = node.body[0]  # the docstring's Expr statement
-                keep = list(range(node.lineno - 1, first.lineno - 1)) + \
-                    list(range(first.end_lineno, node.end_lineno))
-                body = textwrap.dedent("\n".join(lines[i] for i in keep)).strip()
-                # A body that was only the docstring leaves just the "def"
-                # line(s); the signature alone is still a fair answer.
-                pairs.append({"id": f"{module}:{qualname}:{node.lineno}", "group": module,
-                              "query": squash(doc), "document": body[:MAX_DOC_CHARS]})
+            yield module, source.splitlines(), tree
+
+
+def function_source(lines, node):
+    """The source of function node (from its "def" line, decorators left out)
+    with its own docstring's lines removed if it has one, dedented and
+    stripped; not truncated. lines: the module's source lines. Docstrings of
+    functions nested in it stay."""
+    if ast.get_docstring(node, clean=False) is None:
+        keep = range(node.lineno - 1, node.end_lineno)
+    else:
+        first = node.body[0]  # the docstring's Expr statement
+        keep = list(range(node.lineno - 1, first.lineno - 1)) + \
+            list(range(first.end_lineno, node.end_lineno))
+    return textwrap.dedent("\n".join(lines[i] for i in keep)).strip()
+
+
+def python_pairs(stdlib):
+    pairs = []
+    for module, lines, tree in python_modules(stdlib):
+        for qualname, node in _functions(tree):
+            doc = ast.get_docstring(node, clean=True)
+            if not doc or len(doc.split()) < PY_MIN_DOC_WORDS:
+                continue
+            # A body that was only the docstring leaves just the "def"
+            # line(s); the signature alone is still a fair answer.
+            body = function_source(lines, node)
+            pairs.append({"id": f"{module}:{qualname}:{node.lineno}", "group": module,
+                          "query": squash(doc), "document": body[:MAX_DOC_CHARS]})
     return pairs
 
 
@@ -342,9 +361,14 @@ def dedupe(pairs):
     return out
 
 
+def is_test_group(task, group, test_frac):
+    """Whether group's pairs go to task's test side (never to train)."""
+    return frac(f"{task}:{group}") < test_frac
+
+
 def split(task, pairs, test_frac, test_cap):
-    train = [p for p in pairs if frac(f"{task}:{p['group']}") >= test_frac]
-    test = [p for p in pairs if frac(f"{task}:{p['group']}") < test_frac]
+    train = [p for p in pairs if not is_test_group(task, p["group"], test_frac)]
+    test = [p for p in pairs if is_test_group(task, p["group"], test_frac)]
     if len(test) > test_cap:
         keep = set(sorted((p["id"] for p in test), key=lambda i: frac(f"{task}:{i}"))[:test_cap])
         test = [p for p in test if p["id"] in keep]
@@ -352,10 +376,14 @@ def split(task, pairs, test_frac, test_cap):
     return train, test
 
 
+def to_jsonl(rows):
+    """rows as JSON lines: sorted keys, UTF-8 text unescaped, "\\n" after each."""
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+
+
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n")
+        f.write(to_jsonl(rows))
 
 
 def load_split(task, part, root=DEFAULT_OUT):
