@@ -20,7 +20,7 @@ router's keys, so testing on them would be testing on the training data);
 (b) End-to-end retrieval, MRR@10 and recall@1 per task over
     .cache/retrieval/<task>/test.jsonl, every test query against all of the
     task's test documents (query i's right document is document i), as
-    tools/eval_retrieval.py does: the server embeds "<instruction> <text>",
+    tools/eval_bricks_torch.py does: the server embeds "<instruction> <text>",
     L2-normalised; score = dot product; the rank of the right document counts
     every document scoring >= it (a tie counts against it); 1/rank if <= 10.
     Three settings:
@@ -28,7 +28,7 @@ router's keys, so testing on them would be testing on the training data);
                           FIRST query / document instruction: docs/QUALITY.md's
                           "brick + instructions" column (printed alongside;
                           note the server truncates at Info.max_input_tokens
-                          while eval_retrieval.py cut at 128 tokens, so long
+                          while eval_bricks_torch.py cut at 128 tokens, so long
                           documents can differ slightly).
       auto                ROUTING_AUTO, no bricks; query i is sent with the
                           task's query paraphrase i % n, document i with
@@ -48,7 +48,7 @@ which means the server's --default_routing, so the run then requires
 Info.default_routing == ROUTING_AUTO; explicit settings just list the brick.
 
 Stubs are generated from proto/kiln/v1/kiln.proto at run time with
-grpc_tools (as tests/e2e/kiln_e2e.py does). Uses numpy when importable, else
+grpc_tools (tools/kiln_client.py, as tests/e2e/kiln_e2e.py does). Uses numpy when importable, else
 pure Python (about 10 s per task and setting at the full test sets).
 
 Usage: .cache/e2e-venv/bin/python tools/eval_routing.py
@@ -62,20 +62,18 @@ Start a server with the bricks first, e.g. scripts/run.sh (brick dir
 deploy/bricks). --strict exits 1 when a target is missed.
 """
 import argparse
-import atexit
 import datetime
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from operator import mul
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROTO_ROOT = os.path.join(ROOT, "proto")
-KILN_PROTO = os.path.join(PROTO_ROOT, "kiln", "v1", "kiln.proto")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# generate_stubs and KILN_PROTO are re-exported for eval_sparse_ffn.py.
+from kiln_client import KILN_PROTO, ROOT, generate_stubs, open_channel, rpc_error  # noqa: E402,F401
+
 DEFAULT_INSTRUCTIONS = os.path.join(ROOT, "tools", "routing_instructions.json")
 DEFAULT_BRICKS = os.path.join(ROOT, "deploy", "bricks")
 DEFAULT_SETS = os.path.join(ROOT, ".cache", "retrieval")
@@ -203,27 +201,7 @@ def quality_md_reference():
     return ref
 
 
-# --- stubs --------------------------------------------------------------------
-
-def generate_stubs():
-    """kiln_pb2 / kiln_pb2_grpc generated from the proto into a temporary
-    folder removed at exit (tests/e2e/kiln_e2e.py's approach)."""
-    import grpc_tools
-    from grpc_tools import protoc
-
-    out = tempfile.mkdtemp(prefix="kiln-routing-stubs-")
-    atexit.register(shutil.rmtree, out, True)
-    wkt = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-    rc = protoc.main(["grpc_tools.protoc", f"-I{PROTO_ROOT}", f"-I{wkt}",
-                      f"--python_out={out}", f"--grpc_python_out={out}", KILN_PROTO])
-    if rc != 0:
-        raise RuntimeError(f"grpc_tools.protoc failed ({rc}) on {KILN_PROTO}")
-    for sub in ("kiln", os.path.join("kiln", "v1")):
-        open(os.path.join(out, sub, "__init__.py"), "a").close()
-    sys.path.insert(0, out)
-    from kiln.v1 import kiln_pb2, kiln_pb2_grpc  # noqa: E402
-    return kiln_pb2, kiln_pb2_grpc
-
+# --- API ----------------------------------------------------------------------
 
 def api_features(pb):
     req = pb.EmbedRequest.DESCRIPTOR.fields_by_name
@@ -263,15 +241,13 @@ class Evaluator:
         self.grpc = grpc
         self.args, self.pb = args, pb
         self.api = api_features(pb)
-        self.channel = grpc.insecure_channel(args.target, options=[
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20)])
+        self.channel = open_channel(args.target)
         self.stub = pb_grpc.KilnStub(self.channel)
         self.info = None
         self.batch = args.batch
 
     def rpc_error(self, e):
-        return f"{e.code().name}: {e.details()}"
+        return rpc_error(e)
 
     def connect(self):
         self.grpc.channel_ready_future(self.channel).result(timeout=self.args.connect_timeout)

@@ -19,7 +19,7 @@ instruction, with a --deadline of 600 s by default.
 Reported per (fraction, task, setting):
   MRR@10        every test query against all the task's test documents
                 (query i's right document is document i; a tie counts against
-                it), eval_routing.mrr_at_10, as tools/eval_retrieval.py does.
+                it), eval_routing.mrr_at_10, as tools/eval_bricks_torch.py does.
   delta MRR     MRR@10(f) - MRR@10(1), in points (x100).
   cos to dense  mean cosine between each text's embedding at f and at 1 in the
                 same setting, over every text embedded (queries + documents);

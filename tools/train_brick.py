@@ -53,7 +53,7 @@ from safetensors.torch import save_file  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from brick_fingerprint import fingerprint  # noqa: E402
 from build_retrieval_set import DEFAULT_OUT, TASKS, load_split  # noqa: E402
-from eval_retrieval import DEFAULT_BRICKS, DEFAULT_MODEL, embed, load_base  # noqa: E402
+from eval_bricks_torch import DEFAULT_BRICKS, DEFAULT_MODEL, embed, load_base  # noqa: E402
 
 # The six linears of each BERT layer, matched on the full module name so the
 # pooler (pooler.dense) is left alone.
