@@ -442,7 +442,10 @@ int RunServe(const ServeOptions& options) {
   // Quiet period: until no RPC has arrived for kQuietPeriod (or the deadline),
   // late callers still get UNAVAILABLE "draining" from the service — once
   // Shutdown starts, gRPC answers new calls with a bare CANCELLED instead.
-  constexpr absl::Duration kQuietPeriod = absl::Milliseconds(300);
+  // A second, not less: a client that got UNAVAILABLE and retries after a
+  // short back-off must land inside it even on a loaded machine (seen: a
+  // retry 0.5 s late under CPU contention met Shutdown's CANCELLED).
+  constexpr absl::Duration kQuietPeriod = absl::Seconds(1);
   while (absl::Now() < deadline && absl::Now() - service.last_arrival() < kQuietPeriod) {
     absl::SleepFor(absl::Milliseconds(50));
   }
