@@ -130,6 +130,12 @@ def score(model, tok, rows, q_instr, d_instr, max_length, exit_layer):
                max_length, exit_layer)
     d = encode(model, tok, with_instruction(d_instr, [r["document"] for r in rows]),
                max_length, exit_layer)
+    return ranking_metrics(q, d)
+
+
+def ranking_metrics(q, d):
+    """{"mrr@10", "recall@1", "n"}: query i's right document is document i;
+    q and d are L2-normalised embeddings, [n, hidden] each."""
     sims = q @ d.T
     right = sims.diagonal().unsqueeze(1)
     # 1-based rank of the right document; a tie counts against it, so a
@@ -138,7 +144,7 @@ def score(model, tok, rows, q_instr, d_instr, max_length, exit_layer):
     rr = torch.where(rank <= 10, 1.0 / rank, torch.zeros_like(rank))
     return {"mrr@10": round(rr.mean().item(), 4),
             "recall@1": round((rank == 1).float().mean().item(), 4),
-            "n": len(rows)}
+            "n": q.shape[0]}
 
 
 def main():

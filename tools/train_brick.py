@@ -72,7 +72,7 @@ def batches(n, size, rng):
             yield order[s:s + size]
 
 
-def check_adapter(folder, max_bytes):
+def check_adapter(folder, max_bytes, tool="train_brick"):
     path = os.path.join(folder, "adapter_model.safetensors")
     size = os.path.getsize(path)
     with safe_open(path, framework="pt") as f:
@@ -80,17 +80,16 @@ def check_adapter(folder, max_bytes):
         dtypes = {f.get_tensor(k).dtype for k in keys}
     bad = [k for k in keys if "pooler" in k or not k.startswith("base_model.model.encoder.layer.")]
     if bad:
-        sys.exit(f"train_brick: unexpected keys in the adapter: {bad[:4]}")
+        sys.exit(f"{tool}: unexpected keys in the adapter: {bad[:4]}")
     if dtypes != {torch.float32}:
-        sys.exit(f"train_brick: adapter dtypes {dtypes}, want float32")
+        sys.exit(f"{tool}: adapter dtypes {dtypes}, want float32")
     if size >= max_bytes:
-        sys.exit(f"train_brick: adapter is {size} bytes, limit {max_bytes}")
+        sys.exit(f"{tool}: adapter is {size} bytes, limit {max_bytes}")
     return size, len(keys)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--task", required=True, choices=list(TASKS))
+def add_training_args(ap, out_default=DEFAULT_BRICKS):
+    """The flags every LoRA trainer here shares (train_brick, train_exits)."""
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-4)
@@ -104,67 +103,88 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--sets", default=DEFAULT_OUT)
-    ap.add_argument("--out", default=DEFAULT_BRICKS)
+    ap.add_argument("--out", default=out_default)
     ap.add_argument("--version", type=int, default=1)
     ap.add_argument("--max-bytes", type=int, default=2_000_000)
     ap.add_argument("--force", action="store_true", help="replace an existing version")
-    args = ap.parse_args()
 
+
+def seed_everything(args):
+    """Threads and seeds; returns the RNG that drives batches (and anything
+    else drawn per example, in the order the trainer draws it)."""
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
+    return random.Random(args.seed)
 
-    task = TASKS[args.task]
-    rows = load_split(args.task, "train", args.sets)
-    final = os.path.join(args.out, args.task, str(args.version))
-    if os.path.exists(final) and not args.force:
-        sys.exit(f"train_brick: {final} exists (use --force or another --version)")
 
-    # The model stays in eval mode: BERT's own dropout is off (as is LoRA's
-    # by default), which makes a step ~30% cheaper on CPU and the run
-    # deterministic for a given seed; gradients still flow to the LoRA weights.
+def lora_model(args):
+    """(tokenizer, PEFT model) of the base model with LoRA on TARGET_MODULES.
+
+    The model stays in eval mode: BERT's own dropout is off (as is LoRA's
+    by default), which makes a step ~30% cheaper on CPU and the run
+    deterministic for a given seed; gradients still flow to the LoRA weights.
+    """
     tok, base = load_base(args.model)
     model = get_peft_model(base, LoraConfig(
         r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
         target_modules=TARGET_MODULES, bias="none"))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"train_brick: {args.task}: {len(rows)} train pairs, {trainable} trainable "
-          f"parameters, {args.steps} steps x {args.batch}, lr {args.lr}, rank {args.rank}, "
-          f"alpha {args.alpha}, max length {args.max_length}, {args.threads} threads",
-          file=sys.stderr)
+    return tok, model
 
+
+def optimizer(model, args):
+    """AdamW (weight decay 0.01) on the LoRA weights, and its schedule:
+    linear warm-up over --warmup of the steps, then linear decay to 0."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     warm = max(1, int(args.steps * args.warmup))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (args.steps - s) / (args.steps - warm)))
-    labels = torch.arange(args.batch)
+    return opt, sched
+
+
+def train_loop(args, n_rows, rng, opt, sched, step_loss):
+    """Runs --steps steps over batches(n_rows, --batch, rng).
+
+    step_loss(idx) returns the batch's loss tensor, or (loss, {name: float})
+    whose extra numbers are averaged and printed with the loss every 25 steps.
+    Returns (wall seconds, CPU seconds).
+    """
     t0, cpu0 = time.time(), time.process_time()
-    running = []
-    for step, idx in enumerate(batches(len(rows), args.batch, rng)):
+    running, extras = [], {}
+    for step, idx in enumerate(batches(n_rows, args.batch, rng)):
         if step == args.steps:
             break
-        qs = [f"{rng.choice(task['query'])} {rows[i]['query']}" for i in idx]
-        ds = [f"{rng.choice(task['document'])} {rows[i]['document']}" for i in idx]
-        q = embed(model, tok, qs, args.max_length)
-        d = embed(model, tok, ds, args.max_length)
-        loss = torch.nn.functional.cross_entropy(q @ d.T * args.scale, labels)
+        loss = step_loss(idx)
+        if isinstance(loss, tuple):
+            loss, extra = loss
+            for k, v in extra.items():
+                extras.setdefault(k, []).append(v)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         running.append(loss.item())
         if (step + 1) % 25 == 0 or step == 0:
+            more = "".join(f"  {k} {sum(v) / len(v):.4f}" for k, v in extras.items())
             print(f"step {step + 1:4d}  loss {sum(running) / len(running):.4f}  "
-                  f"{time.time() - t0:7.1f} s wall  {time.process_time() - cpu0:7.1f} s CPU",
+                  f"{time.time() - t0:7.1f} s wall  {time.process_time() - cpu0:7.1f} s CPU{more}",
                   file=sys.stderr, flush=True)
-            running = []
-    wall, cpu = time.time() - t0, time.process_time() - cpu0
+            running, extras = [], {}
+    return time.time() - t0, time.process_time() - cpu0
 
-    # Build the version folder beside its final place, manifest last, rename.
-    tmp = os.path.join(args.out, args.task, f".{args.version}.tmp")
+
+def publish(model, args, brick_id, description, instructions, tool="train_brick"):
+    """Writes model's LoRA weights as <out>/<brick_id>/<version>/ (docs/BRICKS.md).
+
+    Builds the version folder beside its final place, checks the adapter,
+    writes brick.json last and renames the folder into place (replacing an
+    existing version: the caller has checked --force). instructions is
+    {"query": [...], "document": [...]}. Returns (final folder, size, tensors).
+    """
+    final = os.path.join(args.out, brick_id, str(args.version))
+    tmp = os.path.join(args.out, brick_id, f".{args.version}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # The two files PeftModel.save_pretrained writes, without its model card
     # (which needs Jinja2 and is no part of a brick).
@@ -177,13 +197,13 @@ def main():
     config.save_pretrained(tmp)
     for name in os.listdir(tmp):
         os.chmod(os.path.join(tmp, name), 0o644)
-    size, nkeys = check_adapter(tmp, args.max_bytes)
+    size, nkeys = check_adapter(tmp, args.max_bytes, tool)
     manifest = {
-        "id": args.task,
+        "id": brick_id,
         "version": args.version,
         "kind": "lora",
-        "description": task["description"],
-        "instructions": {"query": task["query"], "document": task["document"]},
+        "description": description,
+        "instructions": instructions,
         "base_model": {"name": BASE_NAME, "fingerprint": fingerprint(args.model)},
     }
     with open(os.path.join(tmp, "brick.json"), "w") as f:
@@ -192,6 +212,42 @@ def main():
     if os.path.exists(final):
         shutil.rmtree(final)
     os.rename(tmp, final)
+    return final, size, nkeys
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", required=True, choices=list(TASKS))
+    add_training_args(ap)
+    args = ap.parse_args()
+
+    rng = seed_everything(args)
+    task = TASKS[args.task]
+    rows = load_split(args.task, "train", args.sets)
+    final = os.path.join(args.out, args.task, str(args.version))
+    if os.path.exists(final) and not args.force:
+        sys.exit(f"train_brick: {final} exists (use --force or another --version)")
+
+    tok, model = lora_model(args)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"train_brick: {args.task}: {len(rows)} train pairs, {trainable} trainable "
+          f"parameters, {args.steps} steps x {args.batch}, lr {args.lr}, rank {args.rank}, "
+          f"alpha {args.alpha}, max length {args.max_length}, {args.threads} threads",
+          file=sys.stderr)
+
+    opt, sched = optimizer(model, args)
+    labels = torch.arange(args.batch)
+
+    def step_loss(idx):
+        qs = [f"{rng.choice(task['query'])} {rows[i]['query']}" for i in idx]
+        ds = [f"{rng.choice(task['document'])} {rows[i]['document']}" for i in idx]
+        q = embed(model, tok, qs, args.max_length)
+        d = embed(model, tok, ds, args.max_length)
+        return torch.nn.functional.cross_entropy(q @ d.T * args.scale, labels)
+
+    wall, cpu = train_loop(args, len(rows), rng, opt, sched, step_loss)
+    final, size, nkeys = publish(model, args, args.task, task["description"],
+                                 {"query": task["query"], "document": task["document"]})
     print(f"train_brick: {args.task}: {args.steps} steps in {wall:.0f} s wall "
           f"({wall / args.steps:.2f} s/step), {cpu:.0f} CPU s, on {platform.machine()} with "
           f"{args.threads} threads, load average {os.getloadavg()[1]:.1f}; adapter {size} "
