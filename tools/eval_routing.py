@@ -183,7 +183,9 @@ def load_rows(sets_dir, task, cap):
 
 
 def quality_md_reference():
-    """{task: MRR@10} from docs/QUALITY.md's "brick + instructions" column."""
+    """{task: MRR@10} from docs/QUALITY.md's "brick + instructions" column:
+    the bricks table, which is the first table whose rows read "| task (n) |"
+    (later tables, e.g. the routing one, reuse that row shape)."""
     ref = {}
     try:
         with open(QUALITY_MD, encoding="utf-8") as f:
@@ -194,7 +196,7 @@ def quality_md_reference():
                 cells = [c.strip() for c in m.group(3).split("|")]
                 if len(cells) >= 3:
                     v = re.search(r"\d+\.\d+", cells[2])
-                    if v:
+                    if v and m.group(1) not in ref:
                         ref[m.group(1)] = float(v.group(0))
     except OSError:
         pass
