@@ -18,6 +18,7 @@
 #include "engine/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/engine/lora_test_util.h"
 #include "nlohmann/json.hpp"
 
 namespace kiln {
@@ -28,32 +29,6 @@ using ::testing::HasSubstr;
 
 const std::string kModelDir = std::string(KILN_SOURCE_DIR) + "/models/all-MiniLM-L6-v2";
 
-std::vector<float> Random(size_t n, std::mt19937& rng, float stddev) {
-  std::normal_distribution<float> dist(0.0f, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
-// Modules on `targets` of every layer, rank `rank`, scale `scale`.
-std::vector<LoraHostModule> RandomModules(const EncoderConfig& config,
-                                          std::vector<LoraTarget> targets, int rank, float scale,
-                                          uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<LoraHostModule> modules;
-  for (int l = 0; l < config.num_layers; ++l) {
-    for (LoraTarget t : targets) {
-      const int in = LoraTargetIn(config, t), out = LoraTargetOut(config, t);
-      modules.push_back({.layer = l,
-                         .target = t,
-                         .rank = rank,
-                         .scale = scale,
-                         .a = Random(static_cast<size_t>(rank) * in, rng, 0.08f),
-                         .b = Random(static_cast<size_t>(out) * rank, rng, 0.08f)});
-    }
-  }
-  return modules;
-}
 
 // A copy of the default model folder whose linear weights carry the dense
 // sum of `terms` (modules with their weights). Every file but

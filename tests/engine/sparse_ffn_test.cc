@@ -22,6 +22,7 @@
 #include "engine/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/engine/lora_test_util.h"
 
 namespace kiln {
 namespace {
@@ -74,26 +75,6 @@ FfnPartition SeededPartition(const HostModel& m, int experts, uint32_t seed) {
     p.layers.push_back(std::move(layer));
   }
   return p;
-}
-
-std::vector<LoraHostModule> RandomModules(const EncoderConfig& config,
-                                          std::vector<LoraTarget> targets, int rank, float scale,
-                                          uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 0.08f);
-  std::vector<LoraHostModule> modules;
-  for (int l = 0; l < config.num_layers; ++l) {
-    for (LoraTarget t : targets) {
-      const int in = LoraTargetIn(config, t), out = LoraTargetOut(config, t);
-      LoraHostModule m{.layer = l, .target = t, .rank = rank, .scale = scale};
-      m.a.resize(static_cast<size_t>(rank) * in);
-      m.b.resize(static_cast<size_t>(out) * rank);
-      for (float& v : m.a) v = dist(rng);
-      for (float& v : m.b) v = dist(rng);
-      modules.push_back(std::move(m));
-    }
-  }
-  return modules;
 }
 
 // What one sequence runs in the reference.

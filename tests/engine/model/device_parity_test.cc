@@ -30,6 +30,7 @@
 #include "engine/model/embedding_model.h"
 #include "engine/sparse_ffn.h"
 #include "gtest/gtest.h"
+#include "tests/engine/lora_test_util.h"
 #include "nlohmann/json.hpp"
 
 namespace kiln {
@@ -73,27 +74,6 @@ double MinCosine(GemmPrecision p) {
       return 0.999;
   }
   return 1.0;
-}
-
-// Random LoRA modules on `targets` of every layer (as tests/engine/lora_test.cc).
-std::vector<LoraHostModule> RandomModules(const EncoderConfig& config,
-                                          const std::vector<LoraTarget>& targets, int rank,
-                                          float scale, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 0.08f);
-  std::vector<LoraHostModule> modules;
-  for (int l = 0; l < config.num_layers; ++l) {
-    for (LoraTarget t : targets) {
-      const int in = LoraTargetIn(config, t), out = LoraTargetOut(config, t);
-      LoraHostModule m{.layer = l, .target = t, .rank = rank, .scale = scale};
-      m.a.resize(static_cast<size_t>(rank) * in);
-      m.b.resize(static_cast<size_t>(out) * rank);
-      for (float& v : m.a) v = dist(rng);
-      for (float& v : m.b) v = dist(rng);
-      modules.push_back(std::move(m));
-    }
-  }
-  return modules;
 }
 
 // The default model on the CUDA backend at GetParam()'s GEMM precision.
