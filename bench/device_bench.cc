@@ -74,18 +74,15 @@ double MedianSeconds(int repeats, Fn&& fn) {
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);
-  absl::StatusOr<kiln::DeviceChoice> device = kiln::ParseDeviceChoice(absl::GetFlag(FLAGS_device));
-  absl::StatusOr<kiln::GemmPrecision> precision =
-      kiln::ParseGemmPrecision(absl::GetFlag(FLAGS_gemm_precision));
-  if (!device.ok() || !precision.ok()) {
-    std::cerr << "kiln_bench_device: " << (!device.ok() ? device.status() : precision.status())
-              << "\n";
+  absl::StatusOr<kiln::BackendOptions> flags = kiln::ParseBackendFlags(
+      absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_gemm_precision), 0,
+      absl::GetFlag(FLAGS_threads));
+  if (!flags.ok()) {
+    std::cerr << "kiln_bench_device: " << flags.status() << "\n";
     return 2;
   }
-  absl::StatusOr<kiln::BackendChoice> chosen =
-      kiln::CreateBackend({.device = *device,
-                           .threads = absl::GetFlag(FLAGS_threads),
-                           .precision = *precision});
+  const kiln::GemmPrecision precision = flags->precision;
+  absl::StatusOr<kiln::BackendChoice> chosen = kiln::CreateBackend(*flags);
   if (!chosen.ok()) {
     std::cerr << "kiln_bench_device: " << chosen.status() << "\n";
     return 1;
@@ -196,7 +193,7 @@ int main(int argc, char** argv) {
           "\"gemm_tflops\":%.2f}\n",
           std::string(kiln::DeviceKindName(backend->kind())).c_str(),
           backend->kind() == kiln::DeviceKind::kCuda
-              ? std::string(kiln::GemmPrecisionName(*precision)).c_str()
+              ? std::string(kiln::GemmPrecisionName(precision)).c_str()
               : "fp32",
           B, L, rows, repeats, engine_s, rows / engine_s, gemm_s, rows / gemm_s,
           gemm_s / engine_s, 2.0 * macs / gemm_s / 1e12);

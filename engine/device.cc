@@ -50,6 +50,20 @@ absl::string_view GemmPrecisionName(GemmPrecision p) {
   return "?";
 }
 
+absl::StatusOr<BackendOptions> ParseBackendFlags(absl::string_view device,
+                                                 absl::string_view precision, int cuda_device,
+                                                 int threads) {
+  absl::StatusOr<DeviceChoice> d = ParseDeviceChoice(device);
+  if (!d.ok()) return absl::InvalidArgumentError(absl::StrCat("--device: ", d.status().message()));
+  absl::StatusOr<GemmPrecision> p = ParseGemmPrecision(precision);
+  if (!p.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--gemm_precision: ", p.status().message()));
+  }
+  if (cuda_device < 0) return absl::InvalidArgumentError("--cuda_device must be >= 0");
+  return BackendOptions{.device = *d, .threads = threads, .cuda_device = cuda_device,
+                        .precision = *p};
+}
+
 bool CudaBackendBuilt() {
 #if defined(KILN_HAVE_CUDA)
   return true;

@@ -42,6 +42,14 @@ struct BackendOptions {
   GemmPrecision precision = GemmPrecision::kFp16;
 };
 
+// The engine flags as given on a command line (--device, --gemm_precision,
+// --cuda_device, --threads), checked: INVALID_ARGUMENT naming the flag at
+// fault, e.g. "--device: device 'gpu' is not one of auto, cpu, cuda" or
+// "--cuda_device must be >= 0".
+absl::StatusOr<BackendOptions> ParseBackendFlags(absl::string_view device,
+                                                 absl::string_view precision, int cuda_device,
+                                                 int threads);
+
 struct BackendChoice {
   std::unique_ptr<Backend> backend;
   // Set when `auto` chose the CPU: why CUDA was not used (not built, no

@@ -178,24 +178,14 @@ bool FlushBatch(EmbeddingModel& model, int exit, std::vector<std::string>& lines
 }
 
 int RunEmbed() {
-  absl::StatusOr<DeviceChoice> device = ParseDeviceChoice(absl::GetFlag(FLAGS_device));
-  absl::StatusOr<GemmPrecision> precision =
-      ParseGemmPrecision(absl::GetFlag(FLAGS_gemm_precision));
-  if (!device.ok() || !precision.ok()) {
-    std::cerr << "kiln embed: "
-              << (!device.ok() ? absl::StrCat("--device: ", device.status().message())
-                               : absl::StrCat("--gemm_precision: ", precision.status().message()))
-              << "\n";
+  absl::StatusOr<BackendOptions> flags =
+      ParseBackendFlags(absl::GetFlag(FLAGS_device), absl::GetFlag(FLAGS_gemm_precision),
+                        absl::GetFlag(FLAGS_cuda_device), absl::GetFlag(FLAGS_threads));
+  if (!flags.ok()) {
+    std::cerr << "kiln embed: " << flags.status().message() << "\n";
     return 2;
   }
-  if (absl::GetFlag(FLAGS_cuda_device) < 0) {
-    std::cerr << "kiln embed: --cuda_device must be >= 0\n";
-    return 2;
-  }
-  absl::StatusOr<BackendChoice> chosen = CreateBackend({.device = *device,
-                                                        .threads = absl::GetFlag(FLAGS_threads),
-                                                        .cuda_device = absl::GetFlag(FLAGS_cuda_device),
-                                                        .precision = *precision});
+  absl::StatusOr<BackendChoice> chosen = CreateBackend(*flags);
   if (!chosen.ok()) {
     std::cerr << "kiln embed: " << chosen.status().message() << "\n";
     return 1;

@@ -19,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
 #include "common/logging.h"
+#include "common/status_macros.h"
 #include "engine/device.h"
 #include "engine/model/embedding_model.h"
 #include "router/brick_manager.h"
@@ -124,13 +125,7 @@ absl::Status ValidateOptions(const ServeOptions& o) {
     return absl::InvalidArgumentError(absl::StrCat("--default_routing=", o.default_routing,
                                                    " is not \"auto\" or \"none\""));
   }
-  if (absl::StatusOr<DeviceChoice> d = ParseDeviceChoice(o.device); !d.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("--device: ", d.status().message()));
-  }
-  if (absl::StatusOr<GemmPrecision> p = ParseGemmPrecision(o.gemm_precision); !p.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat("--gemm_precision: ", p.status().message()));
-  }
-  if (o.cuda_device < 0) return absl::InvalidArgumentError("--cuda_device must be >= 0");
+  RETURN_IF_ERROR(ParseBackendFlags(o.device, o.gemm_precision, o.cuda_device, o.threads).status());
   if (o.brick_dir.empty() && !o.ffn_partition.empty()) {
     return absl::InvalidArgumentError("--ffn_partition needs --brick_dir");
   }
@@ -225,10 +220,7 @@ int RunServe(const ServeOptions& options) {
   }
   ServeOptions o = options;
   absl::StatusOr<BackendChoice> engine_device =
-      CreateBackend({.device = *ParseDeviceChoice(o.device),
-                     .threads = o.threads,
-                     .cuda_device = o.cuda_device,
-                     .precision = *ParseGemmPrecision(o.gemm_precision)});
+      CreateBackend(*ParseBackendFlags(o.device, o.gemm_precision, o.cuda_device, o.threads));
   if (!engine_device.ok()) {
     std::cerr << "kiln serve: " << engine_device.status().message() << "\n";
     return 1;

@@ -32,6 +32,27 @@ TEST(DeviceTest, ParseDeviceChoiceRejectsOthersNamingTheAcceptedValues) {
   }
 }
 
+TEST(DeviceTest, ParseBackendFlagsNamesTheFlagAtFault) {
+  absl::StatusOr<BackendOptions> ok = ParseBackendFlags("cuda", "bf16", 1, 3);
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->device, DeviceChoice::kCuda);
+  EXPECT_EQ(ok->precision, GemmPrecision::kBf16);
+  EXPECT_EQ(ok->cuda_device, 1);
+  EXPECT_EQ(ok->threads, 3);
+  const struct {
+    const char *device, *precision;
+    int cuda_device;
+    const char* message;
+  } bad[] = {{"gpu", "fp16", 0, "--device: device 'gpu' is not one of auto, cpu, cuda"},
+             {"auto", "int8", 0, "--gemm_precision: GEMM precision 'int8' is not one of"},
+             {"auto", "fp16", -1, "--cuda_device must be >= 0"}};
+  for (const auto& b : bad) {
+    absl::StatusOr<BackendOptions> got = ParseBackendFlags(b.device, b.precision, b.cuda_device, 0);
+    EXPECT_EQ(got.status().code(), absl::StatusCode::kInvalidArgument) << b.message;
+    EXPECT_THAT(std::string(got.status().message()), StartsWith(b.message));
+  }
+}
+
 TEST(DeviceTest, ParseGemmPrecisionAcceptsTheThreeNames) {
   EXPECT_EQ(*ParseGemmPrecision("fp16"), GemmPrecision::kFp16);
   EXPECT_EQ(*ParseGemmPrecision("bf16"), GemmPrecision::kBf16);
