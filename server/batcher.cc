@@ -304,7 +304,10 @@ void Batcher::RunBatch(Batch& batch) {
   // one segment per exit.
   std::vector<LoraPlan> plans;
   std::vector<SequenceInput> seqs;
+  int deepest_exit = 0;
   for (const auto& job : jobs) {
+    // 0 (unresolved, tests only) is full depth, as for the model.
+    deepest_exit = std::max(deepest_exit, job->exit > 0 ? job->exit : model_->num_layers());
     int plan = -1;
     if (!job->plan.empty()) {
       const auto same = [&job](const LoraPlan& p) {
@@ -332,7 +335,7 @@ void Batcher::RunBatch(Batch& batch) {
   const absl::Time start = options_.clock->Now();
   const absl::Status status = model_->Forward(seqs, out.data(), plans);
   const absl::Duration forward = options_.clock->Now() - start;
-  if (hooks_.on_forward) hooks_.on_forward(forward);
+  if (hooks_.on_forward) hooks_.on_forward(forward, deepest_exit);
   if (!status.ok()) {
     KLOG(ERROR) << "engine failed a batch of " << jobs.size() << " requests: " << status;
     FailAll(jobs, status);

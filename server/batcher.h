@@ -85,7 +85,9 @@ class Batcher {
     std::function<void(int sequences, int64_t tokens)> on_batch;
     // Engine thread: per batch computed (successfully or not), the wall time
     // of its Forward by Options::clock.
-    std::function<void(absl::Duration forward)> on_forward;
+    // One engine forward pass over a batch whose deepest row left at exit
+    // `deepest_exit` (1..N): the depth the whole batch ran to.
+    std::function<void(absl::Duration forward, int deepest_exit)> on_forward;
   };
 
   // Starts the batcher and engine threads. `model` is driven only by the

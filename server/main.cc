@@ -2,6 +2,7 @@
 //
 //   kiln embed --model=DIR [--exit=K] [--threads=N] [--batch_lines=N] < texts.txt
 //   kiln bricks split-ffn --model=DIR --out=DIR [--experts=16] ...   (server/bricks_command.h)
+//   kiln health [--addr=HOST:PORT] [--service=] [--timeout_s=5]     (server/health_command.h)
 //
 // `embed` reads one UTF-8 text per line on stdin (a trailing \r is dropped)
 // and writes one JSON object per line on stdout, in input order:
@@ -26,6 +27,7 @@
 #include "engine/model/embedding_model.h"
 #include "nlohmann/json.hpp"
 #include "server/bricks_command.h"
+#include "server/health_command.h"
 #include "server/serve.h"
 #include "server/version.h"
 
@@ -97,6 +99,11 @@ ABSL_FLAG(float, router_temperature, 0.05f,
 ABSL_FLAG(std::string, ffn_partition, "",
           "serve: id of the ffn_partition brick that ffn_fraction < 1 runs with; empty = the only "
           "one in --brick_dir");
+ABSL_FLAG(std::string, addr, "127.0.0.1:50051",
+          "health: HOST:PORT of the kiln serve to ask (grpc.health.v1 Check)");
+ABSL_FLAG(std::string, service, "",
+          "health: service name to ask about; empty = the whole server");
+ABSL_FLAG(double, timeout_s, 5.0, "health: seconds to connect and get an answer");
 ABSL_FLAG(int, batch_lines, 0,
           "embed: lines per engine batch; 0 = 64 when stdin is a file or pipe, 1 when a terminal");
 
@@ -110,6 +117,7 @@ constexpr char kUsage[] =
     "  kiln serve --model=DIR [--port=50051] ...         start the gRPC server\n"
     "  kiln embed --model=DIR [--exit=K] [--device=auto] embed stdin, one text per line\n"
     "  kiln bricks split-ffn --model=DIR --out=DIR ...   make an ffn_partition brick\n"
+    "  kiln health [--addr=127.0.0.1:50051]              exit 0 only if the server is SERVING\n"
     "  kiln version                                      print the version\n"
     "\n"
     "Run `kiln --help` for every flag.";
@@ -248,6 +256,12 @@ int main(int argc, char** argv) {
     return 2;
   }
   if (cmd == "embed") return kiln::RunEmbed();
+  if (cmd == "health") {
+    return kiln::RunHealthCommand({.addr = absl::GetFlag(FLAGS_addr),
+                                   .service = absl::GetFlag(FLAGS_service),
+                                   .timeout_s = absl::GetFlag(FLAGS_timeout_s)},
+                                  std::cout, std::cerr);
+  }
   if (cmd == "serve") {
     return kiln::RunServe({.model = absl::GetFlag(FLAGS_model),
                            .host = absl::GetFlag(FLAGS_host),

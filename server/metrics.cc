@@ -194,10 +194,10 @@ Metrics::Metrics(const Options& options)
                       .Add({}, BatchSizeBuckets())),
       batch_tokens_(HistogramFamily(*registry_, "kiln_batch_tokens", "Tokens per engine batch.")
                         .Add({}, TokenBuckets())),
-      forward_duration_(HistogramFamily(*registry_, "kiln_forward_duration_seconds",
-                                        "Wall time of one engine forward pass over one batch, "
-                                        "in seconds, by device.")
-                            .Add({{"device", options.device}}, SecondsBuckets())),
+      forward_duration_family_(HistogramFamily(*registry_, "kiln_forward_duration_seconds",
+                                               "Wall time of one engine forward pass over one "
+                                               "batch, in seconds, by device and by the deepest "
+                                               "exit of the batch's rows.")),
       input_tokens_(HistogramFamily(*registry_, "kiln_input_tokens",
                                     "Tokens per input after truncation, special tokens "
                                     "included.")
@@ -231,7 +231,8 @@ Metrics::Metrics(const Options& options)
                                            "Share of FFN expert groups each token computed, per "
                                            "Embed request (1 = dense).")
                                .Add({}, FractionBuckets())),
-      brick_metrics_max_(std::max(0, options.brick_metrics_max)) {
+      brick_metrics_max_(std::max(0, options.brick_metrics_max)),
+      device_(options.device) {
   GaugeFamily(*registry_, "kiln_build_info",
               "Constant 1, labelled with the server version, base model and device.")
       .Add({{"version", options.version}, {"model", options.model_id}, {"device", options.device}})
@@ -278,8 +279,18 @@ void Metrics::ObserveBatch(int sequences, int64_t tokens) {
   batch_tokens_.Observe(static_cast<double>(tokens));
 }
 
-void Metrics::ObserveForward(absl::Duration duration) {
-  forward_duration_.Observe(Seconds(duration));
+void Metrics::ObserveForward(absl::Duration duration, int deepest_exit) {
+  prometheus::Histogram* histogram;
+  {
+    absl::MutexLock lock(&mu_);
+    prometheus::Histogram*& cached = forward_by_exit_[deepest_exit];
+    if (cached == nullptr) {
+      cached = &forward_duration_family_.Add(
+          {{"device", device_}, {"exit", absl::StrCat(deepest_exit)}}, SecondsBuckets());
+    }
+    histogram = cached;
+  }
+  histogram->Observe(Seconds(duration));
 }
 
 void Metrics::CountExit(int exit, int64_t requests) {

@@ -10,7 +10,8 @@
 //   kiln_queue_requests                        gauge     requests waiting in the batcher now
 //   kiln_batch_size                            histogram sequences per engine batch
 //   kiln_batch_tokens                          histogram tokens per engine batch
-//   kiln_forward_duration_seconds{device}      histogram one observation per engine batch
+//   kiln_forward_duration_seconds{device,exit} histogram one observation per engine batch,
+//                                                        exit = its deepest row's exit
 //   kiln_exit_requests_total{exit}             counter   Embed requests* served at exit "1".."N"
 //   kiln_input_tokens                          histogram tokens per input (after truncation)
 //   kiln_truncated_inputs_total                counter   inputs cut to the model's maximum
@@ -139,8 +140,9 @@ class Metrics {
   void ObserveBatch(int sequences, int64_t tokens);
 
   // Wall time of one engine forward pass over one batch, labelled with
-  // options.device.
-  void ObserveForward(absl::Duration duration);
+  // options.device and the batch's deepest exit (1..N: how deep the batch
+  // ran, since a batch costs as many layers as its deepest row).
+  void ObserveForward(absl::Duration duration, int deepest_exit);
 
   // `requests` sequences left the encoder at exit `exit` (1..N, N = full
   // depth): kiln_exit_requests_total{exit="<exit>"} += requests.
@@ -258,7 +260,7 @@ class Metrics {
   prometheus::Gauge& queue_requests_;
   prometheus::Histogram& batch_size_;
   prometheus::Histogram& batch_tokens_;
-  prometheus::Histogram& forward_duration_;
+  prometheus::Family<prometheus::Histogram>& forward_duration_family_;
   prometheus::Histogram& input_tokens_;
   prometheus::Counter& truncated_inputs_;
   prometheus::Gauge& ready_;
@@ -271,12 +273,14 @@ class Metrics {
   prometheus::Histogram& router_top_score_;
   prometheus::Histogram& ffn_active_fraction_;
   const int brick_metrics_max_;
+  const std::string device_;  // the device label (options.device)
 
   // Labelled children are created once and cached: Family::Add takes the
   // family's lock and hashes the whole label set, too slow per request.
   mutable absl::Mutex mu_;
   absl::flat_hash_map<std::string, RpcSeries> rpc_series_ ABSL_GUARDED_BY(mu_);
   absl::flat_hash_map<int, prometheus::Counter*> exit_counters_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<int, prometheus::Histogram*> forward_by_exit_ ABSL_GUARDED_BY(mu_);
   // Keyed by label value: the admitted ids, plus "other" once used.
   absl::flat_hash_map<std::string, BrickSeries> brick_series_ ABSL_GUARDED_BY(mu_);
   int admitted_bricks_ ABSL_GUARDED_BY(mu_) = 0;

@@ -358,7 +358,7 @@ int RunServe(const ServeOptions& options) {
   hooks.on_queue_depth = [m](int64_t depth) { m->SetQueueRequests(depth); };
   hooks.on_dequeued = [m](absl::Duration waited) { m->ObserveQueueTime(waited); };
   hooks.on_batch = [m](int sequences, int64_t tokens) { m->ObserveBatch(sequences, tokens); };
-  hooks.on_forward = [m](absl::Duration d) { m->ObserveForward(d); };
+  hooks.on_forward = [m](absl::Duration d, int exit) { m->ObserveForward(d, exit); };
   Batcher::Options batcher_options;
   batcher_options.policy.max_batch_tokens = o.max_batch_tokens;
   batcher_options.policy.max_queue_delay = absl::Microseconds(o.max_queue_delay_us);

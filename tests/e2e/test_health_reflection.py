@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import threading
 import time
 
@@ -12,8 +13,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import \
     ProtoReflectionDescriptorDatabase
 
-from kiln_e2e import (NOT_SERVING, SERVING, KilnServer, assert_matches_reference, health_name,
-                      pb)
+from kiln_e2e import (NOT_SERVING, SERVING, KilnServer, assert_matches_reference, free_ports,
+                      health_name, kiln_binary, pb)
 
 SERVICES = ("", "kiln.v1.Kiln")
 
@@ -192,3 +193,40 @@ def test_drain_ends_idle_streams(start_server):
     assert took < 8, (f"idle server took {took:.1f}s to exit after SIGTERM with a Health.Watch "
                       f"and an idle EmbedStream open (--drain_timeout_s=15); the streams ended "
                        f"with {watcher.end} / {stream_results[-1:]}")
+
+
+def _kiln_health(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([kiln_binary(), "health", *flags], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_kiln_health_command(start_server, pool):
+    """`kiln health` (the Dockerfile's HEALTHCHECK): exit 0 only on SERVING."""
+    (port,) = free_ports(1)
+    nobody = _kiln_health(f"--addr=127.0.0.1:{port}", "--timeout_s=1")
+    assert nobody.returncode == 1, nobody
+    assert f"127.0.0.1:{port}" in nobody.stderr and nobody.stdout == "", nobody
+    bad = _kiln_health("--addr=localhost")
+    assert bad.returncode == 2 and "--addr must be HOST:PORT" in bad.stderr, bad
+    bad = _kiln_health("--timeout_s=0")
+    assert bad.returncode == 2 and "--timeout_s" in bad.stderr, bad
+
+    server: KilnServer = start_server()
+    for service in SERVICES:
+        ok = _kiln_health(f"--addr={server.target}", f"--service={service}")
+        assert (ok.returncode, ok.stdout) == (0, "SERVING\n"), ok
+    unknown = _kiln_health(f"--addr={server.target}", "--service=no.such.Service")
+    assert unknown.returncode == 1 and "not_found" in unknown.stderr, unknown
+
+    # Draining: the engine is busy with a request accepted before SIGTERM, so
+    # the server still answers, and answers NOT_SERVING.
+    busy = server.stub.Embed.future(pb.EmbedRequest(inputs=(pool * 2)[:64]), timeout=120)
+    time.sleep(0.3)
+    assert not busy.done(), "the busy request finished too soon to observe a drain"
+    server.signal(signal.SIGTERM)
+    time.sleep(0.2)
+    draining = _kiln_health(f"--addr={server.target}", "--timeout_s=2")
+    assert draining.returncode == 1, draining
+    assert draining.stdout == "NOT_SERVING\n", draining
+    busy.result(timeout=60)
+    assert server.wait_exit(timeout=40) == 0, server.describe()

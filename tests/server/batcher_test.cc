@@ -497,6 +497,7 @@ TEST_F(BatcherTest, HooksAreCalled) {
     int dequeued = 0, batches = 0, sequences = 0, forwards = 0;
     int64_t tokens = 0;
     absl::Duration forward_total;
+    std::vector<int> deepest_exits;
   };
   auto seen = std::make_shared<Seen>();
   Batcher::Hooks hooks;
@@ -515,19 +516,22 @@ TEST_F(BatcherTest, HooksAreCalled) {
     seen->sequences += sequences;
     seen->tokens += tokens;
   };
-  hooks.on_forward = [seen](absl::Duration forward) {
+  hooks.on_forward = [seen](absl::Duration forward, int deepest_exit) {
     std::lock_guard<std::mutex> lock(seen->mu);
     ++seen->forwards;
     seen->forward_total += forward;
+    seen->deepest_exits.push_back(deepest_exit);
   };
 
   auto batcher = MakeBatcher({}, hooks);
   ASSERT_NE(batcher, nullptr);
   int64_t tokens = 0;
   std::vector<std::shared_ptr<Outcome>> outcomes;
+  std::vector<int> exits;
   for (int i = 0; i < 5; ++i) {
     outcomes.push_back(std::make_shared<Outcome>());
-    auto job = MakeJob({kTexts[i], kTexts[i + 1]}, 0, true, outcomes.back());
+    exits.push_back(1 + i % model_->num_layers());
+    auto job = MakeJob({kTexts[i], kTexts[i + 1]}, exits.back(), true, outcomes.back());
     for (const Encoding& e : job->inputs) tokens += static_cast<int64_t>(e.ids.size());
     ASSERT_TRUE(batcher->Enqueue(std::move(job)).ok());
   }
@@ -541,6 +545,12 @@ TEST_F(BatcherTest, HooksAreCalled) {
   EXPECT_EQ(seen->tokens, tokens);
   EXPECT_EQ(seen->forwards, seen->batches);
   EXPECT_GT(seen->forward_total, absl::ZeroDuration());
+  // Each batch reports its deepest row's exit: one of the exits sent, and the
+  // deepest of all of them for the batch that held it.
+  ASSERT_FALSE(seen->deepest_exits.empty());
+  for (int deepest : seen->deepest_exits) EXPECT_THAT(exits, Contains(deepest));
+  EXPECT_EQ(*std::max_element(seen->deepest_exits.begin(), seen->deepest_exits.end()),
+            *std::max_element(exits.begin(), exits.end()));
   ASSERT_FALSE(seen->depths.empty());
   EXPECT_EQ(seen->depths.back(), 0);
 }

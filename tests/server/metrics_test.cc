@@ -260,8 +260,9 @@ void RecordEveryBrickFamily(Metrics& metrics) {
 TEST(MetricsTest, EveryFamilyHasHelpAndType) {
   std::unique_ptr<Metrics> metrics = MakeMetrics();
   ASSERT_NE(metrics, nullptr);
-  // Families whose children appear on first use still print HELP/TYPE.
+  // Families whose children appear on first use.
   metrics->CountExit(6);
+  metrics->ObserveForward(absl::Milliseconds(1), 6);
   RecordEveryBrickFamily(*metrics);
   const std::string text = metrics->Serialize();
   const std::map<std::string, std::string> types = Types(text);
@@ -346,7 +347,9 @@ TEST(MetricsTest, QueueAndBatchAndForward) {
   metrics->ObserveQueueTime(absl::Milliseconds(-1));  // a clock step: recorded as 0
   metrics->ObserveBatch(32, 4000);
   metrics->ObserveBatch(1024, 16384);
-  metrics->ObserveForward(absl::Milliseconds(250));
+  metrics->ObserveForward(absl::Milliseconds(250), 6);
+  metrics->ObserveForward(absl::Milliseconds(4), 2);
+  metrics->ObserveForward(absl::Milliseconds(6), 2);
   const std::string text = metrics->Serialize();
   EXPECT_EQ(Sample(text, "kiln_queue_requests"), 17);
   EXPECT_EQ(Sample(text, "kiln_queue_duration_seconds_count"), 2);
@@ -358,9 +361,17 @@ TEST(MetricsTest, QueueAndBatchAndForward) {
   EXPECT_EQ(Sample(text, "kiln_batch_tokens_sum"), 20384);
   EXPECT_EQ(Sample(text, R"(kiln_batch_tokens_bucket{le="4096"})"), 1);
   EXPECT_EQ(Sample(text, R"(kiln_batch_tokens_bucket{le="16384"})"), 2);
-  EXPECT_EQ(Sample(text, R"(kiln_forward_duration_seconds_count{device="cpu"})"), 1);
-  EXPECT_EQ(Sample(text, R"(kiln_forward_duration_seconds_bucket{device="cpu",le="0.1"})"), 0);
-  EXPECT_EQ(Sample(text, R"(kiln_forward_duration_seconds_bucket{device="cpu",le="0.25"})"), 1);
+  // One series per deepest exit: a dashboard can show forward time by depth.
+  EXPECT_EQ(Sample(text, R"(kiln_forward_duration_seconds_count{device="cpu",exit="6"})"), 1)
+      << text;
+  EXPECT_EQ(Sample(text, R"(kiln_forward_duration_seconds_bucket{device="cpu",exit="6",le="0.1"})"),
+            0);
+  EXPECT_EQ(
+      Sample(text, R"(kiln_forward_duration_seconds_bucket{device="cpu",exit="6",le="0.25"})"), 1);
+  EXPECT_EQ(Sample(text, R"(kiln_forward_duration_seconds_count{device="cpu",exit="2"})"), 2);
+  EXPECT_NEAR(
+      Sample(text, R"(kiln_forward_duration_seconds_sum{device="cpu",exit="2"})").value_or(-1),
+      0.010, 1e-12);
   metrics->SetQueueRequests(0);
   EXPECT_EQ(Sample(metrics->Serialize(), "kiln_queue_requests"), 0);
 }
@@ -713,7 +724,7 @@ std::string FullExposition() {
   metrics->RecordRequest(kRpcEmbed, grpc::StatusCode::INVALID_ARGUMENT, absl::Milliseconds(2));
   metrics->ObserveQueueTime(absl::Milliseconds(1));
   metrics->ObserveBatch(4, 64);
-  metrics->ObserveForward(absl::Milliseconds(3));
+  metrics->ObserveForward(absl::Milliseconds(3), 6);
   metrics->CountExit(6);
   metrics->ObserveInputTokens(16);
   metrics->CountTruncated(1);
