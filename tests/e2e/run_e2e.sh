@@ -2,26 +2,36 @@
 # End-to-end tests: drive a real `kiln serve` over gRPC from Python, as a
 # user's client would.
 #
-#   tests/e2e/run_e2e.sh KILN_BINARY MODEL_DIR [pytest args...]
+#   tests/e2e/run_e2e.sh [--suite=e2e|deploy] KILN_BINARY MODEL_DIR [pytest args...]
 #
-# Sets up what the tests need, then runs pytest on tests/e2e and exits with
-# its status (pytest's "no tests collected", 5, counts as a failure):
+# Sets up what the tests need, then runs pytest on tests/<suite> (default
+# e2e; `deploy` is tests/deploy, the deployment files of deploy/ and the
+# Dockerfile) and exits with its status (pytest's "no tests collected", 5,
+# counts as a failure):
 #   - a venv at <repo>/.cache/e2e-venv (made with `python3 -m venv`, or
 #     $KILN_E2E_PYTHON), reused while tests/e2e/requirements.txt is unchanged;
 #   - Debian's `prometheus` package (promtool + prometheus) when either tool is
-#     missing: apt-get update + install, via sudo only when not root.
+#     missing: apt-get update + install, via sudo only when not root;
+#   - deploy suite only: Debian's `nginx` (the scale-out proxy) and, when no
+#     kubectl is on PATH, Debian's `kubernetes-client` (kubectl kustomize).
 # The kiln_pb2 stubs are generated from proto/kiln/v1/kiln.proto at run time
 # by conftest.py (nothing generated is committed).
 # Needs PyPI and Debian's archive only on the first run; nothing else.
 set -euo pipefail
 
-if [[ $# -lt 2 ]]; then
-  echo "usage: $0 KILN_BINARY MODEL_DIR [pytest args...]" >&2
+suite=e2e
+if [[ "${1:-}" == --suite=* ]]; then
+  suite="${1#--suite=}"
+  shift
+fi
+if [[ $# -lt 2 || ( "${suite}" != e2e && "${suite}" != deploy ) ]]; then
+  echo "usage: $0 [--suite=e2e|deploy] KILN_BINARY MODEL_DIR [pytest args...]" >&2
   exit 2
 fi
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "${here}/../.." && pwd)"
+tests="${repo}/tests/${suite}"
 
 # Paths may be given relative to the caller's directory or to the repo root.
 resolve() {
@@ -80,29 +90,45 @@ if ! venv_ok; then
   cp "${req}" "${stamp}"
 fi
 
-# --- Prometheus (promtool for `check metrics`, the server for a real scrape) --
-if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
-  sudo=()
+# --- Debian packages -----------------------------------------------------------
+apt_install() {
+  local sudo=()
   if [[ "$(id -u)" != 0 ]]; then sudo=(sudo -n); fi
-  log "installing Debian's prometheus package (promtool, prometheus)"
+  log "installing Debian's $*"
   "${sudo[@]}" apt-get update -qq
-  # --no-install-recommends: no node exporter etc.; the package's service is
-  # not started where there is no init system (containers, CI).
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  # RUNLEVEL=1: the packages' init scripts must not start a system nginx.
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+# promtool for `check metrics` and rule tests, prometheus for a real scrape.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+  apt_install prometheus
+fi
+# deploy suite: nginx for the scale-out test, kubectl for kustomize.
+if [[ "${suite}" == deploy ]]; then
+  if ! command -v nginx >/dev/null 2>&1 && [[ ! -x /usr/sbin/nginx ]]; then
+    apt_install nginx
+  fi
+  if ! command -v kubectl >/dev/null 2>&1; then
+    apt_install kubernetes-client
+  fi
 fi
 
 # --- pytest ------------------------------------------------------------------
 export KILN_BINARY="${kiln_binary}"
 export KILN_MODEL_DIR="${model_dir}"
 export PYTHONDONTWRITEBYTECODE=1
+# hadolint and kubernetes-validate come with the venv.
+export PATH="${venv}/bin:${PATH}"
+# tests/deploy imports the e2e helpers (kiln_e2e) and fixtures.
+export PYTHONPATH="${here}${PYTHONPATH:+:${PYTHONPATH}}"
 # gRPC and urllib must not send loopback traffic through a proxy.
 export no_proxy="127.0.0.1,localhost${no_proxy:+,${no_proxy}}"
 export NO_PROXY="${no_proxy}"
 
 cd "${repo}"
 set +e
-"${venv}/bin/python" -m pytest -c "${here}/pytest.ini" --rootdir "${here}" "${here}" "$@"
+"${venv}/bin/python" -m pytest -c "${here}/pytest.ini" --rootdir "${tests}" "${tests}" "$@"
 rc=$?
 set -e
 if [[ ${rc} -eq 5 ]]; then
