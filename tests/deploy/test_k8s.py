@@ -23,7 +23,6 @@ import functools
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -608,12 +607,6 @@ def test_k8s_flagfile_starts_kiln(overlay, tmp_path):
         assert ADAPTER_SERIES <= exported, ADAPTER_SERIES - exported
     finally:
         ch.close()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
+        kiln_e2e.stop_process(proc, timeout=60)
         log.close()
     assert proc.returncode == 0, f"exit {proc.returncode} after SIGTERM: {describe()}"

@@ -130,13 +130,7 @@ http {{
         raise AssertionError(f"nginx reload did not finish: {self.workers()}")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        kiln_e2e.stop_process(self.proc, signal.SIGQUIT)  # SIGQUIT: graceful
         self._log.close()
 
     def error_log(self) -> str:

@@ -124,6 +124,19 @@ def model_dir() -> str:
     return p
 
 
+def stop_process(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 20.0) -> int:
+    """Sends `sig` to a process still running, waits up to `timeout` seconds,
+    then SIGKILLs it. Returns its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+    return proc.returncode
+
+
 class KilnServer:
     """One `kiln serve` process on free loopback ports, output in `log_path`."""
 
@@ -490,13 +503,7 @@ scrape_configs:
         self.stop()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+        stop_process(self.proc)
         self._log.close()
 
     def query(self, expr: str) -> list[dict]:

@@ -12,7 +12,7 @@ import urllib.parse
 import grpc
 import pytest
 
-from kiln_e2e import KilnServer, free_ports, http_get, parse_metrics, pb
+from kiln_e2e import KilnServer, free_ports, http_get, parse_metrics, pb, stop_process
 
 FAMILIES = {
     "kiln_requests_total": "counter",
@@ -130,10 +130,5 @@ scrape_configs:
         active = targets["data"]["activeTargets"]
         assert [t["health"] for t in active] == ["up"], active
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
         log.close()

@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import grpc
-import pytest
 
 from kiln_e2e import expect_rpc_error, REPO, KilnServer, max_abs_diff, parse_metrics, pb
 
