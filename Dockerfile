@@ -14,7 +14,8 @@
 # comes from the host (NVIDIA Container Toolkit).
 #
 # Ports: 50051 gRPC (Kiln, grpc.health.v1, reflection), 9464 Prometheus
-# /metrics. BrickAdmin (50052) listens on loopback unless --admin_host and
+# /metrics. The HEALTHCHECK asks 127.0.0.1:50051: a command that moves
+# --port must override the health check too. BrickAdmin (50052) listens on loopback unless --admin_host and
 # --admin_token_file say otherwise. Volumes: /models (the base model folder,
 # read-only), /bricks (the brick store). Runs as uid/gid 10001 (kiln).
 
@@ -76,8 +77,10 @@ COPY --from=build /opt/kiln /opt/kiln
 FROM runtime-base AS runtime-gpu
 COPY --from=build /opt/kiln /opt/kiln
 # cuBLAS (and cuBLASLt, which it loads) from the toolkit the plugin was built
-# with; the plugin dlopens libcublas.so.<major> through the loader's cache.
-COPY --from=cuda /usr/local/cuda/lib64/libcublas.so.* /usr/local/cuda/lib64/libcublasLt.so.* /usr/local/cuda/lib64/
+# with: the fully versioned files only (COPY would turn the soname symlinks
+# into second copies); ldconfig makes the libcublas.so.<major> links the
+# plugin dlopens.
+COPY --from=cuda /usr/local/cuda/lib64/libcublas.so.*.*.* /usr/local/cuda/lib64/libcublasLt.so.*.*.* /usr/local/cuda/lib64/
 RUN echo /usr/local/cuda/lib64 > /etc/ld.so.conf.d/kiln-cuda.conf && ldconfig
 ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 

@@ -108,10 +108,20 @@ http {{
         (self.workdir / "kiln.conf").write_text(site)
 
     def workers(self) -> list[tuple[int, str]]:
-        out = subprocess.run(["ps", "--ppid", str(self.proc.pid), "-o", "pid=,args="],
-                             capture_output=True, text=True).stdout
-        return [(int(line.split(None, 1)[0]), line.split(None, 1)[1])
-                for line in out.splitlines() if line.strip()]
+        """(pid, process title) of the master's children, from /proc."""
+        out = []
+        for task in Path(f"/proc/{self.proc.pid}/task").iterdir():
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for pid in children:
+                try:
+                    title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                except OSError:
+                    continue
+                out.append((int(pid), title.decode(errors="replace").strip()))
+        return out
 
     def mark_down(self, addr: str, timeout: float = 30.0) -> None:
         """The documented first step of stopping a replica: `down` + reload,
@@ -133,11 +143,12 @@ http {{
         kiln_e2e.stop_process(self.proc, signal.SIGQUIT)  # SIGQUIT: graceful
         self._log.close()
 
-    def error_log(self) -> str:
+    def error_log(self, limit: int | None = 3000) -> str:
         try:
-            return (self.workdir / "error.log").read_text()[-3000:]
+            text = (self.workdir / "error.log").read_text()
         except OSError:
             return ""
+        return text if limit is None else text[-limit:]
 
 
 def client_channel(target: str) -> grpc.Channel:
@@ -240,8 +251,9 @@ def test_nginx_scale_out_keys_bricks_to_one_replica_and_loses_nothing(fleet, poo
         assert numbers[holders[0]]["brick_requests"][brick] == per_brick, numbers
     base = [n["embed_ok"] - sum(n["brick_requests"].values()) for n in numbers]
     assert sum(base) == unkeyed, (base, numbers)
-    # Even spread: ~40 each of 120; 4+ standard deviations of slack.
-    assert all(b >= unkeyed * 0.2 for b in base), f"base requests per replica: {base}"
+    # Even spread: ~40 each of 120 (ketama arcs differ a little); 18 is more
+    # than 4 standard deviations below 40.
+    assert all(b >= unkeyed * 0.15 for b in base), f"base requests per replica: {base}"
     print("brick loads per replica:", {b: [n["loads"][b] for n in numbers] for b in BRICKS},
           "unkeyed requests per replica:", base)
 
@@ -308,6 +320,38 @@ def test_nginx_scale_out_keys_bricks_to_one_replica_and_loses_nothing(fleet, poo
         (before_stop, before_kill, after_kill)
     access = (nginx.workdir / "access.log").read_text()
     unavailable = len(re.findall(r'"POST /kiln.v1.Kiln/Embed HTTP/2.0" 204 ', access))
+    # The kill was met by traffic: nginx saw the replica fail (a request cut
+    # off, or a refused connect that it passed on to the next replica).
+    killed = replicas[1].target
+    failed_upstream = [line for line in nginx.error_log(limit=None).splitlines()
+                       if f"grpc://{killed}" in line and "[error]" in line]
+    assert failed_upstream, f"no request met the killed replica {killed}"
     print(f"under load: {outcomes['ok']} requests, none lost; {before_stop} before the stop, "
           f"{after_kill} after the kill; nginx answered UNAVAILABLE {unavailable} times "
           f"(each retried by its client)")
+
+
+def test_nginx_answers_unavailable_in_grpc_when_no_replica_answers(repo, tmp_path):
+    """The @kiln_unavailable answer: a gRPC status any client can read
+    (content-type application/grpc, grpc-status 14), not an HTTP error."""
+    port, *dead = kiln_e2e.free_ports(4)  # nothing listens on the replicas' ports
+    nginx = Nginx(repo, tmp_path / "nginx", port, [f"127.0.0.1:{p}" for p in dead])
+    try:
+        channel = grpc.insecure_channel(nginx.target)  # no retry policy
+        grpc.channel_ready_future(channel).result(timeout=30)
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.KilnStub(channel).Embed(pb.EmbedRequest(inputs=["x"]), timeout=30)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        assert "kiln replica unavailable" in err.value.details(), err.value.details()
+        channel.close()
+        curl = shutil.which("curl")
+        if curl:  # the raw response, as a Go or Java client would read it
+            out = subprocess.run([curl, "-s", "-o", "/dev/null", "-D", "-", "--http2-prior-knowledge",
+                                  "-X", "POST", "-H", "content-type: application/grpc",
+                                  "--data-binary", "", f"http://{nginx.target}/kiln.v1.Kiln/Embed"],
+                                 capture_output=True, text=True, timeout=30)
+            headers = out.stdout.lower()
+            assert "content-type: application/grpc" in headers, out.stdout
+            assert "grpc-status: 14" in headers, out.stdout
+    finally:
+        nginx.stop()

@@ -96,9 +96,20 @@ apt_install() {
   if [[ "$(id -u)" != 0 ]]; then sudo=(sudo -n); fi
   log "installing Debian's $*"
   "${sudo[@]}" apt-get update -qq
-  # RUNLEVEL=1: the packages' init scripts must not start a system nginx.
-  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 \
-    apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+  # The packages' services (a system nginx on :80, prometheus on :9090) must
+  # not start: a policy-rc.d that denies every start, for the install only
+  # (honoured by invoke-rc.d and deb-systemd-invoke alike).
+  local policy=/usr/sbin/policy-rc.d own_policy=0
+  if [[ ! -e "${policy}" ]]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "${policy}" >/dev/null
+    "${sudo[@]}" chmod 755 "${policy}"
+    own_policy=1
+  fi
+  local rc=0
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "$@" >/dev/null || rc=$?
+  if ((own_policy)); then "${sudo[@]}" rm -f "${policy}"; fi
+  return "${rc}"
 }
 # promtool for `check metrics` and rule tests, prometheus for a real scrape.
 if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
