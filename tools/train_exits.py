@@ -3,7 +3,9 @@
 that early exits (EmbedRequest.exit_layer) embed well, and publishes it.
 
 Objective (--objective multi-exit; ModularStarEncoder's multi-exit loss,
-*without* its self-distillation term): the in-batch-negatives contrastive
+without its self-distillation term unless --distill W > 0, which adds W x
+(l/N) x KL(exit N's in-batch similarity distribution, teacher detached ||
+exit l's) for every l < N; docs/QUALITY.md has the result): the in-batch-negatives contrastive
 loss of tools/train_brick.py (cross-entropy over cosine(query_i, document_j)
 * --scale, the right document of query i being document i) at EVERY exit
 l = 1..N (N = 6 layers): the output of layer l (hidden_states[l]) mean-pooled
@@ -38,7 +40,7 @@ Usage:
   nice -n 10 .venv/bin/python tools/train_exits.py --objective multi-exit
          [--steps 150] [--batch 32] [--lr 1e-3] [--rank 8] [--alpha 16]
          [--scale 20] [--exit-weights linear|uniform] [--max-length 128]
-         [--seed 1234] [--threads 2] [--out DIR] [--id ID] [--version 1]
+         [--seed 1234] [--threads 2] [--out DIR] [--id ID] [--version 1] [--distill 0]
          [--recommended-exit 3] [--force]
   .venv/bin/python tools/train_exits.py --eval [BRICK_DIR ...] [--eval-pairs 300]
 The second form prints MRR@10 at exits 1..N of the base model and of each
@@ -133,6 +135,10 @@ def main():
     ap.add_argument("--id", help="brick id (default py-exits / py-lastexit)")
     ap.add_argument("--recommended-exit", type=int, default=3,
                     help="the exit brick.json's description recommends")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="multi-exit: weight of the self-distillation term (each "
+                         "exit l < N learns exit N's in-batch similarity distribution, "
+                         "KL, teacher detached); 0 = off")
     ap.add_argument("--eval", nargs="*", metavar="BRICK_DIR",
                     help="sanity evaluation only: base model and these bricks")
     ap.add_argument("--eval-pairs", type=int, default=300)
@@ -175,7 +181,17 @@ def main():
         per_exit = {l: torch.nn.functional.cross_entropy(q[l] @ d[l].T * args.scale, labels)
                     for l in weights}
         loss = sum(w * per_exit[l] for l, w in weights.items())
-        return loss, {f"l{l}": v.item() for l, v in per_exit.items()}
+        extra = {f"l{l}": v.item() for l, v in per_exit.items()}
+        if args.distill > 0 and args.objective == "multi-exit":
+            teacher = torch.softmax((q[n] @ d[n].T * args.scale).detach(), dim=1)
+            for l, w in weights.items():
+                if l == n:
+                    continue
+                student = torch.log_softmax(q[l] @ d[l].T * args.scale, dim=1)
+                kl = torch.nn.functional.kl_div(student, teacher, reduction="batchmean")
+                loss = loss + args.distill * w * kl
+                extra[f"kl{l}"] = kl.item()
+        return loss, extra
 
     wall, cpu = train_loop(args, len(rows), rng, opt, sched, step_loss)
 
