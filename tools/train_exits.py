@@ -199,7 +199,9 @@ def main():
         weighting = f"weighted l/{n}" if args.exit_weights == "linear" else "equal weights"
         description = (f"{TASKS[TASK]['description']} Multi-exit training "
                        f"(ModularStarEncoder-style: contrastive loss at every exit 1..{n}, "
-                       f"{weighting}, no distillation) so that early exits embed well; "
+                       f"{weighting}, "
+                       f"{f'self-distillation weight {args.distill}' if args.distill > 0 else 'no distillation'}"
+                       f") so that early exits embed well; "
                        f"recommended exit: {args.recommended_exit} (EmbedRequest.exit_layer). "
                        f"No instructions: send plain texts and name this brick explicitly.")
     else:
