@@ -99,15 +99,17 @@ __global__ void EmbeddingSumKernel(const float* __restrict__ word,
 // One block per row; each thread holds up to kPerThread of the row's values
 // in registers (x + residual read once), so the two-pass mean / centred
 // variance (the same formula as CpuBackend and PyTorch) costs no extra
-// global reads.
+// global reads. y null: AddLayerNorm (the result replaces x). y set:
+// ResidualLayerNorm (x keeps x + residual, y gets the normalised row).
 template <int kPerThread>
 __global__ void __launch_bounds__(kLayerNormMaxThreads)
-    AddLayerNormKernel(float* x, const float* residual, const float* __restrict__ gamma,
-                       const float* __restrict__ beta, int cols, float eps) {
+    LayerNormKernel(float* x, const float* residual, const float* __restrict__ gamma,
+                    const float* __restrict__ beta, int cols, float eps, float* y) {
   __shared__ float shared[kWarp];
   float* row = x + static_cast<int64_t>(blockIdx.x) * cols;
   const float* res =
       residual != nullptr ? residual + static_cast<int64_t>(blockIdx.x) * cols : nullptr;
+  float* dst = y != nullptr ? y + static_cast<int64_t>(blockIdx.x) * cols : row;
   float v[kPerThread];
   float sum = 0.0f;
 #pragma unroll
@@ -116,6 +118,8 @@ __global__ void __launch_bounds__(kLayerNormMaxThreads)
     v[i] = 0.0f;
     if (c < cols) {
       v[i] = res != nullptr ? row[c] + res[c] : row[c];
+      // Each thread writes back only the columns it read itself.
+      if (y != nullptr && res != nullptr) row[c] = v[i];
       sum += v[i];
     }
   }
@@ -134,7 +138,43 @@ __global__ void __launch_bounds__(kLayerNormMaxThreads)
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int c = threadIdx.x + i * blockDim.x;
-    if (c < cols) row[c] = (v[i] - mean) * inv_std * gamma[c] + beta[c];
+    if (c < cols) dst[c] = (v[i] - mean) * inv_std * gamma[c] + beta[c];
+  }
+}
+
+// One thread per output element (grid-stride), as EmbeddingSumKernel.
+__global__ void GatherRowsKernel(const float* __restrict__ table, const int32_t* __restrict__ rows,
+                                 int64_t n, int cols, float* __restrict__ out) {
+  const int64_t total = n * cols;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += stride) {
+    const int64_t t = i / cols;
+    out[i] = table[static_cast<int64_t>(rows[t]) * cols + (i - t * cols)];
+  }
+}
+
+// One thread per rotated pair (row t, head h, i < half), grid-stride; the
+// pair's two elements are read and written by the same thread, so the
+// rotation is in place without a race.
+__global__ void RotaryKernel(float* x, int rows, int ld, int heads, int half,
+                             const float* __restrict__ table,
+                             const int32_t* __restrict__ positions) {
+  const int64_t total = static_cast<int64_t>(rows) * heads * half;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += stride) {
+    const int64_t per_row = static_cast<int64_t>(heads) * half;
+    const int64_t t = i / per_row;
+    const int64_t rest = i - t * per_row;
+    const int64_t h = rest / half;
+    const int j = static_cast<int>(rest - h * half);
+    const float* cs = table + static_cast<int64_t>(positions[t]) * 2 * half;
+    const float c = cs[j], s = cs[half + j];
+    float* lo = x + t * ld + h * 2 * half + j;
+    const float a = lo[0], b = lo[half];
+    lo[0] = a * c - b * s;
+    lo[half] = b * c + a * s;
   }
 }
 
@@ -157,6 +197,8 @@ __global__ void PoolKernel(const float* __restrict__ x, const int32_t* __restric
     if (len > 0) {
       if (mode == PoolingMode::kCls) {
         v = rows[c];
+      } else if (mode == PoolingMode::kLast) {
+        v = rows[static_cast<int64_t>(len - 1) * hidden + c];
       } else if (mode == PoolingMode::kMax) {
         v = rows[c];
         for (int t = 1; t < len; ++t) {
@@ -486,15 +528,15 @@ void CudaBackend::Linear(const float* x, int rows, int in, const float* w, const
     LaunchLoraShrink(x, in, d_tasks, num_tasks, plan.work, tmp, stream_);
     CheckLaunch("Linear: LoRA shrink");
   }
-  const bool gelu = act == Activation::kGelu;
-  if (bias == nullptr && num_tasks == 0 && !gelu) return;
-  LaunchLinearEpilogue(y, rows, out, bias, d_tasks, num_tasks, tmp, gelu, sm_count_ * kBlocksPerSm,
+  if (bias == nullptr && num_tasks == 0 && act == Activation::kNone) return;
+  LaunchLinearEpilogue(y, rows, out, bias, d_tasks, num_tasks, tmp, act, sm_count_ * kBlocksPerSm,
                        stream_);
   CheckLaunch("Linear: epilogue");
 }
 
-void CudaBackend::AddLayerNorm(float* x, const float* residual, const float* gamma,
-                               const float* beta, int rows, int cols, float eps) {
+void CudaBackend::LayerNormRows(float* x, const float* residual, const float* gamma,
+                                const float* beta, int rows, int cols, float eps, float* y,
+                                const char* what) {
   if (rows <= 0 || cols <= 0) return;
   UseDevice();
   // Threads: a multiple of 32 covering the row at 4 (or, for rows wider
@@ -503,17 +545,61 @@ void CudaBackend::AddLayerNorm(float* x, const float* residual, const float* gam
     return std::max(kWarp, CeilDiv(CeilDiv(cols, per_thread), kWarp) * kWarp);
   };
   if (cols <= kLayerNormMaxThreads * 4) {
-    AddLayerNormKernel<4>
-        <<<rows, threads_for(4), 0, stream_>>>(x, residual, gamma, beta, cols, eps);
+    LayerNormKernel<4>
+        <<<rows, threads_for(4), 0, stream_>>>(x, residual, gamma, beta, cols, eps, y);
   } else if (cols <= kLayerNormMaxCols) {
-    AddLayerNormKernel<16>
-        <<<rows, threads_for(16), 0, stream_>>>(x, residual, gamma, beta, cols, eps);
+    LayerNormKernel<16>
+        <<<rows, threads_for(16), 0, stream_>>>(x, residual, gamma, beta, cols, eps, y);
   } else {
-    RecordError(absl::StrFormat("AddLayerNorm: rows of %d columns are wider than the %d supported",
+    RecordError(absl::StrFormat("%s: rows of %d columns are wider than the %d supported", what,
                                 cols, kLayerNormMaxCols));
     return;
   }
-  CheckLaunch("AddLayerNorm");
+  CheckLaunch(what);
+}
+
+void CudaBackend::AddLayerNorm(float* x, const float* residual, const float* gamma,
+                               const float* beta, int rows, int cols, float eps) {
+  LayerNormRows(x, residual, gamma, beta, rows, cols, eps, nullptr, "AddLayerNorm");
+}
+
+void CudaBackend::ResidualLayerNorm(float* x, const float* residual, const float* gamma,
+                                    const float* beta, int rows, int cols, float eps, float* y) {
+  if (y == nullptr) {
+    RecordError("ResidualLayerNorm: y is null");
+    return;
+  }
+  LayerNormRows(x, residual, gamma, beta, rows, cols, eps, y, "ResidualLayerNorm");
+}
+
+void CudaBackend::GatherRows(const float* table, absl::Span<const int32_t> rows, int cols,
+                             float* out) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  if (n == 0 || cols <= 0) return;
+  UseDevice();
+  const int32_t* d_rows = Stage<int32_t>(Slot::kIds, rows);
+  if (d_rows == nullptr) return;
+  const int blocks = std::max(1, std::min(CeilDiv(n * cols, kBlock), sm_count_ * kBlocksPerSm));
+  GatherRowsKernel<<<blocks, kBlock, 0, stream_>>>(table, d_rows, n, cols, out);
+  CheckLaunch("GatherRows");
+}
+
+void CudaBackend::Rotary(float* x, int rows, int ld, int heads, int head_dim, const float* table,
+                         absl::Span<const int32_t> positions) {
+  if (rows <= 0 || heads <= 0 || head_dim <= 0) return;
+  UseDevice();
+  if (head_dim % 2 != 0 || static_cast<int64_t>(positions.size()) < rows) {
+    RecordError(absl::StrFormat("Rotary: head_dim %d must be even and %d positions cover %d rows",
+                                head_dim, positions.size(), rows));
+    return;
+  }
+  const int32_t* d_positions = Stage<int32_t>(Slot::kIds, positions.first(rows));
+  if (d_positions == nullptr) return;
+  const int half = head_dim / 2;
+  const int64_t total = static_cast<int64_t>(rows) * heads * half;
+  const int blocks = std::max(1, std::min(CeilDiv(total, kBlock), sm_count_ * kBlocksPerSm));
+  RotaryKernel<<<blocks, kBlock, 0, stream_>>>(x, rows, ld, heads, half, table, d_positions);
+  CheckLaunch("Rotary");
 }
 
 void CudaBackend::Pool(const float* x, absl::Span<const int32_t> seq_starts, int hidden,

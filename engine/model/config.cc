@@ -175,6 +175,8 @@ absl::Status ParseModules(const fs::path& dir, ModelConfig& config) {
 
 absl::string_view PoolingModeName(PoolingMode mode) {
   switch (mode) {
+    case PoolingMode::kLast:
+      return "last";
     case PoolingMode::kMean:
       return "mean";
     case PoolingMode::kCls:

@@ -381,7 +381,7 @@ absl::Status Encoder::Forward(absl::Span<const SequenceInput> seqs, float* out,
         x, rows, h, L.qkv_w.get(), L.qkv_b.get(), 3 * h, Activation::kNone, ws_.qkv.get(),
         deltas({{LoraTarget::kQuery, 0}, {LoraTarget::kKey, h}, {LoraTarget::kValue, 2 * h}}));
     backend_->Attention(ws_.qkv.get(), absl::MakeConstSpan(starts.data(), live + 1),
-                        config_.num_heads, config_.head_dim(), ws_.ctx.get());
+                        config_.num_heads, config_.num_heads, config_.head_dim(), ws_.ctx.get());
     backend_->Linear(ws_.ctx.get(), rows, h, L.attn_out_w.get(), L.attn_out_b.get(), h,
                      Activation::kNone, ws_.attn.get(), deltas({{LoraTarget::kAttnOut, 0}}));
     backend_->AddLayerNorm(ws_.attn.get(), x, L.ln1_g.get(), L.ln1_b.get(), rows, h, eps);
