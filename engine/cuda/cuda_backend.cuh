@@ -4,9 +4,9 @@
 //
 // Layout of the implementation:
 //   cuda_backend.cu  the class: device pool, stream, cuBLAS, staging,
-//                    EmbeddingSum, GatherRows, Linear (+ LoRA segments),
-//                    AddLayerNorm, ResidualLayerNorm, Rotary, Pool, errors,
-//                    the factory
+//                    EmbeddingSum, Linear (+ LoRA segments), AddLayerNorm,
+//                    ResidualLayerNorm, Pool, errors, the factory
+//   rows.cu          GatherRows and Rotary (host-indexed row ops)
 //   attention.cu     Attention over packed variable-length sequences
 //   expert_ffn.cu    ExpertFfn (the sparse FFN of an ffn_partition brick)
 //
@@ -114,13 +114,13 @@ class CudaBackend final : public Backend {
                  float* y, absl::Span<const LowRankTask> ffn_in,
                  absl::Span<const LowRankTask> ffn_out) override;  // expert_ffn.cu
   void GatherRows(const float* table, absl::Span<const int32_t> rows, int cols,
-                  float* out) override;
+                  float* out) override;  // rows.cu
   void AddLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,
                     int rows, int cols, float eps) override;
   void ResidualLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,
                          int rows, int cols, float eps, float* y) override;
   void Rotary(float* x, int rows, int ld, int heads, int head_dim, const float* table,
-              absl::Span<const int32_t> positions) override;
+              absl::Span<const int32_t> positions) override;  // rows.cu
   void Attention(const float* qkv, absl::Span<const int32_t> seq_starts, int heads, int kv_heads,
                  int head_dim, float* out) override;  // attention.cu
   void Pool(const float* x, absl::Span<const int32_t> seq_starts, int hidden, PoolingMode mode,
