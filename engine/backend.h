@@ -33,9 +33,15 @@ namespace kiln {
 
 enum class DeviceKind { kCpu, kCuda };
 
-enum class Activation { kNone, kGelu /* exact, erf-based, as BERT's "gelu" */ };
+enum class Activation {
+  kNone,
+  kGelu,      // exact, erf-based, as BERT's "gelu"
+  kGeluTanh,  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): "gelu_pytorch_tanh"
+};
 
-enum class PoolingMode { kMean, kCls, kMax };
+// kLast: the sequence's last row (a model that appends its summary token at
+// the end, as ModularStarEncoder appends <cls>).
+enum class PoolingMode { kMean, kCls, kMax, kLast };
 
 // Frees device memory through the backend that allocated it.
 struct DeviceDeleter {
@@ -122,10 +128,39 @@ class Backend {
   virtual void Linear(const float* x, int rows, int in, const float* w, const float* bias, int out,
                       Activation act, float* y, const LowRankDeltas& lora = {}) = 0;
 
+  // out[i] = table[rows[i]] for i in [0, rows.size()): each a row of `cols`
+  // floats. Row indices are trusted (the caller validated them); out must
+  // not alias table. An embedding lookup, or the gather of one row per
+  // sequence.
+  virtual void GatherRows(const float* table, absl::Span<const int32_t> rows, int cols,
+                          float* out) = 0;
+
   // x[r] = LayerNorm(x[r] + residual[r]) * gamma + beta for each of `rows`
-  // rows of width `cols`, in place. `residual` may be null.
+  // rows of width `cols`, in place. `residual` may be null. (Post-LN blocks.)
   virtual void AddLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,
                             int rows, int cols, float eps) = 0;
+
+  // The pre-LN residual step: x[r] += residual[r] in place (`residual` may be
+  // null: x is left as it is), then y[r] = LayerNorm(x[r]) * gamma + beta,
+  // for `rows` rows of width `cols`. x keeps the residual stream, y gets the
+  // next sub-block's input. y must not alias x or residual. Same two-pass
+  // mean / centred variance as AddLayerNorm.
+  virtual void ResidualLayerNorm(float* x, const float* residual, const float* gamma,
+                                 const float* beta, int rows, int cols, float eps, float* y) = 0;
+
+  // Rotary position embedding in place, rotate-half convention (GPT-NeoX,
+  // Llama, StarCoder2): row t of x (row stride `ld` floats) holds `heads`
+  // heads of head_dim (even) floats from column 0. With p = positions[t],
+  // half = head_dim / 2, c_i = table[p * head_dim + i] and
+  // s_i = table[p * head_dim + half + i] (the table's row p is the cosines
+  // of the half frequencies, then their sines: engine/rotary.h builds it),
+  // for each head and i < half:
+  //   a = x[i], b = x[half + i]  ->  x[i] = a c_i - b s_i, x[half + i] = b c_i + a s_i.
+  // Q and K heads sit next to each other in a fused QKV row, so one call
+  // with heads = q_heads + kv_heads rotates both. Positions are trusted
+  // (inside the table).
+  virtual void Rotary(float* x, int rows, int ld, int heads, int head_dim, const float* table,
+                      absl::Span<const int32_t> positions) = 0;
 
   // The FFN of an ffn_partition brick (MoEfication) on x [rows, hidden]:
   // each row scores every expert, s[r, e] = dot(x[r], centroids[e]), keeps its
@@ -151,13 +186,17 @@ class Backend {
                          Activation act, float* y, absl::Span<const LowRankTask> ffn_in = {},
                          absl::Span<const LowRankTask> ffn_out = {}) = 0;
 
-  // Bidirectional multi-head self-attention over a packed batch.
-  // qkv: [total_tokens, 3 * heads * head_dim], each row Q | K | V with heads
-  // contiguous inside each; out: [total_tokens, heads * head_dim]. Tokens
-  // attend only within their own sequence (seq_starts has num_seqs + 1
-  // entries, the last = total_tokens). Scores are scaled by 1/sqrt(head_dim).
+  // Bidirectional multi-head self-attention over a packed batch, with
+  // grouped-query attention when kv_heads < heads.
+  // qkv: [total_tokens, (heads + 2 * kv_heads) * head_dim], each row
+  // Q (heads) | K (kv_heads) | V (kv_heads), heads contiguous inside each;
+  // out: [total_tokens, heads * head_dim]. Query head h reads K/V head
+  // h / (heads / kv_heads) (kv_heads divides heads; as transformers'
+  // repeat_kv). Tokens attend only within their own sequence (seq_starts has
+  // num_seqs + 1 entries, the last = total_tokens). Scores are scaled by
+  // 1/sqrt(head_dim).
   virtual void Attention(const float* qkv, absl::Span<const int32_t> seq_starts, int heads,
-                         int head_dim, float* out) = 0;
+                         int kv_heads, int head_dim, float* out) = 0;
 
   // Pools each sequence's rows of x [.., hidden] into out[s, hidden] (host
   // memory), then L2-normalises the row if `normalize`.

@@ -14,6 +14,21 @@ constexpr absl::string_view kTargetPaths[kNumLoraTargets] = {
     "attention.self.query",   "attention.self.key", "attention.self.value",
     "attention.output.dense", "intermediate.dense", "output.dense",
 };
+constexpr absl::string_view kStarTargetPaths[kNumLoraTargets] = {
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+    "self_attn.o_proj", "mlp.c_fc",         "mlp.c_proj",
+};
+
+const absl::string_view* PathsOf(const EncoderConfig& config) {
+  return config.family == ModelFamily::kModularStarEncoder ? kStarTargetPaths : kTargetPaths;
+}
+
+std::optional<LoraTarget> FindPath(const absl::string_view* paths, absl::string_view path) {
+  for (int t = 0; t < kNumLoraTargets; ++t) {
+    if (paths[t] == path) return static_cast<LoraTarget>(t);
+  }
+  return std::nullopt;
+}
 
 }  // namespace
 
@@ -22,10 +37,19 @@ absl::string_view LoraTargetPath(LoraTarget target) {
 }
 
 std::optional<LoraTarget> LoraTargetFromPath(absl::string_view path) {
-  for (int t = 0; t < kNumLoraTargets; ++t) {
-    if (kTargetPaths[t] == path) return static_cast<LoraTarget>(t);
-  }
-  return std::nullopt;
+  return FindPath(kTargetPaths, path);
+}
+
+absl::string_view LoraTargetPath(const EncoderConfig& config, LoraTarget target) {
+  return PathsOf(config)[static_cast<int>(target)];
+}
+
+std::optional<LoraTarget> LoraTargetFromPath(const EncoderConfig& config, absl::string_view path) {
+  return FindPath(PathsOf(config), path);
+}
+
+absl::string_view LoraLayerPrefix(const EncoderConfig& config) {
+  return config.family == ModelFamily::kModularStarEncoder ? "model.layers." : "encoder.layer.";
 }
 
 int LoraTargetIn(const EncoderConfig& config, LoraTarget target) {
@@ -33,7 +57,15 @@ int LoraTargetIn(const EncoderConfig& config, LoraTarget target) {
 }
 
 int LoraTargetOut(const EncoderConfig& config, LoraTarget target) {
-  return target == LoraTarget::kFfnIn ? config.intermediate_size : config.hidden_size;
+  switch (target) {
+    case LoraTarget::kFfnIn:
+      return config.intermediate_size;
+    case LoraTarget::kKey:
+    case LoraTarget::kValue:
+      return config.num_kv_heads > 0 ? config.kv_dim() : config.hidden_size;
+    default:
+      return config.hidden_size;
+  }
 }
 
 absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Upload(
@@ -52,7 +84,7 @@ absl::StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Upload(
       return absl::InvalidArgumentError(absl::StrCat(adapter->name_, ": unknown target ", t));
     }
     const std::string where =
-        absl::StrCat(adapter->name_, ": layer ", m.layer, " ", LoraTargetPath(m.target));
+        absl::StrCat(adapter->name_, ": layer ", m.layer, " ", LoraTargetPath(config, m.target));
     if (m.layer < 0 || m.layer >= config.num_layers) {
       return absl::InvalidArgumentError(
           absl::StrCat(where, ": the base model has layers 0..", config.num_layers - 1));

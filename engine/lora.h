@@ -28,23 +28,35 @@
 
 namespace kiln {
 
-// The linear layers of one BERT layer that a LoRA module can target, named as
-// in Hugging Face's BertLayer (PEFT module-name suffixes in brackets).
+// The linear layers of one encoder layer that a LoRA module can target,
+// named per family as in the Hugging Face modules (PEFT module paths):
+//                BERT (BertLayer)          ModularStarEncoder (StarCoder2 layer)
 enum class LoraTarget {
-  kQuery,    // attention.self.query          [hidden -> hidden]
-  kKey,      // attention.self.key            [hidden -> hidden]
-  kValue,    // attention.self.value          [hidden -> hidden]
-  kAttnOut,  // attention.output.dense        [hidden -> hidden]
-  kFfnIn,    // intermediate.dense            [hidden -> intermediate]
-  kFfnOut,   // output.dense                  [intermediate -> hidden]
+  kQuery,    // attention.self.query     self_attn.q_proj  [hidden -> hidden]
+  kKey,      // attention.self.key       self_attn.k_proj  [hidden -> kv_dim]
+  kValue,    // attention.self.value     self_attn.v_proj  [hidden -> kv_dim]
+  kAttnOut,  // attention.output.dense   self_attn.o_proj  [hidden -> hidden]
+  kFfnIn,    // intermediate.dense       mlp.c_fc          [hidden -> intermediate]
+  kFfnOut,   // output.dense             mlp.c_proj        [intermediate -> hidden]
 };
 inline constexpr int kNumLoraTargets = 6;
 
-// "attention.self.query", ... (the module path inside encoder.layer.{i}).
+// The BERT paths: "attention.self.query", ... (the module path inside
+// encoder.layer.{i}).
 absl::string_view LoraTargetPath(LoraTarget target);
 // The inverse of LoraTargetPath; nullopt for any other path.
 std::optional<LoraTarget> LoraTargetFromPath(absl::string_view path);
-// in / out features of `target` for this encoder.
+// The module path of `target` inside one layer of config's family
+// (BERT: as above; ModularStarEncoder: "self_attn.q_proj", ..., "mlp.c_proj"),
+// and its inverse (nullopt for any other path).
+absl::string_view LoraTargetPath(const EncoderConfig& config, LoraTarget target);
+std::optional<LoraTarget> LoraTargetFromPath(const EncoderConfig& config, absl::string_view path);
+// What precedes "{i}.{path}" in a module's name for config's family:
+// "encoder.layer." (BERT) or "model.layers." (ModularStarEncoder). PEFT
+// adds "base_model.model." in front.
+absl::string_view LoraLayerPrefix(const EncoderConfig& config);
+// in / out features of `target` for this encoder (K and V project to
+// kv_dim() under grouped-query attention).
 int LoraTargetIn(const EncoderConfig& config, LoraTarget target);
 int LoraTargetOut(const EncoderConfig& config, LoraTarget target);
 

@@ -57,6 +57,11 @@ absl::StatusOr<std::unique_ptr<SparseFfn>> SparseFfn::Create(const Encoder& enco
                                                              const FfnPartition& partition,
                                                              std::string name) {
   const EncoderConfig& config = encoder.config();
+  if (config.family != ModelFamily::kBert) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(name, ": ffn_partition bricks are not supported for the ",
+                     ModelFamilyName(config.family), " family"));
+  }
   const int layers = static_cast<int>(partition.layers.size());
   if (layers != config.num_layers || partition.hidden_size != config.hidden_size ||
       partition.intermediate_size != config.intermediate_size) {

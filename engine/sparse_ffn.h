@@ -30,7 +30,8 @@ class SparseFfn final : public DeviceBrick {
  public:
   // Checks `partition` against `encoder` and builds it on the encoder's
   // backend. FAILED_PRECONDITION: made for another model shape (layer count,
-  // hidden or intermediate size; the message shows both shapes).
+  // hidden or intermediate size; the message shows both shapes), or a model
+  // family without ffn_partition bricks (ModularStarEncoder).
   // INVALID_ARGUMENT: malformed (experts < 1 or not dividing the
   // intermediate size, a layer's groups not a permutation of 0..ff-1, wrong
   // centroid count, a non-finite centroid). Messages start with `name` and

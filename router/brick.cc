@@ -40,7 +40,6 @@ using Json = nlohmann::ordered_json;
 
 constexpr uint64_t kMaxSafetensorsHeaderBytes = 100u << 20;  // as engine/safetensors.cc
 constexpr char kPeftPrefix[] = "base_model.model.";
-constexpr char kEncoderLayerPrefix[] = "encoder.layer.";
 constexpr char kLoraASuffix[] = ".lora_A.weight";
 constexpr char kLoraBSuffix[] = ".lora_B.weight";
 
@@ -246,10 +245,11 @@ absl::Status MustBeUnset(const Json& j, const char* key, const std::string& path
   return FieldError(path, key, absl::StrCat(Shown(*v), " is not supported: ", why));
 }
 
-// "encoder.layer.{layer}.{path}": the module name PEFT's BaseTuner matches
+// "encoder.layer.{layer}.{path}" (BERT; "model.layers.{layer}.{path}" for
+// ModularStarEncoder): the module name PEFT's BaseTuner matches
 // target_modules and the patterns against.
-std::string ModuleName(int layer, LoraTarget target) {
-  return absl::StrCat(kEncoderLayerPrefix, layer, ".", LoraTargetPath(target));
+std::string ModuleName(const EncoderConfig& base, int layer, LoraTarget target) {
+  return absl::StrCat(LoraLayerPrefix(base), layer, ".", LoraTargetPath(base, target));
 }
 
 // Splits "{digits}.{rest}" into the layer index and rest. False if `s` does
@@ -622,24 +622,24 @@ absl::StatusOr<std::vector<LoraHostModule>> ReadLoraBrick(const std::string& ver
     // Is the tensor on an encoder layer? ("base_model.model.encoder.layer.{i}.{rest}")
     int layer = -1;
     absl::string_view rest;
-    const std::string layer_prefix = absl::StrCat(kPeftPrefix, kEncoderLayerPrefix);
+    const std::string layer_prefix = absl::StrCat(kPeftPrefix, LoraLayerPrefix(base));
     if (!absl::ConsumePrefix(&module, layer_prefix) || !SplitLayer(module, &layer, &rest)) {
       ignored.push_back(t.name);
       continue;
     }
     std::optional<LoraTarget> target;
     if (is_a || is_b) {
-      target = LoraTargetFromPath(rest);
+      target = LoraTargetFromPath(base, rest);
     } else {
       // Not a lora_A/lora_B weight. On a LoRA target this would change what
       // the module computes (DoRA's magnitude, a lora_B bias, an adapter
       // name left in the key), so it is refused rather than ignored.
       for (int i = 0; i < kNumLoraTargets; ++i) {
         const LoraTarget candidate = static_cast<LoraTarget>(i);
-        if (absl::StartsWith(rest, absl::StrCat(LoraTargetPath(candidate), ".lora_"))) {
+        if (absl::StartsWith(rest, absl::StrCat(LoraTargetPath(base, candidate), ".lora_"))) {
           return absl::InvalidArgumentError(absl::StrCat(
               weights_path, ": tensor '", t.name, "' is not supported: only lora_A.weight and ",
-              "lora_B.weight can be applied to ", LoraTargetPath(candidate)));
+              "lora_B.weight can be applied to ", LoraTargetPath(base, candidate)));
         }
       }
     }
@@ -667,7 +667,7 @@ absl::StatusOr<std::vector<LoraHostModule>> ReadLoraBrick(const std::string& ver
   if (pairs.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat(weights_path, ": no LoRA module on an encoder layer (expected tensors named ",
-                     kPeftPrefix, kEncoderLayerPrefix, "{i}.{module}", kLoraASuffix, " / ",
+                     kPeftPrefix, LoraLayerPrefix(base), "{i}.{module}", kLoraASuffix, " / ",
                      kLoraBSuffix, "; ", ignored.size(), " tensor(s) ignored)"));
   }
 
@@ -676,7 +676,7 @@ absl::StatusOr<std::vector<LoraHostModule>> ReadLoraBrick(const std::string& ver
   for (const auto& [key, p] : pairs) {
     const int layer = key.first;
     const LoraTarget target = static_cast<LoraTarget>(key.second);
-    const std::string module_name = ModuleName(layer, target);
+    const std::string module_name = ModuleName(base, layer, target);
     const std::string full = absl::StrCat(kPeftPrefix, module_name);
     if (p.a == nullptr || p.b == nullptr) {
       const TensorInfo* have = p.a != nullptr ? p.a : p.b;

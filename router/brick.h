@@ -144,11 +144,14 @@ inline constexpr int kMaxLoraRank = 1024;
 // and returns one module per (layer, target), sorted by (layer, target), with
 // F16/BF16 widened to F32 and `scale` from the config.
 //
-// Tensor names are PEFT's for a BertModel:
-//   base_model.model.encoder.layer.{i}.{path}.lora_A.weight   [r, in]
-//   base_model.model.encoder.layer.{i}.{path}.lora_B.weight   [out, r]
-// with {path} one of LoraTargetPath(). Tensors on any other module (the
-// pooler, embeddings, ...) are ignored, with one KLOG(INFO) line naming them.
+// Tensor names are PEFT's for the base model's family (engine/lora.h):
+//   base_model.model.{prefix}{i}.{path}.lora_A.weight   [r, in]
+//   base_model.model.{prefix}{i}.{path}.lora_B.weight   [out, r]
+// with {prefix} LoraLayerPrefix(base) ("encoder.layer." for BERT,
+// "model.layers." for ModularStarEncoder) and {path} LoraTargetPath(base, t)
+// ("attention.self.query", ... / "self_attn.q_proj", ..., "mlp.c_proj").
+// Tensors on any other module (the pooler, embeddings, ...) are ignored,
+// with one KLOG(INFO) line naming them.
 // Errors, each naming the file and tensor:
 //   INVALID_ARGUMENT     an A without its B or vice versa; a tensor that is
 //                        not 2-D; A's and B's ranks differ or differ from the

@@ -31,8 +31,9 @@ namespace {
 
 constexpr char kPeftPrefix[] = "base_model.model.";
 
-std::string ModuleName(int layer, LoraTarget target) {
-  return absl::StrCat("encoder.layer.", layer, ".", LoraTargetPath(target));
+// The module's name as PEFT gives it for the base model's family.
+std::string ModuleName(const EncoderConfig& base, int layer, LoraTarget target) {
+  return absl::StrCat(LoraLayerPrefix(base), layer, ".", LoraTargetPath(base, target));
 }
 
 std::string ModuleWhere(const LoraHostModule& m) {
@@ -502,7 +503,7 @@ absl::StatusOr<LoraFiles> WriteLoraFiles(const EncoderConfig& base,
   nlohmann::json targets = nlohmann::json::array();
   nlohmann::json rank_pattern = nlohmann::json::object();
   for (const auto& [key, m] : sorted) {
-    const std::string name = ModuleName(m->layer, m->target);
+    const std::string name = ModuleName(base, m->layer, m->target);
     targets.push_back(name);
     if (m->rank != r) rank_pattern[name] = m->rank;
   }
@@ -541,7 +542,7 @@ absl::StatusOr<LoraFiles> WriteLoraFiles(const EncoderConfig& base,
     return absl::string_view(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float));
   };
   for (const auto& [key, m] : sorted) {
-    const std::string prefix = absl::StrCat(kPeftPrefix, ModuleName(m->layer, m->target));
+    const std::string prefix = absl::StrCat(kPeftPrefix, ModuleName(base, m->layer, m->target));
     const int64_t rank = m->rank;
     tensors.push_back({prefix + ".lora_A.weight",
                        DType::kF32,

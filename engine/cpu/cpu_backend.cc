@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "engine/cpu/activation.h"
 #include "engine/cpu/expert_scratch.h"
 #include "engine/cpu/parallel.h"
 #include "engine/cpu/skinny_gemm.h"
@@ -214,11 +215,7 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
       SerialBlasScope serial(true);
       AddDeltas(x, in, out, 0, rows, lora, y);
     }
-    if (act == Activation::kGelu) {
-      const int64_t count = static_cast<int64_t>(rows) * out;
-#pragma omp simd
-      for (int64_t i = 0; i < count; ++i) y[i] = cpu::GeluErf(y[i]);
-    }
+    cpu::ActivateInPlace(act, y, static_cast<int64_t>(rows) * out);
     return;
   }
   // One row block per thread, each a single-threaded GEMM (OpenBLAS runs
@@ -246,15 +243,39 @@ void CpuBackend::Linear(const float* x, int rows, int in, const float* w, const 
                 x + static_cast<int64_t>(r0) * in, in, w, in, bias != nullptr ? 1.0f : 0.0f, yb,
                 out);
     if (!lora.tasks.empty()) AddDeltas(x, in, out, r0, n, lora, y);
-    if (act == Activation::kGelu) {
-      const int64_t count = static_cast<int64_t>(n) * out;
-#pragma omp simd
-      for (int64_t i = 0; i < count; ++i) yb[i] = cpu::GeluErf(yb[i]);
-    }
+    cpu::ActivateInPlace(act, yb, static_cast<int64_t>(n) * out);
   }
 }
 
 CpuBackend::~CpuBackend() = default;
+
+namespace {
+
+// row += res (when res is not null), then out = LayerNorm(row) * gamma + beta;
+// out may be row itself. Two passes (mean, then centred variance) for the
+// same rounding behaviour as PyTorch; rows are short and in cache.
+inline void LayerNormRow(float* row, const float* res, const float* gamma, const float* beta,
+                         int cols, float eps, float* out) {
+  if (res != nullptr) {
+#pragma omp simd
+    for (int c = 0; c < cols; ++c) row[c] += res[c];
+  }
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int c = 0; c < cols; ++c) sum += row[c];
+  const float mean = sum / static_cast<float>(cols);
+  float var = 0.0f;
+#pragma omp simd reduction(+ : var)
+  for (int c = 0; c < cols; ++c) {
+    const float d = row[c] - mean;
+    var += d * d;
+  }
+  const float inv_std = 1.0f / std::sqrt(var / static_cast<float>(cols) + eps);
+#pragma omp simd
+  for (int c = 0; c < cols; ++c) out[c] = (row[c] - mean) * inv_std * gamma[c] + beta[c];
+}
+
+}  // namespace
 
 void CpuBackend::AddLayerNorm(float* x, const float* residual, const float* gamma,
                               const float* beta, int rows, int cols, float eps) {
@@ -262,35 +283,62 @@ void CpuBackend::AddLayerNorm(float* x, const float* residual, const float* gamm
     num_threads(threads_) if (int64_t{rows} * cols > kParallelElements)
   for (int r = 0; r < rows; ++r) {
     float* row = x + static_cast<int64_t>(r) * cols;
-    if (residual != nullptr) {
-      const float* res = residual + static_cast<int64_t>(r) * cols;
+    LayerNormRow(row, residual != nullptr ? residual + static_cast<int64_t>(r) * cols : nullptr,
+                 gamma, beta, cols, eps, row);
+  }
+}
+
+void CpuBackend::ResidualLayerNorm(float* x, const float* residual, const float* gamma,
+                                   const float* beta, int rows, int cols, float eps, float* y) {
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_) if (int64_t{rows} * cols > kParallelElements)
+  for (int r = 0; r < rows; ++r) {
+    const int64_t off = static_cast<int64_t>(r) * cols;
+    LayerNormRow(x + off, residual != nullptr ? residual + off : nullptr, gamma, beta, cols, eps,
+                 y + off);
+  }
+}
+
+void CpuBackend::GatherRows(const float* table, absl::Span<const int32_t> rows, int cols,
+                            float* out) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+#pragma omp parallel for schedule(static) num_threads(threads_) if (n * cols > kParallelElements)
+  for (int64_t i = 0; i < n; ++i) {
+    std::memcpy(out + i * cols, table + static_cast<int64_t>(rows[i]) * cols,
+                static_cast<size_t>(cols) * sizeof(float));
+  }
+}
+
+void CpuBackend::Rotary(float* x, int rows, int ld, int heads, int head_dim, const float* table,
+                        absl::Span<const int32_t> positions) {
+  const int half = head_dim / 2;
+#pragma omp parallel for schedule(static) \
+    num_threads(threads_) if (int64_t{rows} * heads * head_dim > kParallelElements)
+  for (int t = 0; t < rows; ++t) {
+    const float* cs = table + static_cast<int64_t>(positions[t]) * head_dim;
+    const float* sn = cs + half;
+    float* row = x + static_cast<int64_t>(t) * ld;
+    for (int h = 0; h < heads; ++h) {
+      float* lo = row + static_cast<int64_t>(h) * head_dim;
+      float* hi = lo + half;
 #pragma omp simd
-      for (int c = 0; c < cols; ++c) row[c] += res[c];
+      for (int i = 0; i < half; ++i) {
+        const float a = lo[i], b = hi[i];
+        lo[i] = a * cs[i] - b * sn[i];
+        hi[i] = b * cs[i] + a * sn[i];
+      }
     }
-    // Two passes (mean, then centred variance) for the same rounding
-    // behaviour as PyTorch; rows are short and in cache.
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int c = 0; c < cols; ++c) sum += row[c];
-    const float mean = sum / static_cast<float>(cols);
-    float var = 0.0f;
-#pragma omp simd reduction(+ : var)
-    for (int c = 0; c < cols; ++c) {
-      const float d = row[c] - mean;
-      var += d * d;
-    }
-    const float inv_std = 1.0f / std::sqrt(var / static_cast<float>(cols) + eps);
-#pragma omp simd
-    for (int c = 0; c < cols; ++c) row[c] = (row[c] - mean) * inv_std * gamma[c] + beta[c];
   }
 }
 
 void CpuBackend::Attention(const float* qkv, absl::Span<const int32_t> seq_starts, int heads,
-                           int head_dim, float* out) {
+                           int kv_heads, int head_dim, float* out) {
   const int num_seqs = static_cast<int>(seq_starts.size()) - 1;
-  if (num_seqs <= 0) return;
+  if (num_seqs <= 0 || heads <= 0 || kv_heads <= 0) return;
   const int hidden = heads * head_dim;
-  const int ld_qkv = 3 * hidden;
+  const int kv_hidden = kv_heads * head_dim;
+  const int ld_qkv = hidden + 2 * kv_hidden;
+  const int group = heads / kv_heads;  // query heads per K/V head
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   int max_len = 0;
   int64_t macs = 0;  // of QK^T and PV together
@@ -315,9 +363,10 @@ void CpuBackend::Attention(const float* qkv, absl::Span<const int32_t> seq_start
       const int start = seq_starts[s];
       const int len = seq_starts[s + 1] - start;
       if (len == 0) continue;
-      const float* q = qkv + static_cast<int64_t>(start) * ld_qkv + h * head_dim;
-      const float* k = q + hidden;
-      const float* v = q + 2 * hidden;
+      const float* row0 = qkv + static_cast<int64_t>(start) * ld_qkv;
+      const float* q = row0 + h * head_dim;
+      const float* k = row0 + hidden + (h / group) * head_dim;
+      const float* v = k + kv_hidden;
       float* o = out + static_cast<int64_t>(start) * hidden + h * head_dim;
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, len, len, head_dim, scale, q, ld_qkv, k,
                   ld_qkv, 0.0f, scores.data(), len);
@@ -353,6 +402,11 @@ void CpuBackend::Pool(const float* x, absl::Span<const int32_t> seq_starts, int 
       case PoolingMode::kCls:
         std::copy(rows, rows + hidden, o);
         break;
+      case PoolingMode::kLast: {
+        const float* last = rows + static_cast<int64_t>(len - 1) * hidden;
+        std::copy(last, last + hidden, o);
+        break;
+      }
       case PoolingMode::kMax:
         std::copy(rows, rows + hidden, o);
         for (int t = 1; t < len; ++t) {

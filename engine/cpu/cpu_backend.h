@@ -46,10 +46,16 @@ class CpuBackend final : public Backend {
   void ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w, int top_k, Activation act,
                  float* y, absl::Span<const LowRankTask> ffn_in,
                  absl::Span<const LowRankTask> ffn_out) override;
+  void GatherRows(const float* table, absl::Span<const int32_t> rows, int cols,
+                  float* out) override;
   void AddLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,
                     int rows, int cols, float eps) override;
-  void Attention(const float* qkv, absl::Span<const int32_t> seq_starts, int heads, int head_dim,
-                 float* out) override;
+  void ResidualLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,
+                         int rows, int cols, float eps, float* y) override;
+  void Rotary(float* x, int rows, int ld, int heads, int head_dim, const float* table,
+              absl::Span<const int32_t> positions) override;
+  void Attention(const float* qkv, absl::Span<const int32_t> seq_starts, int heads, int kv_heads,
+                 int head_dim, float* out) override;
   void Pool(const float* x, absl::Span<const int32_t> seq_starts, int hidden, PoolingMode mode,
             bool normalize, float* out_host) override;
 

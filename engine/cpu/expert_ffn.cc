@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "engine/cpu/activation.h"
 #include "engine/cpu/cpu_backend.h"
 #include "engine/cpu/expert_scratch.h"
 #include "engine/cpu/parallel.h"
@@ -144,12 +145,7 @@ void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, in
                   s.tmp.data(), t.rank, s.gathered.data(), t.rank, 1.0f,
                   s.he.data() + static_cast<int64_t>(m0) * g, g);
     }
-    if (act == Activation::kGelu) {
-      const int64_t count = static_cast<int64_t>(ne) * g;
-      float* hp = s.he.data();
-#pragma omp simd
-      for (int64_t i = 0; i < count; ++i) hp[i] = cpu::GeluErf(hp[i]);
-    }
+    cpu::ActivateInPlace(act, s.he.data(), static_cast<int64_t>(ne) * g);
     s.out.resize(static_cast<size_t>(ne) * h);
     float* ye = s.out.data();
     SerialLinear(s.he.data(), ne, g, w.w2 + static_cast<int64_t>(e) * h * g, nullptr, h, ye);
@@ -181,7 +177,6 @@ void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, in
 
 }  // namespace
 }  // namespace cpu
-
 
 void CpuBackend::ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w, int top_k,
                            Activation act, float* y, absl::Span<const LowRankTask> ffn_in,

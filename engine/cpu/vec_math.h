@@ -1,5 +1,5 @@
 // Scalar approximations of exp and erf written so that GCC auto-vectorises
-// them (no libm calls, no branches): the CPU backend's softmax and GELU call
+// them (no libm calls, no branches): the CPU backend's softmax and GELUs call
 // them over whole rows. Accuracy is far inside the model-parity tolerance:
 //   ExpApprox: relative error < 2e-7 on [-87, 88] (inputs clamped to that range).
 //   ErfApprox: absolute error < 5e-7 (Maclaurin series below 1, else
@@ -73,6 +73,16 @@ inline float ErfApprox(float x) {
 
 // GELU as BERT defines "gelu": 0.5 x (1 + erf(x / sqrt 2)).
 inline float GeluErf(float x) { return 0.5f * x * (1.0f + ErfApprox(x * 0.70710678118654752f)); }
+
+// GELU with the tanh approximation ("gelu_pytorch_tanh", "gelu_new"):
+// 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3), computed as the
+// equal x / (1 + e^{-2u}) through ExpApprox: no 1 + tanh cancellation, so
+// the error stays relative (a few 1e-7) in the negative tail too; ExpApprox
+// clamps, so the far tails go to x and to (almost) 0 without inf / NaN.
+inline float GeluTanh(float x) {
+  const float u = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+  return x / (1.0f + ExpApprox(-2.0f * u));
+}
 
 }  // namespace kiln::cpu
 

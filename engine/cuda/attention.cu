@@ -1,10 +1,13 @@
-// CudaBackend::Attention: bidirectional multi-head self-attention over a
-// packed ragged batch (contract in engine/backend.h), fp32 throughout.
+// CudaBackend::Attention: bidirectional multi-head (or grouped-query)
+// self-attention over a packed ragged batch (contract in engine/backend.h),
+// fp32 throughout.
 //
 // Design (flash-attention style, SIMT fp32, no score matrix in memory):
 //   * One block of kAttnThreads threads per (sequence, head, query tile). The
 //     work list is built on the host, longest sequences first so that the
-//     big blocks start early and the short ones fill the tail.
+//     big blocks start early and the short ones fill the tail. Under GQA the
+//     blocks of the query heads sharing a K/V head each load that head's
+//     tiles themselves (L2 serves the repeats).
 //   * Each query is owned by kParts = ceil(head_dim / 32) adjacent lanes; a
 //     lane holds 32 dims of its query (pre-scaled by log2(e) / sqrt(head_dim))
 //     and of its output accumulator in registers. head_dim is padded up to
@@ -57,15 +60,18 @@ struct AttnShape {
 template <int kParts>
 __global__ void __launch_bounds__(kAttnThreads)
     AttentionKernel(const float* __restrict__ qkv, const int4* __restrict__ tiles, int heads,
-                    int head_dim, float q_scale, float* __restrict__ out) {
+                    int kv_heads, int head_dim, float q_scale, float* __restrict__ out) {
   using Shape = AttnShape<kParts>;
   __shared__ __align__(16) float k_tile[Shape::kKeys * Shape::kRow];
   __shared__ __align__(16) float v_tile[Shape::kKeys * Shape::kRow];
 
   const int4 tile = tiles[blockIdx.x];
   const int start = tile.x, len = tile.y, head = tile.w;
-  const int64_t hidden = static_cast<int64_t>(heads) * head_dim;
-  const int64_t ld = 3 * hidden;
+  const int64_t hidden = static_cast<int64_t>(heads) * head_dim;  // Q width, out row stride
+  const int64_t kv_hidden = static_cast<int64_t>(kv_heads) * head_dim;
+  const int64_t ld = hidden + 2 * kv_hidden;
+  // Column of this head's K inside a row; its V is kv_hidden further on.
+  const int64_t k_col = hidden + static_cast<int64_t>(head / (heads / kv_heads)) * head_dim;
   const int part = threadIdx.x % kParts;
   const int query = tile.z + static_cast<int>(threadIdx.x) / kParts;
   const bool active = query < len;
@@ -95,9 +101,9 @@ __global__ void __launch_bounds__(kAttnThreads)
       const int d = i % (kParts * kDimsPerLane);
       float kv = 0.0f, vv = 0.0f;
       if (j < valid && d < head_dim) {
-        const float* k_row = qkv + (start + k0 + j) * ld + hidden + head_col + d;
+        const float* k_row = qkv + (start + k0 + j) * ld + k_col + d;
         kv = k_row[0];
-        vv = k_row[hidden];
+        vv = k_row[kv_hidden];
       }
       const int s = j * Shape::kRow + (d / kDimsPerLane) * kPartStride + d % kDimsPerLane;
       k_tile[s] = kv;
@@ -172,11 +178,11 @@ __global__ void __launch_bounds__(kAttnThreads)
 
 template <int kParts>
 void LaunchAttention(CudaBackend& backend, const float* qkv, const int4* tiles, int num_tiles,
-                     int heads, int head_dim, float* out) {
+                     int heads, int kv_heads, int head_dim, float* out) {
   const float q_scale =
       static_cast<float>(1.4426950408889634 / std::sqrt(static_cast<double>(head_dim)));
-  AttentionKernel<kParts>
-      <<<num_tiles, kAttnThreads, 0, backend.stream()>>>(qkv, tiles, heads, head_dim, q_scale, out);
+  AttentionKernel<kParts><<<num_tiles, kAttnThreads, 0, backend.stream()>>>(
+      qkv, tiles, heads, kv_heads, head_dim, q_scale, out);
   backend.CheckLaunch("Attention kernel");
 }
 
@@ -188,11 +194,15 @@ int PartsFor(int head_dim) {
 }  // namespace
 
 void CudaBackend::Attention(const float* qkv, absl::Span<const int32_t> seq_starts, int heads,
-                            int head_dim, float* out) {
+                            int kv_heads, int head_dim, float* out) {
   const int num_seqs = static_cast<int>(seq_starts.size()) - 1;
   if (num_seqs <= 0 || heads <= 0) return;
   if (head_dim <= 0 || head_dim > kMaxHeadDim) {
     Check(cudaErrorInvalidValue, "Attention: head_dim must be in [1, 256]");
+    return;
+  }
+  if (kv_heads <= 0 || heads % kv_heads != 0) {
+    Check(cudaErrorInvalidValue, "Attention: kv_heads must divide heads");
     return;
   }
   const int parts = PartsFor(head_dim);
@@ -219,16 +229,16 @@ void CudaBackend::Attention(const float* qkv, absl::Span<const int32_t> seq_star
   const int n = static_cast<int>(tiles.size());
   switch (parts) {
     case 1:
-      LaunchAttention<1>(*this, qkv, d_tiles, n, heads, head_dim, out);
+      LaunchAttention<1>(*this, qkv, d_tiles, n, heads, kv_heads, head_dim, out);
       break;
     case 2:
-      LaunchAttention<2>(*this, qkv, d_tiles, n, heads, head_dim, out);
+      LaunchAttention<2>(*this, qkv, d_tiles, n, heads, kv_heads, head_dim, out);
       break;
     case 4:
-      LaunchAttention<4>(*this, qkv, d_tiles, n, heads, head_dim, out);
+      LaunchAttention<4>(*this, qkv, d_tiles, n, heads, kv_heads, head_dim, out);
       break;
     default:
-      LaunchAttention<8>(*this, qkv, d_tiles, n, heads, head_dim, out);
+      LaunchAttention<8>(*this, qkv, d_tiles, n, heads, kv_heads, head_dim, out);
       break;
   }
 }

@@ -1,6 +1,7 @@
 // CudaBackend: the factory, memory, errors, the GEMM, and the ops other than
-// Attention (attention.cu) and ExpertFfn (expert_ffn.cu). The LoRA kernels
-// of Linear are in lora_kernels.cu, the allocator in device_pool.cu.
+// Attention (attention.cu), ExpertFfn (expert_ffn.cu), GatherRows and Rotary
+// (rows.cu). The LoRA kernels of Linear are in lora_kernels.cu, the
+// allocator in device_pool.cu.
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -99,15 +100,17 @@ __global__ void EmbeddingSumKernel(const float* __restrict__ word,
 // One block per row; each thread holds up to kPerThread of the row's values
 // in registers (x + residual read once), so the two-pass mean / centred
 // variance (the same formula as CpuBackend and PyTorch) costs no extra
-// global reads.
+// global reads. y null: AddLayerNorm (the result replaces x). y set:
+// ResidualLayerNorm (x keeps x + residual, y gets the normalised row).
 template <int kPerThread>
 __global__ void __launch_bounds__(kLayerNormMaxThreads)
-    AddLayerNormKernel(float* x, const float* residual, const float* __restrict__ gamma,
-                       const float* __restrict__ beta, int cols, float eps) {
+    LayerNormKernel(float* x, const float* residual, const float* __restrict__ gamma,
+                    const float* __restrict__ beta, int cols, float eps, float* y) {
   __shared__ float shared[kWarp];
   float* row = x + static_cast<int64_t>(blockIdx.x) * cols;
   const float* res =
       residual != nullptr ? residual + static_cast<int64_t>(blockIdx.x) * cols : nullptr;
+  float* dst = y != nullptr ? y + static_cast<int64_t>(blockIdx.x) * cols : row;
   float v[kPerThread];
   float sum = 0.0f;
 #pragma unroll
@@ -116,6 +119,8 @@ __global__ void __launch_bounds__(kLayerNormMaxThreads)
     v[i] = 0.0f;
     if (c < cols) {
       v[i] = res != nullptr ? row[c] + res[c] : row[c];
+      // Each thread writes back only the columns it read itself.
+      if (y != nullptr && res != nullptr) row[c] = v[i];
       sum += v[i];
     }
   }
@@ -134,7 +139,7 @@ __global__ void __launch_bounds__(kLayerNormMaxThreads)
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int c = threadIdx.x + i * blockDim.x;
-    if (c < cols) row[c] = (v[i] - mean) * inv_std * gamma[c] + beta[c];
+    if (c < cols) dst[c] = (v[i] - mean) * inv_std * gamma[c] + beta[c];
   }
 }
 
@@ -157,6 +162,8 @@ __global__ void PoolKernel(const float* __restrict__ x, const int32_t* __restric
     if (len > 0) {
       if (mode == PoolingMode::kCls) {
         v = rows[c];
+      } else if (mode == PoolingMode::kLast) {
+        v = rows[static_cast<int64_t>(len - 1) * hidden + c];
       } else if (mode == PoolingMode::kMax) {
         v = rows[c];
         for (int t = 1; t < len; ++t) {
@@ -486,15 +493,15 @@ void CudaBackend::Linear(const float* x, int rows, int in, const float* w, const
     LaunchLoraShrink(x, in, d_tasks, num_tasks, plan.work, tmp, stream_);
     CheckLaunch("Linear: LoRA shrink");
   }
-  const bool gelu = act == Activation::kGelu;
-  if (bias == nullptr && num_tasks == 0 && !gelu) return;
-  LaunchLinearEpilogue(y, rows, out, bias, d_tasks, num_tasks, tmp, gelu, sm_count_ * kBlocksPerSm,
+  if (bias == nullptr && num_tasks == 0 && act == Activation::kNone) return;
+  LaunchLinearEpilogue(y, rows, out, bias, d_tasks, num_tasks, tmp, act, sm_count_ * kBlocksPerSm,
                        stream_);
   CheckLaunch("Linear: epilogue");
 }
 
-void CudaBackend::AddLayerNorm(float* x, const float* residual, const float* gamma,
-                               const float* beta, int rows, int cols, float eps) {
+void CudaBackend::LayerNormRows(float* x, const float* residual, const float* gamma,
+                                const float* beta, int rows, int cols, float eps, float* y,
+                                const char* what) {
   if (rows <= 0 || cols <= 0) return;
   UseDevice();
   // Threads: a multiple of 32 covering the row at 4 (or, for rows wider
@@ -503,17 +510,31 @@ void CudaBackend::AddLayerNorm(float* x, const float* residual, const float* gam
     return std::max(kWarp, CeilDiv(CeilDiv(cols, per_thread), kWarp) * kWarp);
   };
   if (cols <= kLayerNormMaxThreads * 4) {
-    AddLayerNormKernel<4>
-        <<<rows, threads_for(4), 0, stream_>>>(x, residual, gamma, beta, cols, eps);
+    LayerNormKernel<4>
+        <<<rows, threads_for(4), 0, stream_>>>(x, residual, gamma, beta, cols, eps, y);
   } else if (cols <= kLayerNormMaxCols) {
-    AddLayerNormKernel<16>
-        <<<rows, threads_for(16), 0, stream_>>>(x, residual, gamma, beta, cols, eps);
+    LayerNormKernel<16>
+        <<<rows, threads_for(16), 0, stream_>>>(x, residual, gamma, beta, cols, eps, y);
   } else {
-    RecordError(absl::StrFormat("AddLayerNorm: rows of %d columns are wider than the %d supported",
+    RecordError(absl::StrFormat("%s: rows of %d columns are wider than the %d supported", what,
                                 cols, kLayerNormMaxCols));
     return;
   }
-  CheckLaunch("AddLayerNorm");
+  CheckLaunch(what);
+}
+
+void CudaBackend::AddLayerNorm(float* x, const float* residual, const float* gamma,
+                               const float* beta, int rows, int cols, float eps) {
+  LayerNormRows(x, residual, gamma, beta, rows, cols, eps, nullptr, "AddLayerNorm");
+}
+
+void CudaBackend::ResidualLayerNorm(float* x, const float* residual, const float* gamma,
+                                    const float* beta, int rows, int cols, float eps, float* y) {
+  if (y == nullptr) {
+    RecordError("ResidualLayerNorm: y is null");
+    return;
+  }
+  LayerNormRows(x, residual, gamma, beta, rows, cols, eps, y, "ResidualLayerNorm");
 }
 
 void CudaBackend::Pool(const float* x, absl::Span<const int32_t> seq_starts, int hidden,

@@ -5,7 +5,8 @@
 // Layout of the implementation:
 //   cuda_backend.cu  the class: device pool, stream, cuBLAS, staging,
 //                    EmbeddingSum, Linear (+ LoRA segments), AddLayerNorm,
-//                    Pool, errors, the factory
+//                    ResidualLayerNorm, Pool, errors, the factory
+//   rows.cu          GatherRows and Rotary (host-indexed row ops)
 //   attention.cu     Attention over packed variable-length sequences
 //   expert_ffn.cu    ExpertFfn (the sparse FFN of an ffn_partition brick)
 //
@@ -75,7 +76,7 @@ class DevicePool {
 
   // nullptr with *error set when the device is out of memory.
   void* Allocate(size_t bytes, cudaError_t* error);
-  void Free(void* p);  // p from Allocate; the caller has synchronised
+  void Free(void* p);             // p from Allocate; the caller has synchronised
   size_t reserved_bytes() const;  // held from the device (in use + cached)
   size_t in_use_bytes() const;
 
@@ -83,8 +84,8 @@ class DevicePool {
   static size_t RoundUp(size_t bytes);
   void ReleaseCachedLocked();
   mutable std::mutex mu_;
-  std::multimap<size_t, void*> free_;        // rounded size -> block
-  std::map<void*, size_t> live_;             // block -> rounded size
+  std::multimap<size_t, void*> free_;  // rounded size -> block
+  std::map<void*, size_t> live_;       // block -> rounded size
   size_t reserved_ = 0, in_use_ = 0;
 };
 
@@ -112,10 +113,16 @@ class CudaBackend final : public Backend {
   void ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w, int top_k, Activation act,
                  float* y, absl::Span<const LowRankTask> ffn_in,
                  absl::Span<const LowRankTask> ffn_out) override;  // expert_ffn.cu
+  void GatherRows(const float* table, absl::Span<const int32_t> rows, int cols,
+                  float* out) override;  // rows.cu
   void AddLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,
                     int rows, int cols, float eps) override;
-  void Attention(const float* qkv, absl::Span<const int32_t> seq_starts, int heads, int head_dim,
-                 float* out) override;  // attention.cu
+  void ResidualLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,
+                         int rows, int cols, float eps, float* y) override;
+  void Rotary(float* x, int rows, int ld, int heads, int head_dim, const float* table,
+              absl::Span<const int32_t> positions) override;  // rows.cu
+  void Attention(const float* qkv, absl::Span<const int32_t> seq_starts, int heads, int kv_heads,
+                 int head_dim, float* out) override;  // attention.cu
   void Pool(const float* x, absl::Span<const int32_t> seq_starts, int hidden, PoolingMode mode,
             bool normalize, float* out_host) override;
   absl::Status TakeError() override;
@@ -135,7 +142,7 @@ class CudaBackend final : public Backend {
             int k, float alpha = 1.0f, float beta = 0.0f, bool full_fp32 = false);
 
   enum class Slot : int {
-    kIds,          // EmbeddingSum: ids, positions, type ids
+    kIds,          // EmbeddingSum: ids, positions, type ids; GatherRows: rows; Rotary: positions
     kSeqStarts,    // Attention / Pool: sequence starts
     kAttnTiles,    // Attention: per-block work list
     kLoraTasks,    // Linear / ExpertFfn: task descriptors
@@ -161,8 +168,7 @@ class CudaBackend final : public Backend {
     if (host.empty()) return nullptr;
     void* d = Scratch(slot, host.size() * sizeof(T));
     if (d == nullptr) return nullptr;
-    Check(cudaMemcpyAsync(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice,
-                          stream_),
+    Check(cudaMemcpyAsync(d, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice, stream_),
           "staging host indices");
     return static_cast<const T*>(d);
   }
@@ -185,6 +191,9 @@ class CudaBackend final : public Backend {
   // Records `message` as the first error (INTERNAL, prefixed "cuda:N: ")
   // unless one is already held.
   void RecordError(const std::string& message);
+  // AddLayerNorm (y null) and ResidualLayerNorm (y set): one kernel.
+  void LayerNormRows(float* x, const float* residual, const float* gamma, const float* beta,
+                     int rows, int cols, float eps, float* y, const char* what);
 
   int device_ = 0;
   GemmPrecision precision_ = GemmPrecision::kFp16;

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "engine/cuda/cuda_backend.cuh"
+#include "engine/cuda/lora_kernels.cuh"
 
 namespace kiln {
 namespace cuda {
@@ -57,10 +58,6 @@ struct LoraTaskDev {
   float scale;
   int64_t warp_begin;
 };
-
-__device__ __forceinline__ float GeluErf(float v) {
-  return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-}
 
 // choice[r, 0..k) = row r's top-k experts by score, ascending. One warp per
 // row. Each round picks what the CPU's scan would: the first expert not yet
@@ -150,7 +147,7 @@ __global__ void BiasLoraActKernel(float* __restrict__ mid, int64_t count, int g,
       v = fmaf(task.scale, d, v);
     }
   }
-  mid[i] = act == Activation::kGelu ? GeluErf(v) : v;
+  mid[i] = Activate(act, v);
 }
 
 // z_t[r - row_begin, q] = sum over row r's experts e (ascending) and their

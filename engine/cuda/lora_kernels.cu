@@ -47,7 +47,7 @@ __global__ void LoraShrinkKernel(const float* __restrict__ x, int in,
 __global__ void LinearEpilogueKernel(float* __restrict__ y, int rows, int out,
                                      const float* __restrict__ bias,
                                      const LoraTaskDesc* __restrict__ tasks, int num_tasks,
-                                     const float* __restrict__ tmp, bool gelu) {
+                                     const float* __restrict__ tmp, Activation act) {
   const int64_t total = static_cast<int64_t>(rows) * out;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -68,9 +68,7 @@ __global__ void LinearEpilogueKernel(float* __restrict__ y, int rows, int out,
       for (int j = 0; j < task.rank; ++j) acc = fmaf(tr[j], br[j], acc);
       v += task.scale * acc;
     }
-    // Exact GELU (erf), as BERT's "gelu".
-    if (gelu) v = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-    y[i] = v;
+    y[i] = Activate(act, v);
   }
 }
 
@@ -107,13 +105,13 @@ void LaunchLoraShrink(const float* x, int in, const LoraTaskDesc* tasks, int num
 }
 
 void LaunchLinearEpilogue(float* y, int rows, int out, const float* bias, const LoraTaskDesc* tasks,
-                          int num_tasks, const float* tmp, bool gelu, int max_blocks,
+                          int num_tasks, const float* tmp, Activation act, int max_blocks,
                           cudaStream_t stream) {
   const int64_t total = static_cast<int64_t>(rows) * out;
   if (total <= 0) return;
   const int blocks = std::max(1, std::min(CeilDiv(total, kBlock), max_blocks));
   LinearEpilogueKernel<<<blocks, kBlock, 0, stream>>>(y, rows, out, bias, tasks, num_tasks, tmp,
-                                                      gelu);
+                                                      act);
 }
 
 }  // namespace cuda

@@ -52,8 +52,18 @@ void LaunchLoraShrink(const float* x, int in, const LoraTaskDesc* tasks, int num
 // scale * dot(tmp_t[r - row_begin], b_t[c - col])) for the tasks whose rows
 // and columns contain (r, c). bias may be null, num_tasks may be 0.
 void LaunchLinearEpilogue(float* y, int rows, int out, const float* bias, const LoraTaskDesc* tasks,
-                          int num_tasks, const float* tmp, bool gelu, int max_blocks,
+                          int num_tasks, const float* tmp, Activation act, int max_blocks,
                           cudaStream_t stream);
+
+// The activations of Linear and ExpertFfn, as the CPU backend computes them
+// (engine/cpu/vec_math.h) but with the device's erff / tanhf.
+__device__ __forceinline__ float Activate(Activation act, float v) {
+  if (act == Activation::kGelu) return 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+  if (act == Activation::kGeluTanh) {
+    return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  }
+  return v;
+}
 
 }  // namespace cuda
 }  // namespace kiln

@@ -1,5 +1,7 @@
 #include "engine/model/config.h"
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -44,13 +46,138 @@ absl::StatusOr<int> IntField(const json& j, const std::string& file, const char*
   return it->get<int>();
 }
 
+// Reads a positive number field (a float of the config); `fallback` < 0
+// means the field is required.
+absl::StatusOr<double> PositiveNumber(const json& j, const std::string& file, const char* key,
+                                      double fallback) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) {
+    if (fallback >= 0) return fallback;
+    return absl::InvalidArgumentError(absl::StrCat(file, ": missing field '", key, "'"));
+  }
+  if (!it->is_number() || !(it->get<double>() > 0) || !std::isfinite(it->get<double>())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": field '", key, "' must be a positive number, got ", it->dump()));
+  }
+  return it->get<double>();
+}
+
+// The family config.json asks for: model_type, else the first of
+// architectures. INVALID_ARGUMENT naming both when neither is one Kiln has.
+absl::StatusOr<ModelFamily> FamilyOf(const json& j, const std::string& file) {
+  const std::string model_type = j.value("model_type", "");
+  if (model_type == "bert") return ModelFamily::kBert;
+  if (model_type == "ModularStarEncoder") return ModelFamily::kModularStarEncoder;
+  std::string arch;
+  if (auto it = j.find("architectures");
+      it != j.end() && it->is_array() && !it->empty() && it->front().is_string()) {
+    arch = it->front().get<std::string>();
+  }
+  if (model_type.empty() && arch == "ModularStarEncoder") return ModelFamily::kModularStarEncoder;
+  return absl::InvalidArgumentError(
+      absl::StrCat(file, ": model_type '", model_type, "' is not supported (",
+                   arch.empty() ? "" : absl::StrCat("architectures ['", arch, "']; "),
+                   "supported: bert, ModularStarEncoder)"));
+}
+
+// matryoshka_layers: a non-empty array of layer numbers in 1..num_layers,
+// strictly increasing.
+absl::StatusOr<std::vector<int>> ExitLayers(const json& j, const std::string& file,
+                                            int num_layers) {
+  auto it = j.find("matryoshka_layers");
+  if (it == j.end() || it->is_null()) {
+    return absl::InvalidArgumentError(absl::StrCat(file, ": missing field 'matryoshka_layers'"));
+  }
+  auto bad = [&](absl::string_view why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": matryoshka_layers ", it->dump(), " ", why));
+  };
+  if (!it->is_array() || it->empty()) return bad("must be a non-empty array of layer numbers");
+  std::vector<int> exits;
+  for (const json& v : *it) {
+    if (!v.is_number_integer()) return bad("must hold integers");
+    const int64_t k = v.get<int64_t>();
+    if (k < 1 || k > num_layers) {
+      return bad(
+          absl::StrCat("has layer ", k, ", outside 1..", num_layers, " (num_hidden_layers)"));
+    }
+    if (!exits.empty() && k <= exits.back()) return bad("must be strictly increasing");
+    exits.push_back(static_cast<int>(k));
+  }
+  return exits;
+}
+
+// The ModularStarEncoder family (StarCoder2-style blocks, bidirectional).
+// Field names as the authors' public config.json has them.
+absl::StatusOr<EncoderConfig> ParseStarEncoderConfig(const json& j, const std::string& file) {
+  EncoderConfig c;
+  c.family = ModelFamily::kModularStarEncoder;
+  c.model_type = j.value("model_type", "ModularStarEncoder");
+  ASSIGN_OR_RETURN(c.vocab_size, IntField(j, file, "vocab_size"));
+  ASSIGN_OR_RETURN(c.hidden_size, IntField(j, file, "hidden_size"));
+  ASSIGN_OR_RETURN(c.num_layers, IntField(j, file, "num_hidden_layers"));
+  ASSIGN_OR_RETURN(c.num_heads, IntField(j, file, "num_attention_heads"));
+  ASSIGN_OR_RETURN(c.num_kv_heads, IntField(j, file, "num_key_value_heads", c.num_heads));
+  ASSIGN_OR_RETURN(c.intermediate_size, IntField(j, file, "intermediate_size"));
+  ASSIGN_OR_RETURN(c.max_position_embeddings, IntField(j, file, "max_position_embeddings"));
+  if (c.hidden_size % c.num_heads != 0 || c.head_dim() % 2 != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": hidden_size ", c.hidden_size, " / num_attention_heads ", c.num_heads,
+                     " must be a whole, even head size (rotary embeddings)"));
+  }
+  if (c.num_heads % c.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat(file, ": num_attention_heads ", c.num_heads,
+                                                   " is not a multiple of num_key_value_heads ",
+                                                   c.num_kv_heads));
+  }
+  const std::string act = j.value("hidden_act", "gelu_pytorch_tanh");
+  if (act == "gelu_pytorch_tanh" || act == "gelu_new") {
+    c.hidden_act = Activation::kGeluTanh;
+  } else if (act == "gelu") {
+    c.hidden_act = Activation::kGelu;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": hidden_act '", act,
+                     "' is not supported (supported: gelu_pytorch_tanh, gelu_new, gelu)"));
+  }
+  if (const std::string norm = j.value("norm_type", "layer_norm"); norm != "layer_norm") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": norm_type '", norm, "' is not supported (supported: layer_norm)"));
+  }
+  if (auto it = j.find("mlp_type"); it != j.end() && !it->is_null() &&
+                                    !(it->is_string() && it->get<std::string>() == "default")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": mlp_type ", it->dump(),
+                     " is not supported (supported: default, the non-gated c_fc / c_proj MLP)"));
+  }
+  if (auto it = j.find("sliding_window"); it != j.end() && !it->is_null()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": sliding_window ", it->dump(),
+                     " is not supported (Kiln runs full bidirectional attention; expected null)"));
+  }
+  if (auto it = j.find("rope_scaling"); it != j.end() && !it->is_null()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": rope_scaling ", it->dump(), " is not supported (expected null)"));
+  }
+  if (auto it = j.find("use_bias"); it != j.end() && !it->is_null()) {
+    if (!it->is_boolean()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(file, ": use_bias must be true or false, got ", it->dump()));
+    }
+    c.use_bias = it->get<bool>();
+  }
+  ASSIGN_OR_RETURN(const double eps, PositiveNumber(j, file, "norm_epsilon", 1e-5));
+  c.layer_norm_eps = static_cast<float>(eps);
+  ASSIGN_OR_RETURN(c.rope_theta, PositiveNumber(j, file, "rope_theta", 10000.0));
+  ASSIGN_OR_RETURN(c.exit_layers, ExitLayers(j, file, c.num_layers));
+  return c;
+}
+
 absl::StatusOr<EncoderConfig> ParseEncoderConfig(const json& j, const std::string& file) {
+  ASSIGN_OR_RETURN(const ModelFamily family, FamilyOf(j, file));
+  if (family == ModelFamily::kModularStarEncoder) return ParseStarEncoderConfig(j, file);
   EncoderConfig c;
   c.model_type = j.value("model_type", "");
-  if (c.model_type != "bert") {
-    return absl::InvalidArgumentError(
-        absl::StrCat(file, ": model_type '", c.model_type, "' is not supported (supported: bert)"));
-  }
   if (auto it = j.find("position_embedding_type");
       it != j.end() && !(it->is_string() && it->get<std::string>() == "absolute")) {
     return absl::InvalidArgumentError(absl::StrCat(file, ": position_embedding_type ", it->dump(),
@@ -66,6 +193,7 @@ absl::StatusOr<EncoderConfig> ParseEncoderConfig(const json& j, const std::strin
   ASSIGN_OR_RETURN(c.intermediate_size, IntField(j, file, "intermediate_size"));
   ASSIGN_OR_RETURN(c.max_position_embeddings, IntField(j, file, "max_position_embeddings"));
   ASSIGN_OR_RETURN(c.type_vocab_size, IntField(j, file, "type_vocab_size", 2));
+  c.num_kv_heads = c.num_heads;
   if (c.hidden_size % c.num_heads != 0) {
     return absl::InvalidArgumentError(absl::StrCat(file, ": hidden_size ", c.hidden_size,
                                                    " is not a multiple of num_attention_heads ",
@@ -173,8 +301,26 @@ absl::Status ParseModules(const fs::path& dir, ModelConfig& config) {
 
 }  // namespace
 
+absl::string_view ModelFamilyName(ModelFamily family) {
+  return family == ModelFamily::kModularStarEncoder ? "ModularStarEncoder" : "bert";
+}
+
+bool EncoderConfig::IsExit(int exit) const {
+  if (exit_layers.empty()) return exit >= 1 && exit <= num_layers;
+  return std::find(exit_layers.begin(), exit_layers.end(), exit) != exit_layers.end();
+}
+
+std::vector<int> EncoderConfig::Exits() const {
+  if (!exit_layers.empty()) return exit_layers;
+  std::vector<int> all(num_layers);
+  for (int k = 0; k < num_layers; ++k) all[k] = k + 1;
+  return all;
+}
+
 absl::string_view PoolingModeName(PoolingMode mode) {
   switch (mode) {
+    case PoolingMode::kLast:
+      return "last";
     case PoolingMode::kMean:
       return "mean";
     case PoolingMode::kCls:
@@ -199,6 +345,14 @@ absl::StatusOr<ModelConfig> LoadModelConfig(const std::string& dir_name) {
   const fs::path config_path = dir / "config.json";
   ASSIGN_OR_RETURN(json cj, ReadJson(config_path));
   ASSIGN_OR_RETURN(config.encoder, ParseEncoderConfig(cj, config_path.string()));
+  if (config.encoder.family == ModelFamily::kModularStarEncoder) {
+    // The authors' model pools the state of the <cls> token appended at the
+    // end of every input and L2-normalises its projection (docs/MODELS.md);
+    // sentence-transformers files, if any, are not theirs.
+    config.pooling = {.mode = PoolingMode::kLast, .normalize = true};
+    config.max_seq_length = config.encoder.max_position_embeddings;
+    return config;
+  }
 
   if (fs::exists(dir / "modules.json", ec)) {
     RETURN_IF_ERROR(ParseModules(dir, config));

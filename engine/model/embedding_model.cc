@@ -12,8 +12,11 @@ absl::StatusOr<std::unique_ptr<EmbeddingModel>> EmbeddingModel::Load(const std::
                                                                      Backend* backend) {
   std::unique_ptr<EmbeddingModel> model(new EmbeddingModel());
   ASSIGN_OR_RETURN(model->config_, LoadModelConfig(dir));
-  ASSIGN_OR_RETURN(model->tokenizer_, WordPieceTokenizer::FromDirectory(dir));
-  if (model->tokenizer_->vocab_size() > model->config_.encoder.vocab_size) {
+  if (model->config_.encoder.family == ModelFamily::kBert) {
+    ASSIGN_OR_RETURN(model->tokenizer_, WordPieceTokenizer::FromDirectory(dir));
+  }
+  if (model->tokenizer_ != nullptr &&
+      model->tokenizer_->vocab_size() > model->config_.encoder.vocab_size) {
     return absl::InvalidArgumentError(
         absl::StrCat(dir, ": the tokenizer has ", model->tokenizer_->vocab_size(),
                      " tokens but config.json vocab_size is ", model->config_.encoder.vocab_size));
@@ -23,6 +26,15 @@ absl::StatusOr<std::unique_ptr<EmbeddingModel>> EmbeddingModel::Load(const std::
   ASSIGN_OR_RETURN(model->encoder_, Encoder::Load(model->config_.encoder, model->config_.pooling,
                                                   *weights, backend));
   return model;
+}
+
+absl::StatusOr<Encoding> EmbeddingModel::Tokenize(absl::string_view text) const {
+  if (tokenizer_ == nullptr) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        config_.dir, ": no tokenizer for the ", ModelFamilyName(config_.encoder.family),
+        " family yet (its byte-level BPE is not wired in); embed token ids instead"));
+  }
+  return tokenizer_->Encode(text, config_.max_seq_length);
 }
 
 }  // namespace kiln

@@ -245,7 +245,7 @@ TEST_P(BackendOpsTest, OpsOnZeroRowsLeaveTheirOutputsAlone) {
   backend_->AddLayerNorm(sentinel.get(), nullptr, table.get(), table.get(), 0, 8, 1e-12f);
   backend_->EmbeddingSum(table.get(), table.get(), table.get(), {}, {}, {}, 8, sentinel.get());
   const std::vector<int32_t> no_seqs = {0};
-  backend_->Attention(table.get(), no_seqs, 2, 4, sentinel.get());
+  backend_->Attention(table.get(), no_seqs, 2, 2, 4, sentinel.get());
   float pooled = 9.0f;
   backend_->Pool(table.get(), no_seqs, 8, PoolingMode::kMean, true, &pooled);
   EXPECT_EQ(pooled, 9.0f);
@@ -294,7 +294,7 @@ void AttentionCase(Backend* backend, const std::vector<int32_t>& starts, int hea
   absl::StatusOr<DeviceArray> dqkv = backend->Upload(qkv);
   absl::StatusOr<DeviceArray> dout = backend->Upload(std::vector<float>(want.size(), 0.0f));
   ASSERT_TRUE(dqkv.ok() && dout.ok());
-  backend->Attention(dqkv->get(), starts, heads, d, dout->get());
+  backend->Attention(dqkv->get(), starts, heads, heads, d, dout->get());
   std::vector<float> got(want.size());
   backend->CopyToHost(dout->get(), got.size(), got.data());
   ExpectClose(got, want, tol, mag, tol);
