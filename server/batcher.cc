@@ -307,7 +307,7 @@ void Batcher::RunBatch(Batch& batch) {
   int deepest_exit = 0;
   for (const auto& job : jobs) {
     // 0 (unresolved, tests only) is full depth, as for the model.
-    deepest_exit = std::max(deepest_exit, job->exit > 0 ? job->exit : model_->num_layers());
+    deepest_exit = std::max(deepest_exit, job->exit > 0 ? job->exit : model_->full_exit());
     int plan = -1;
     if (!job->plan.empty()) {
       const auto same = [&job](const LoraPlan& p) {

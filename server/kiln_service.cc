@@ -31,7 +31,6 @@ absl::Time DeadlineOf(const grpc::CallbackServerContext* ctx) {
   return absl::FromChrono(deadline);
 }
 
-
 // Answers one EmbedStream: each message is handled in turn (read, embed,
 // write, read the next), so responses come back in request order.
 class EmbedStreamReactor final : public grpc::ServerBidiReactor<EmbedRequest, EmbedStreamResponse> {
@@ -139,14 +138,8 @@ absl::Status KilnService::CheckAvailable() const {
 absl::StatusOr<Encoding> KilnService::TokenizeInput(const std::string& instruction,
                                                     const std::string& input, bool truncate,
                                                     int index) const {
-  std::string joined;
-  const std::string* text = &input;
-  if (!instruction.empty()) {
-    joined = absl::StrCat(instruction, " ", input);
-    text = &joined;
-  }
   const int max_tokens = model_->config().max_seq_length;
-  absl::StatusOr<Encoding> enc = model_->tokenizer().Encode(*text, truncate ? max_tokens : 0);
+  absl::StatusOr<Encoding> enc = model_->Tokenize(input, instruction, truncate ? max_tokens : 0);
   if (!enc.ok()) {
     return absl::Status(enc.status().code(),
                         absl::StrCat("inputs[", index, "]: ", enc.status().message()));
@@ -218,12 +211,7 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
         absl::StrCat("inputs: ", n, " inputs exceed the limit of ", options_.max_client_batch,
                      " per request (--max_client_batch)")));
   }
-  const int num_layers = model_->num_layers();
-  if (request.exit_layer() > static_cast<uint32_t>(num_layers)) {
-    return done(absl::InvalidArgumentError(absl::StrCat("exit_layer: ", request.exit_layer(),
-                                                        " is out of range 0..", num_layers,
-                                                        " (0 = full depth)")));
-  }
+  if (absl::Status st = model_->CheckExit(request.exit_layer()); !st.ok()) return done(st);
   std::u32string scratch;
   if (absl::Status st = tokenizer::DecodeUtf8(request.instruction(), &scratch); !st.ok()) {
     return done(absl::InvalidArgumentError(absl::StrCat("instruction: ", st.message())));
@@ -279,7 +267,7 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
     bricks = *std::move(resolved);
   }
   auto job = std::make_unique<EmbedJob>();
-  job->exit = request.exit_layer() == 0 ? num_layers : static_cast<int>(request.exit_layer());
+  job->exit = model_->ResolveExit(request.exit_layer());
   job->normalize = request.has_normalize() ? request.normalize() : true;
   job->ffn_fraction = ffn_fraction;
   const bool truncate = request.has_truncate() ? request.truncate() : true;
@@ -340,10 +328,10 @@ void KilnService::RouteThenDispatch(std::shared_ptr<Pending> pending) {
       pending->bricks.push_back({.key = key, .weight = weight});
       chosen.push_back(key.id);
     }
-    metrics_->RecordRouterDecision(
-        chosen, absl::Now() - start, decision->cache_hit,
-        decision->candidates.empty() ? std::nullopt
-                                     : std::optional<float>(decision->candidates[0].score));
+    metrics_->RecordRouterDecision(chosen, absl::Now() - start, decision->cache_hit,
+                                   decision->candidates.empty()
+                                       ? std::nullopt
+                                       : std::optional<float>(decision->candidates[0].score));
     Dispatch(pending);
   });
 }
@@ -477,7 +465,7 @@ grpc::ServerUnaryReactor* KilnService::Tokenize(grpc::CallbackServerContext* ctx
     }
     kiln::v1::TokenizedInput* out = response->add_inputs();
     out->mutable_ids()->Add(enc->ids.begin(), enc->ids.end());
-    for (int32_t id : enc->ids) out->add_tokens(model_->tokenizer().IdToToken(id));
+    for (int32_t id : enc->ids) out->add_tokens(model_->IdToToken(id));
     out->set_truncated(enc->truncated);
   }
   grpc::Status st = ToGrpcStatus(status);
@@ -502,7 +490,7 @@ grpc::ServerUnaryReactor* KilnService::Info(grpc::CallbackServerContext* ctx,
     response->set_model_id(c.model_id);
     response->set_dimensions(model_->dim());
     response->set_num_layers(model_->num_layers());
-    for (int k = 1; k <= model_->num_layers(); ++k) response->add_exits(k);
+    for (int k : model_->exits()) response->add_exits(k);
     response->set_max_input_tokens(c.max_seq_length);
     response->set_max_client_batch(options_.max_client_batch);
     response->set_max_batch_tokens(options_.max_batch_tokens);

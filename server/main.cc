@@ -12,6 +12,7 @@
 // failed, 2 bad flags or a bad model folder (the message names the file).
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -101,8 +102,7 @@ ABSL_FLAG(std::string, ffn_partition, "",
           "one in --brick_dir");
 ABSL_FLAG(std::string, addr, "127.0.0.1:50051",
           "health: HOST:PORT of the kiln serve to ask (grpc.health.v1 Check)");
-ABSL_FLAG(std::string, service, "",
-          "health: service name to ask about; empty = the whole server");
+ABSL_FLAG(std::string, service, "", "health: service name to ask about; empty = the whole server");
 ABSL_FLAG(double, timeout_s, 5.0, "health: seconds to connect and get an answer");
 ABSL_FLAG(int, batch_lines, 0,
           "embed: lines per engine batch; 0 = 64 when stdin is a file or pipe, 1 when a terminal");
@@ -156,7 +156,7 @@ bool FlushBatch(EmbeddingModel& model, int exit, std::vector<std::string>& lines
   bool ok = true;
   std::string buf;
   size_t k = 0;
-  const int exit_used = exit == 0 ? model.num_layers() : exit;
+  const int exit_used = exit == 0 ? model.full_exit() : exit;
   for (size_t i = 0; i < items.size(); ++i) {
     if (!items[i].error.empty() || !st.ok()) {
       ok = false;
@@ -206,9 +206,10 @@ int RunEmbed() {
     return 2;
   }
   const int exit = absl::GetFlag(FLAGS_exit);
-  if (exit < 0 || exit > (*model)->num_layers()) {
-    std::cerr << "kiln embed: --exit=" << exit << " is out of range 0.." << (*model)->num_layers()
-              << " (0 = full depth)\n";
+  if (absl::Status st = (*model)->CheckExit(static_cast<uint32_t>(std::max(exit, 0)));
+      exit < 0 || !st.ok()) {
+    std::cerr << "kiln embed: --exit=" << exit << ": "
+              << (exit < 0 ? "must be >= 0 (0 = full depth)" : st.message()) << "\n";
     return 2;
   }
   int batch_lines = absl::GetFlag(FLAGS_batch_lines);

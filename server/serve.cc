@@ -5,6 +5,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <cmath>
 #include <condition_variable>
 #include <fstream>
@@ -13,10 +14,12 @@
 #include <mutex>
 #include <sstream>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
@@ -122,8 +125,8 @@ absl::Status ValidateOptions(const ServeOptions& o) {
         absl::StrCat("--admin_port=", o.admin_port, " is not a port"));
   }
   if (o.default_routing != "auto" && o.default_routing != "none") {
-    return absl::InvalidArgumentError(absl::StrCat("--default_routing=", o.default_routing,
-                                                   " is not \"auto\" or \"none\""));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--default_routing=", o.default_routing, " is not \"auto\" or \"none\""));
   }
   RETURN_IF_ERROR(ParseBackendFlags(o.device, o.gemm_precision, o.cuda_device, o.threads).status());
   if (o.brick_dir.empty() && !o.ffn_partition.empty()) {
@@ -160,7 +163,7 @@ absl::Status WarmUp(EmbeddingModel& model, Batcher& batcher) {
   if (!enc.ok()) return enc.status();
   job->tokens = static_cast<int64_t>(enc->ids.size());
   job->inputs.push_back(*std::move(enc));
-  job->exit = model.num_layers();
+  job->exit = model.full_exit();
   absl::Notification done;
   absl::Status result;
   job->done = [&](absl::StatusOr<EmbedOutput> out) {
@@ -234,14 +237,13 @@ int RunServe(const ServeOptions& options) {
     o.max_batch_tokens =
         backend->kind() == DeviceKind::kCuda ? kCudaDefaultBatchTokens : kCpuDefaultBatchTokens;
   }
-  absl::StatusOr<std::unique_ptr<Metrics>> metrics =
-      Metrics::Create({.listen = HostPort(o.host, o.metrics_port),
-                       .device = backend->kind() == DeviceKind::kCuda
-                                     ? absl::StrCat("cuda:", o.cuda_device)
-                                     : std::string("cpu"),
-                       .model_id = "",
-                       .version = kVersion,
-                       .brick_metrics_max = o.brick_metrics_max});
+  absl::StatusOr<std::unique_ptr<Metrics>> metrics = Metrics::Create(
+      {.listen = HostPort(o.host, o.metrics_port),
+       .device = backend->kind() == DeviceKind::kCuda ? absl::StrCat("cuda:", o.cuda_device)
+                                                      : std::string("cpu"),
+       .model_id = "",
+       .version = kVersion,
+       .brick_metrics_max = o.brick_metrics_max});
   if (!metrics.ok()) {
     std::cerr << "kiln serve: " << metrics.status().message() << "\n";
     return 1;
@@ -373,9 +375,10 @@ int RunServe(const ServeOptions& options) {
   // The router: its keys are embedded through the batcher, so it starts
   // after it; re-synced whenever a brick is registered, deleted or polled in.
   if (bricks != nullptr) {
-    if (o.router_exit > (*model)->num_layers()) {
-      std::cerr << "kiln serve: --router_exit=" << o.router_exit << " is past the model's "
-                << (*model)->num_layers() << " layers\n";
+    const std::vector<int> exits = (*model)->exits();
+    if (std::find(exits.begin(), exits.end(), o.router_exit) == exits.end()) {
+      std::cerr << "kiln serve: --router_exit=" << o.router_exit
+                << " is not an exit of the model; allowed: " << absl::StrJoin(exits, ", ") << "\n";
       server->Shutdown();
       return 2;
     }
@@ -402,8 +405,8 @@ int RunServe(const ServeOptions& options) {
         KLOG(WARNING) << "router: " << st.message();
       }
     });
-    KLOG(INFO) << "router: " << router->keys().size() << " routable bricks, exit "
-               << o.router_exit << ", default routing " << o.default_routing;
+    KLOG(INFO) << "router: " << router->keys().size() << " routable bricks, exit " << o.router_exit
+               << ", default routing " << o.default_routing;
   }
   service.Attach(model->get(), batcher->get(), bricks.get(), router.get());
   if (absl::Status st = WarmUp(**model, **batcher); !st.ok()) {

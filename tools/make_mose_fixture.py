@@ -34,11 +34,17 @@ folder small and to exercise Kiln's conversion at load; the reference uses
 the stored (rounded) values, widened to fp32, and computes in fp32 on one
 thread, as a transformers model in fp32 would.
 
-Output (tests/engine/testdata/mose-tiny/):
+Output (tests/engine/testdata/mose-tiny/, a whole servable model folder):
   config.json        the public config's fields at a small size
   model.safetensors  backbone under "model.", heads as projection_heads.{j}
-  expected.json      {"exits": [...], "sequences": [[ids]], "embeddings":
-                     {"1": [[...] per sequence], ...}} (9 significant digits)
+  tokenizer.json, tokenizer_config.json
+                     copies of the byte-level BPE fixture
+                     (tests/engine/tokenizer/testdata/bpe, tools/make_bpe_fixture.py)
+  expected.json      {"exits": [...], "sequences": [[ids]], "texts":
+                     [{"instruction", "text", "ids", "sequence"}], "embeddings":
+                     {"1": [[...] per sequence], ...}} (9 significant digits);
+                     texts are tokenized by the `tokenizers` library in the
+                     model's input format, and their ids are also sequences
 
 Usage: .venv/bin/python tools/make_mose_fixture.py [--out DIR]
 """
@@ -46,6 +52,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +65,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = {
     "architectures": ["ModularStarEncoder"],
     "model_type": "ModularStarEncoder",
-    "vocab_size": 600,
+    "vocab_size": 3000,  # the BPE fixture tokenizer's (checked in main)
     "hidden_size": 128,
     "num_hidden_layers": 4,
     "num_attention_heads": 8,
@@ -83,10 +90,24 @@ CONFIG = {
     "torch_dtype": "float32",
 }
 HEAD_DIM_OUT = 64  # width of every projection head (the fixture's choice)
-# Fixture-only special ids at the top of the vocabulary, as the authors'
-# tokenizer appends <sep>, <cls>, <mask>, <pad> after StarCoder2's vocabulary.
-SEP, CLS = 596, 597
+# The model folder's tokenizer: the byte-level BPE fixture that
+# tools/make_bpe_fixture.py trains (its <sep>, <cls>, <pad>, <mask> are added
+# tokens 6, 7, 5, 8), copied in so that the folder is a whole servable model.
+BPE_FIXTURE = os.path.join(ROOT, "tests/engine/tokenizer/testdata/bpe")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+SEP, CLS, PAD, MASK = 6, 7, 5, 8
+FIRST_PLAIN_ID = 9  # ids below are added (special) tokens
 SEED = 20250309
+# (instruction, text) pairs tokenized by the `tokenizers` library in the
+# model's input format, <sep> instruction <sep> text <cls>, and embedded like
+# the id sequences: a parity check of tokenizer and model together.
+TEXTS = [
+    ("", "def add(a, b):\n    return a + b\n"),
+    ("Represent this code for retrieval:", "for (int i = 0; i < n; ++i) sum += x[i];"),
+    ("Find the function that does this:", "Return the number of items in the queue."),
+    ("", "SELECT name FROM users WHERE id = 42;"),
+    ("Represent this text:", "Unicode: naïve café, 東京, emoji 🙂 and tabs\tend"),
+]
 
 
 def make_weights(cfg, gen):
@@ -195,12 +216,26 @@ def sequences(gen, vocab):
         if n == 1:
             seqs.append([CLS])
             continue
-        body = torch.randint(1, SEP, (n - 2,), generator=gen).tolist()
+        body = torch.randint(FIRST_PLAIN_ID, vocab, (n - 2,), generator=gen).tolist()
         seqs.append([SEP] + body + [CLS])
     # One with a repeated token and one with every special in the middle.
     seqs.append([SEP] + [42] * 40 + [CLS])
-    seqs.append([SEP, 5, SEP, 7, 598, 9, 599, 11, CLS])
+    seqs.append([SEP, 50, SEP, 70, MASK, 90, PAD, 110, CLS])
     return seqs
+
+
+def text_sequences():
+    """TEXTS as the library tokenizes them in the model's input format."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(BPE_FIXTURE, "tokenizer.json"))
+    assert tok.get_vocab_size(with_added_tokens=True) == CONFIG["vocab_size"]
+    assert (tok.token_to_id("<sep>"), tok.token_to_id("<cls>")) == (SEP, CLS)
+    out = []
+    for instruction, text in TEXTS:
+        joined = f"<sep>{instruction}<sep>{text}<cls>" if instruction else f"<sep>{text}<cls>"
+        out.append({"instruction": instruction, "text": text,
+                    "ids": tok.encode(joined, add_special_tokens=False).ids})
+    return out
 
 
 def main():
@@ -212,6 +247,10 @@ def main():
     stored = make_weights(CONFIG, gen)
     w = {k: v.float() for k, v in stored.items()}  # the stored values, in fp32
     seqs = sequences(gen, CONFIG["vocab_size"])
+    texts = text_sequences()
+    for t in texts:
+        t["sequence"] = len(seqs)
+        seqs.append(t["ids"])
 
     embeddings = {str(k): [] for k in CONFIG["matryoshka_layers"]}
     with torch.no_grad():
@@ -232,8 +271,13 @@ def main():
               metadata={"format": "pt", "note": "random ModularStarEncoder-shaped test model"})
     with open(os.path.join(args.out, "expected.json"), "w") as f:
         json.dump({"seed": SEED, "exits": CONFIG["matryoshka_layers"], "dim": HEAD_DIM_OUT,
-                   "sequences": seqs, "embeddings": embeddings}, f, separators=(",", ":"))
+                   "sequences": seqs, "texts": texts, "embeddings": embeddings}, f,
+                  separators=(",", ":"))
         f.write("\n")
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(os.path.join(BPE_FIXTURE, name), os.path.join(args.out, name))
+    for name in os.listdir(args.out):
+        os.chmod(os.path.join(args.out, name), 0o644)
     total = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out))
     print(f"wrote {args.out}: {len(seqs)} sequences, exits {CONFIG['matryoshka_layers']}, "
           f"{total} bytes")

@@ -5,11 +5,14 @@
 // fault. Tokenize() is const and thread-safe (request threads call it);
 // Forward() is not (one engine worker drives a model).
 //
-// Tokenizers: the BERT family loads its WordPiece tokenizer. The
-// ModularStarEncoder family needs a byte-level BPE tokenizer that is not
-// wired in yet: such a model loads without one (has_tokenizer() is false,
-// Tokenize() answers FAILED_PRECONDITION) and embeds token ids through
-// Forward.
+// Tokenizers: the BERT family loads its WordPiece tokenizer (tokenizer.json
+// or vocab.txt); the ModularStarEncoder family its byte-level BPE
+// tokenizer.json (engine/tokenizer/bpe.h), which must name the <sep> and
+// <cls> tokens of its input format. A ModularStarEncoder folder without a
+// tokenizer.json still loads (has_tokenizer() is false: it embeds token ids
+// through Forward, as the parity test does) and Tokenize() answers
+// FAILED_PRECONDITION naming the missing file. A tokenizer with more ids than
+// config.json's vocab_size is a load error.
 #ifndef KILN_ENGINE_MODEL_EMBEDDING_MODEL_H_
 #define KILN_ENGINE_MODEL_EMBEDDING_MODEL_H_
 
@@ -21,6 +24,7 @@
 #include "engine/backend.h"
 #include "engine/model/config.h"
 #include "engine/model/encoder.h"
+#include "engine/tokenizer/bpe.h"
 #include "engine/tokenizer/wordpiece.h"
 
 namespace kiln {
@@ -31,10 +35,30 @@ class EmbeddingModel {
   static absl::StatusOr<std::unique_ptr<EmbeddingModel>> Load(const std::string& dir,
                                                               Backend* backend);
 
-  // Tokenizes one text as the model sees it: [CLS] ... [SEP], truncated to
-  // max_seq_length. INVALID_ARGUMENT for invalid UTF-8; FAILED_PRECONDITION
-  // when the model has no tokenizer yet (see above).
-  absl::StatusOr<Encoding> Tokenize(absl::string_view text) const;
+  // Tokenizes one text as the model sees it, truncated to max_seq_length:
+  // BERT "[CLS] text [SEP]"; ModularStarEncoder "<sep> text <cls>".
+  // INVALID_ARGUMENT for invalid UTF-8; FAILED_PRECONDITION when the model
+  // has no tokenizer (see above).
+  absl::StatusOr<Encoding> Tokenize(absl::string_view text) const {
+    return Tokenize(text, "", config_.max_seq_length);
+  }
+  // The same with an instruction, in the family's input format: BERT
+  // "[CLS] instruction text [SEP]" (joined by a space), ModularStarEncoder
+  // "<sep> instruction <sep> text <cls>". max_length > 0 truncates the text
+  // (the special tokens and the instruction stay); 0 = no limit.
+  absl::StatusOr<Encoding> Tokenize(absl::string_view text, absl::string_view instruction,
+                                    int max_length) const;
+  // The token of `id` as the tokenizer spells it ("" if unknown or no
+  // tokenizer).
+  std::string IdToToken(int32_t id) const;
+
+  // OK when a request may ask for `exit_layer` (0 = full depth, or one of
+  // exits()); else INVALID_ARGUMENT naming exit_layer and the allowed exits.
+  absl::Status CheckExit(uint32_t exit_layer) const;
+  // exit_layer resolved: 0 -> full_exit(). Requires CheckExit to pass.
+  int ResolveExit(uint32_t exit_layer) const {
+    return exit_layer == 0 ? full_exit() : static_cast<int>(exit_layer);
+  }
 
   // See Encoder::Forward. out has seqs.size() * dim() floats.
   absl::Status Forward(absl::Span<const SequenceInput> seqs, float* out,
@@ -43,9 +67,7 @@ class EmbeddingModel {
   }
 
   const ModelConfig& config() const { return config_; }
-  bool has_tokenizer() const { return tokenizer_ != nullptr; }
-  // Requires has_tokenizer().
-  const WordPieceTokenizer& tokenizer() const { return *tokenizer_; }
+  bool has_tokenizer() const { return wordpiece_ != nullptr || bpe_ != nullptr; }
   // Floats per embedding (the encoder's; the projection width for
   // ModularStarEncoder).
   int dim() const { return encoder_->dim(); }
@@ -62,7 +84,9 @@ class EmbeddingModel {
  private:
   EmbeddingModel() = default;
   ModelConfig config_;
-  std::unique_ptr<WordPieceTokenizer> tokenizer_;
+  // At most one is set, by family.
+  std::unique_ptr<WordPieceTokenizer> wordpiece_;
+  std::unique_ptr<BpeTokenizer> bpe_;
   std::unique_ptr<Encoder> encoder_;
 };
 

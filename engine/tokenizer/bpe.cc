@@ -67,6 +67,8 @@ absl::StatusOr<std::unique_ptr<BpeTokenizer>> BpeTokenizer::Create(
   std::unique_ptr<BpeTokenizer> tok(new BpeTokenizer(*std::move(model), spec.pre_tokenizer));
   tok->first_pass_ = AddedTokenMatcher(std::move(first));
   tok->second_pass_ = AddedTokenMatcher(std::move(second));
+  for (const auto& [token, id] : tok->model_.vocab()) tok->id_to_token_.emplace(id, token);
+  for (const auto& [token, id] : added_ids) tok->id_to_token_.insert_or_assign(id, token);
   tok->added_ids_ = std::move(added_ids);
   tok->vocab_size_ = static_cast<int>(std::min<int64_t>(size, std::numeric_limits<int>::max()));
   tok->source_ = std::move(spec.source);
@@ -202,6 +204,12 @@ absl::StatusOr<Encoding> BpeTokenizer::EncodeForModel(absl::string_view text,
   }
   enc.ids.push_back(*cls_id_);
   return enc;
+}
+
+const std::string& BpeTokenizer::IdToToken(int32_t id) const {
+  static const std::string* const kEmpty = new std::string();
+  auto it = id_to_token_.find(id);
+  return it == id_to_token_.end() ? *kEmpty : it->second;
 }
 
 std::optional<int32_t> BpeTokenizer::TokenId(absl::string_view token) const {

@@ -90,6 +90,10 @@ class BpeTokenizer {
   // tokens are in byte-level form, e.g. "Ġthe").
   std::optional<int32_t> TokenId(absl::string_view token) const;
 
+  // The token of `id` in byte-level form (an added token's content, else the
+  // vocabulary entry, e.g. "Ġthe"); "" for an id the tokenizer lacks.
+  const std::string& IdToToken(int32_t id) const;
+
   // One past the largest id (vocabulary and added tokens).
   int vocab_size() const { return vocab_size_; }
   std::optional<int32_t> sep_id() const { return sep_id_; }
@@ -116,6 +120,9 @@ class BpeTokenizer {
   tokenizer::AddedTokenMatcher first_pass_;   // added tokens with normalized=false
   tokenizer::AddedTokenMatcher second_pass_;  // added tokens with normalized=true
   absl::flat_hash_map<std::string, int32_t> added_ids_;
+  // Reverse of the vocabulary and the added tokens (a map, not a vector: ids
+  // need not be dense).
+  absl::flat_hash_map<int32_t, std::string> id_to_token_;
   std::optional<int32_t> sep_id_;
   std::optional<int32_t> cls_id_;
   std::string sep_token_;

@@ -75,7 +75,7 @@ class KilnEmbedTest(unittest.TestCase):
         rc, out, err = run(b"x\n", "--exit=7")
         self.assertEqual(rc, 2)
         self.assertEqual(out, [])
-        self.assertIn("--exit=7 is out of range", err)
+        self.assertIn("--exit=7: exit_layer: 7 is out of range 0..6", err)
 
     def test_bad_model_folder_names_the_missing_file(self):
         with tempfile.TemporaryDirectory() as d:
@@ -119,7 +119,8 @@ class KilnServeFlagsTest(unittest.TestCase):
         # Router flags are checked once the brick store is open.
         bricks = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
             os.path.abspath(__file__)))), "deploy", "bricks")
-        for flag, message in [("--router_exit=7", "--router_exit=7 is past the model's 6 layers"),
+        for flag, message in [("--router_exit=7",
+                               "--router_exit=7 is not an exit of the model; allowed: 1, 2, 3, 4, 5, 6"),
                               ("--router_top_k=0", "--router_top_k: 0 must be at least 1"),
                               ("--router_min_score=2", "--router_min_score: 2 is not a cosine"),
                               ("--router_temperature=0", "--router_temperature: 0 must be > 0"),

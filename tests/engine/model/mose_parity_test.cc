@@ -30,10 +30,17 @@ namespace {
 
 const std::string kModelDir = std::string(KILN_SOURCE_DIR) + "/tests/engine/testdata/mose-tiny";
 
+struct ExpectedText {
+  std::string instruction, text;
+  std::vector<int32_t> ids;  // the `tokenizers` library's, in the model format
+  size_t sequence = 0;       // index into Expected::ids / embeddings
+};
+
 struct Expected {
   std::vector<int> exits;
   int dim = 0;
   std::vector<std::vector<int32_t>> ids;
+  std::vector<ExpectedText> texts;
   std::map<int, std::vector<std::vector<float>>> embeddings;  // exit -> [sequence][dim]
 };
 
@@ -46,6 +53,12 @@ Expected ReadExpected() {
   e.exits = j["exits"].get<std::vector<int>>();
   e.dim = j["dim"].get<int>();
   e.ids = j["sequences"].get<std::vector<std::vector<int32_t>>>();
+  for (const auto& t : j["texts"]) {
+    e.texts.push_back({.instruction = t["instruction"].get<std::string>(),
+                       .text = t["text"].get<std::string>(),
+                       .ids = t["ids"].get<std::vector<int32_t>>(),
+                       .sequence = t["sequence"].get<size_t>()});
+  }
   for (int k : e.exits) {
     e.embeddings[k] = j["embeddings"][std::to_string(k)].get<std::vector<std::vector<float>>>();
   }
@@ -123,9 +136,28 @@ TEST_P(MoseParityTest, LoadsTheFamilyWithItsExitsAndHeadWidth) {
   EXPECT_EQ(model_->exits(), expected_.exits);
   EXPECT_EQ(model_->full_exit(), expected_.exits.back());
   EXPECT_EQ(model_->dim(), expected_.dim);
-  EXPECT_FALSE(model_->has_tokenizer());
-  const absl::StatusOr<Encoding> enc = model_->Tokenize("x = 1");
-  EXPECT_EQ(enc.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(model_->has_tokenizer());
+}
+
+// Text in, embedding out: the folder's byte-level BPE tokenizer gives the
+// library's ids in the model format (<sep> instruction <sep> text <cls>), and
+// those ids embed as the reference embedded them.
+TEST_P(MoseParityTest, TextsTokenizeAndEmbedAsTheReference) {
+  ASSERT_FALSE(expected_.texts.empty());
+  for (const ExpectedText& t : expected_.texts) {
+    const absl::StatusOr<Encoding> enc =
+        model_->Tokenize(t.text, t.instruction, model_->config().max_seq_length);
+    ASSERT_TRUE(enc.ok()) << enc.status();
+    EXPECT_EQ(enc->ids, t.ids) << "instruction '" << t.instruction << "', text '" << t.text << "'";
+    for (int exit : expected_.exits) {
+      const std::vector<float> got = Embed({{.ids = enc->ids, .exit = exit}});
+      EXPECT_GE(Cosine(got.data(), expected_.embeddings[exit][t.sequence].data(), model_->dim()),
+                MinCosine(GetParam().precision))
+          << "exit " << exit << ", text '" << t.text << "'";
+    }
+  }
+  EXPECT_EQ(model_->IdToToken(expected_.texts[0].ids.front()), "<sep>");
+  EXPECT_EQ(model_->IdToToken(expected_.texts[0].ids.back()), "<cls>");
 }
 
 TEST_P(MoseParityTest, EveryExitMatchesTheReferenceOneAtATime) {
