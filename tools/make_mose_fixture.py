@@ -110,7 +110,7 @@ TEXTS = [
 ]
 
 
-def make_weights(cfg, gen):
+def make_weights(cfg, gen, head_width=HEAD_DIM_OUT):
     h, ff = cfg["hidden_size"], cfg["intermediate_size"]
     nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = h // nh
@@ -141,8 +141,8 @@ def make_weights(cfg, gen):
     w["model.norm.weight"] = vec(h, 1.0)
     w["model.norm.bias"] = vec(h)
     for j in range(len(cfg["matryoshka_layers"])):
-        w[f"projection_heads.{j}.weight"] = mat(HEAD_DIM_OUT, h)
-        w[f"projection_heads.{j}.bias"] = vec(HEAD_DIM_OUT)
+        w[f"projection_heads.{j}.weight"] = mat(head_width, h)
+        w[f"projection_heads.{j}.bias"] = vec(head_width)
     return {k: v.contiguous() for k, v in w.items()}
 
 
@@ -238,10 +238,43 @@ def text_sequences():
     return out
 
 
+# The published model's shape (docs/MODELS.md): for bench/mose_exits.sh,
+# which times it with random weights (no reference is computed).
+FULL_SHAPE = {"hidden_size": 1024, "num_hidden_layers": 36, "num_attention_heads": 16,
+              "num_key_value_heads": 4, "intermediate_size": 12288,
+              "matryoshka_layers": [4, 9, 18, 27, 36]}
+
+
+def write_model_folder(out, cfg, stored):
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+    save_file(stored, os.path.join(out, "model.safetensors"),
+              metadata={"format": "pt", "note": "random ModularStarEncoder-shaped test model"})
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(os.path.join(BPE_FIXTURE, name), os.path.join(out, name))
+    for name in os.listdir(out):
+        os.chmod(os.path.join(out, name), 0o644)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "tests/engine/testdata/mose-tiny"))
+    ap.add_argument("--full-shape", action="store_true",
+                    help="write a random model of the published shape (36 layers, hidden "
+                         "1024, ~1B parameters in BF16/F16, ~2 GB) to --out, without a "
+                         "reference: the input of bench/mose_exits.sh")
     args = ap.parse_args()
+    if args.full_shape:
+        torch.set_num_threads(os.cpu_count() or 1)
+        cfg = dict(CONFIG, **FULL_SHAPE)
+        stored = make_weights(cfg, torch.Generator().manual_seed(SEED), cfg["hidden_size"])
+        write_model_folder(args.out, cfg, stored)
+        params = sum(v.numel() for v in stored.values())
+        print(f"wrote {args.out}: {params / 1e9:.2f} B parameters, exits "
+              f"{cfg['matryoshka_layers']}")
+        return
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(SEED)
     stored = make_weights(CONFIG, gen)
@@ -263,21 +296,13 @@ def main():
         b = torch.tensor(embeddings[str(CONFIG["matryoshka_layers"][-1])][5])
         assert float(a @ b) < 0.99, "exit embeddings are degenerate"
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(CONFIG, f, indent=2)
-        f.write("\n")
-    save_file(stored, os.path.join(args.out, "model.safetensors"),
-              metadata={"format": "pt", "note": "random ModularStarEncoder-shaped test model"})
+    write_model_folder(args.out, CONFIG, stored)
     with open(os.path.join(args.out, "expected.json"), "w") as f:
         json.dump({"seed": SEED, "exits": CONFIG["matryoshka_layers"], "dim": HEAD_DIM_OUT,
                    "sequences": seqs, "texts": texts, "embeddings": embeddings}, f,
                   separators=(",", ":"))
         f.write("\n")
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(os.path.join(BPE_FIXTURE, name), os.path.join(args.out, name))
-    for name in os.listdir(args.out):
-        os.chmod(os.path.join(args.out, name), 0o644)
+    os.chmod(os.path.join(args.out, "expected.json"), 0o644)
     total = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out))
     print(f"wrote {args.out}: {len(seqs)} sequences, exits {CONFIG['matryoshka_layers']}, "
           f"{total} bytes")

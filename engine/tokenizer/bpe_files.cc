@@ -14,6 +14,7 @@
 #include "absl/strings/str_split.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
+#include "engine/tokenizer/json_fields.h"
 #include "nlohmann/json.hpp"
 
 namespace kiln::tokenizer {
@@ -21,66 +22,7 @@ namespace {
 
 using Json = nlohmann::json;
 
-absl::StatusOr<Json> ParseJsonFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    const int err = errno;
-    std::error_code ec;
-    if (!std::filesystem::exists(path, ec)) {
-      return absl::NotFoundError(absl::StrCat(path, ": file not found"));
-    }
-    return absl::FailedPreconditionError(absl::StrCat(path, ": cannot open: ", std::strerror(err)));
-  }
-  std::ostringstream buf;
-  buf << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat(path, ": read error"));
-  try {
-    return Json::parse(std::move(buf).str());
-  } catch (const Json::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": malformed JSON: ", e.what()));
-  }
-}
-
-// Field access with errors "FILE: FIELD <problem>".
-class Fields {
- public:
-  explicit Fields(std::string file) : file_(std::move(file)) {}
-
-  absl::Status Error(absl::string_view field, absl::string_view problem) const {
-    return absl::InvalidArgumentError(absl::StrCat(file_, ": ", field, " ", problem));
-  }
-
-  // The member `key` of `obj`, or nullptr when absent or null.
-  static const Json* Find(const Json& obj, const char* key) {
-    if (!obj.is_object()) return nullptr;
-    auto it = obj.find(key);
-    return it == obj.end() || it->is_null() ? nullptr : &*it;
-  }
-
-  absl::StatusOr<bool> Bool(const Json& obj, const char* key, const std::string& field,
-                            bool fallback) const {
-    const Json* v = Find(obj, key);
-    if (v == nullptr) return fallback;
-    if (!v->is_boolean()) return Error(field, "must be true or false");
-    return v->get<bool>();
-  }
-
-  absl::StatusOr<std::string> String(const Json& v, const std::string& field) const {
-    if (!v.is_string()) return Error(field, "must be a string");
-    return v.get<std::string>();
-  }
-
-  const std::string& file() const { return file_; }
-
-  // The "type" of a section, "" when absent.
-  static std::string Type(const Json& section) {
-    const Json* t = Find(section, "type");
-    return t != nullptr && t->is_string() ? t->get<std::string>() : "";
-  }
-
- private:
-  std::string file_;
-};
+using Fields = JsonFields;
 
 absl::Status ReadVocab(const Fields& f, const Json& model, BpeTokenizerSpec* spec) {
   const Json* vocab = Fields::Find(model, "vocab");
@@ -267,7 +209,7 @@ absl::Status ReadAddedTokens(const Fields& f, const Json& root, BpeTokenizerSpec
 }  // namespace
 
 absl::StatusOr<BpeTokenizerSpec> ReadBpeTokenizerJson(const std::string& path) {
-  ASSIGN_OR_RETURN(Json root, ParseJsonFile(path));
+  ASSIGN_OR_RETURN(Json root, ReadJsonFile(path));
   Fields f(path);
   if (!root.is_object()) return f.Error("top level", "must be a JSON object");
   BpeTokenizerSpec spec;
@@ -300,7 +242,7 @@ absl::StatusOr<BpeTokenizerSpec> ReadBpeTokenizerDirectory(const std::string& di
   const std::string config_path = (fs::path(dir) / "tokenizer_config.json").string();
   std::error_code ec;
   if (!fs::exists(config_path, ec)) return spec;
-  ASSIGN_OR_RETURN(Json config, ParseJsonFile(config_path));
+  ASSIGN_OR_RETURN(Json config, ReadJsonFile(config_path));
   Fields f(config_path);
   if (!config.is_object()) return f.Error("top level", "must be a JSON object");
   for (auto [key, name] :

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
+#include "engine/tokenizer/json_fields.h"
 #include "engine/tokenizer/utf8.h"
 #include "nlohmann/json.hpp"
 
@@ -23,88 +24,7 @@ namespace {
 
 using Json = nlohmann::json;
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) {
-    const int err = errno;
-    std::error_code ec;
-    if (!std::filesystem::exists(path, ec)) {
-      return absl::NotFoundError(absl::StrCat(path, ": file not found"));
-    }
-    return absl::FailedPreconditionError(absl::StrCat(path, ": cannot open: ", std::strerror(err)));
-  }
-  std::ostringstream buf;
-  buf << in.rdbuf();
-  if (in.bad()) return absl::DataLossError(absl::StrCat(path, ": read error"));
-  return std::move(buf).str();
-}
-
-absl::StatusOr<Json> ParseJson(const std::string& path) {
-  ASSIGN_OR_RETURN(std::string text, ReadFile(path));
-  try {
-    return Json::parse(text);
-  } catch (const Json::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": malformed JSON: ", e.what()));
-  }
-}
-
-// Field access with errors of the form "FILE: FIELD <problem>".
-class FieldReader {
- public:
-  explicit FieldReader(std::string file) : file_(std::move(file)) {}
-
-  absl::Status Error(absl::string_view field, absl::string_view problem) const {
-    return absl::InvalidArgumentError(absl::StrCat(file_, ": ", field, " ", problem));
-  }
-
-  // The member `key` of `obj`, or nullptr when absent or null.
-  static const Json* Find(const Json& obj, const char* key) {
-    if (!obj.is_object()) return nullptr;
-    auto it = obj.find(key);
-    if (it == obj.end() || it->is_null()) return nullptr;
-    return &*it;
-  }
-
-  absl::StatusOr<const Json*> Object(const Json& obj, const char* key,
-                                     absl::string_view field) const {
-    const Json* v = Find(obj, key);
-    if (v == nullptr) return Error(field, "is missing");
-    if (!v->is_object()) return Error(field, "must be a JSON object");
-    return v;
-  }
-
-  absl::StatusOr<std::string> String(const Json& obj, const char* key, absl::string_view field,
-                                     std::optional<std::string> fallback) const {
-    const Json* v = Find(obj, key);
-    if (v == nullptr) {
-      if (fallback.has_value()) return *std::move(fallback);
-      return Error(field, "is missing");
-    }
-    if (!v->is_string()) return Error(field, "must be a string");
-    return v->get<std::string>();
-  }
-
-  absl::StatusOr<bool> Bool(const Json& obj, const char* key, absl::string_view field,
-                            bool fallback) const {
-    const Json* v = Find(obj, key);
-    if (v == nullptr) return fallback;
-    if (!v->is_boolean()) return Error(field, "must be true or false");
-    return v->get<bool>();
-  }
-
-  absl::StatusOr<int32_t> Id(const Json& v, absl::string_view field) const {
-    if (!v.is_number_integer() || v.get<int64_t>() < 0 ||
-        v.get<int64_t>() > std::numeric_limits<int32_t>::max()) {
-      return Error(field, "must be a non-negative 32-bit integer id");
-    }
-    return static_cast<int32_t>(v.get<int64_t>());
-  }
-
-  const std::string& file() const { return file_; }
-
- private:
-  std::string file_;
-};
+using FieldReader = JsonFields;
 
 absl::Status RequireType(const FieldReader& r, const Json& section, absl::string_view field,
                          absl::string_view wanted) {
@@ -285,7 +205,7 @@ absl::StatusOr<std::string> ConfigTokenName(const FieldReader& r, const Json& co
 }  // namespace
 
 absl::StatusOr<WordPieceTokenizerSpec> ReadTokenizerJson(const std::string& path) {
-  ASSIGN_OR_RETURN(Json root, ParseJson(path));
+  ASSIGN_OR_RETURN(Json root, ReadJsonFile(path));
   FieldReader r(path);
   if (!root.is_object()) return r.Error("top level", "must be a JSON object");
   WordPieceTokenizerSpec spec;
@@ -312,7 +232,7 @@ absl::StatusOr<WordPieceTokenizerSpec> ReadTokenizerJson(const std::string& path
 
 absl::StatusOr<WordPieceTokenizerSpec> ReadVocabTxt(const std::string& vocab_path,
                                                     const std::string& config_path) {
-  ASSIGN_OR_RETURN(std::string text, ReadFile(vocab_path));
+  ASSIGN_OR_RETURN(std::string text, ReadTextFile(vocab_path));
   {
     std::u32string ignored;
     absl::Status utf8 = DecodeUtf8(text, &ignored);
@@ -343,7 +263,7 @@ absl::StatusOr<WordPieceTokenizerSpec> ReadVocabTxt(const std::string& vocab_pat
   Json config = Json::object();
   std::error_code ec;
   if (std::filesystem::exists(config_path, ec)) {
-    ASSIGN_OR_RETURN(config, ParseJson(config_path));
+    ASSIGN_OR_RETURN(config, ReadJsonFile(config_path));
     spec.source = absl::StrCat(vocab_path, " + ", config_path);
   } else {
     KLOG(WARNING) << config_path << " not found; using BERT defaults (do_lower_case=true)";

@@ -183,6 +183,31 @@ class BackendOpsTest : public ::testing::TestWithParam<DeviceCase> {
   std::unique_ptr<Backend> backend_;
 };
 
+// Cosine of two n-float vectors, accumulated in double.
+inline double Cosine(const float* a, const float* b, int n) {
+  double ab = 0, aa = 0, bb = 0;
+  for (int i = 0; i < n; ++i) {
+    ab += double(a[i]) * b[i];
+    aa += double(a[i]) * a[i];
+    bb += double(b[i]) * b[i];
+  }
+  return ab / std::sqrt(aa * bb);
+}
+
+// The least cosine an embedding may have to its reference at a GEMM
+// precision (docs/GPU.md): fp32 0.99999, fp16 0.9999, bf16 0.999.
+inline double MinCosine(GemmPrecision p) {
+  switch (p) {
+    case GemmPrecision::kFp32:
+      return 0.99999;
+    case GemmPrecision::kFp16:
+      return 0.9999;
+    case GemmPrecision::kBf16:
+      return 0.999;
+  }
+  return 1.0;
+}
+
 }  // namespace kiln
 
 #endif  // KILN_TESTS_ENGINE_BACKEND_OPS_FIXTURE_H_

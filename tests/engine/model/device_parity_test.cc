@@ -30,8 +30,9 @@
 #include "engine/model/embedding_model.h"
 #include "engine/sparse_ffn.h"
 #include "gtest/gtest.h"
-#include "tests/engine/lora_test_util.h"
 #include "nlohmann/json.hpp"
+#include "tests/engine/backend_ops_fixture.h"
+#include "tests/engine/lora_test_util.h"
 
 namespace kiln {
 namespace {
@@ -53,28 +54,6 @@ struct Fixture {
   std::vector<std::vector<int32_t>> ids;
   std::vector<std::vector<std::vector<float>>> exits;  // [exit-1][text][dim]
 };
-
-double Cosine(const float* a, const float* b, int n) {
-  double ab = 0, aa = 0, bb = 0;
-  for (int i = 0; i < n; ++i) {
-    ab += double(a[i]) * b[i];
-    aa += double(a[i]) * a[i];
-    bb += double(b[i]) * b[i];
-  }
-  return ab / std::sqrt(aa * bb);
-}
-
-double MinCosine(GemmPrecision p) {
-  switch (p) {
-    case GemmPrecision::kFp32:
-      return 0.99999;
-    case GemmPrecision::kFp16:
-      return 0.9999;
-    case GemmPrecision::kBf16:
-      return 0.999;
-  }
-  return 1.0;
-}
 
 // The default model on the CUDA backend at GetParam()'s GEMM precision.
 class DeviceParityTest : public ::testing::TestWithParam<GemmPrecision> {

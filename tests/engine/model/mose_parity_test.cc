@@ -65,28 +65,6 @@ Expected ReadExpected() {
   return e;
 }
 
-double Cosine(const float* a, const float* b, int n) {
-  double ab = 0, aa = 0, bb = 0;
-  for (int i = 0; i < n; ++i) {
-    ab += double(a[i]) * b[i];
-    aa += double(a[i]) * a[i];
-    bb += double(b[i]) * b[i];
-  }
-  return ab / std::sqrt(aa * bb);
-}
-
-double MinCosine(GemmPrecision p) {
-  switch (p) {
-    case GemmPrecision::kFp32:
-      return 0.99999;
-    case GemmPrecision::kFp16:
-      return 0.9999;
-    case GemmPrecision::kBf16:
-      return 0.999;
-  }
-  return 1.0;
-}
-
 float BatchTolerance(GemmPrecision p) {
   return p == GemmPrecision::kFp32 ? 1e-6f : p == GemmPrecision::kFp16 ? 5e-4f : 4e-3f;
 }
