@@ -14,7 +14,9 @@
 #   inputs   TEXTS functions of Debian's Python standard library, each cut to
 #            its first MAX_CHARS characters (deterministic)
 #   engine   build/bin/kiln_bench_engine --device=$DEVICE, the server's token
-#            budget, one warm-up pass per exit and round
+#            budget, one warm-up pass per exit and round; "ms/input" is the
+#            time of the batch of all inputs divided by their number (the
+#            time per request amortised over one batch)
 #
 # Usage: bench/mose_exits.sh
 # Env:   TEXTS (4), MAX_CHARS (240), ROUNDS (3), THREADS (nproc), DEVICE (cpu;
@@ -81,11 +83,13 @@ log "$(wc -l < "$inputs") inputs of up to $max_chars characters; $rounds rounds;
 exits=(4 9 18 27 36)
 paper=(11 25 50 75 100)
 : > "$out/mose_exits.jsonl"
+: > "$out/mose_exits.log"
 for ((r = 1; r <= rounds; ++r)); do
   for e in "${exits[@]}"; do
     "$bench_bin" --model="$model" --input="$inputs" --exit="$e" --threads="$threads" \
-      --repeats=1 --device="$device" --gemm_precision="$precision" 2>/dev/null |
-      sed "s/^{/{\"round\":$r,/" >> "$out/mose_exits.jsonl"
+      --repeats=1 --device="$device" --gemm_precision="$precision" 2>>"$out/mose_exits.log" |
+      sed "s/^{/{\"round\":$r,/" >> "$out/mose_exits.jsonl" ||
+      die "kiln_bench_engine failed at exit $e; see $out/mose_exits.log"
   done
   log "round $r of $rounds done"
 done
@@ -101,9 +105,9 @@ full = med[exits[-1]]
 print(f"# ModularStarEncoder shape (36 layers, hidden 1024, 16/4 heads, FFN 12288), random weights")
 print(f"# device: {first['device']}; {first['texts']} inputs, {first['tokens']} tokens; "
       f"median of {len(rows) // len(exits)} rounds; {platform.machine()}, {platform.node()}")
-print(f"{'exit':>4}  {'tokens/s':>9}  {'ms/request':>10}  {'time vs exit 36':>15}  {'paper FLOPs':>11}")
+print(f"{'exit':>4}  {'tokens/s':>9}  {'ms/input':>8}  {'time vs exit 36':>15}  {'paper FLOPs':>11}")
 for e, p in zip(exits, paper):
     s = med[e]
-    print(f"{e:>4}  {first['tokens'] / s:>9.1f}  {1000 * s / first['texts']:>10.1f}  "
+    print(f"{e:>4}  {first['tokens'] / s:>9.1f}  {1000 * s / first['texts']:>8.1f}  "
           f"{100 * s / full:>14.0f}%  {p:>10}%")
 EOF

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/random/random.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/logging.h"
@@ -141,6 +142,8 @@ absl::StatusOr<Encoding> KilnService::TokenizeInput(const std::string& instructi
   const int max_tokens = model_->config().max_seq_length;
   absl::StatusOr<Encoding> enc = model_->Tokenize(input, instruction, truncate ? max_tokens : 0);
   if (!enc.ok()) {
+    // An error in the instruction is the request's, not this input's.
+    if (absl::StartsWith(enc.status().message(), "instruction: ")) return enc.status();
     return absl::Status(enc.status().code(),
                         absl::StrCat("inputs[", index, "]: ", enc.status().message()));
   }

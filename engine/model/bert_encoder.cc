@@ -190,15 +190,9 @@ absl::Status BertEncoder::Run(absl::Span<const SequenceInput> seqs, float* out,
     const Layer& L = layers_[l];
     // Each Linear adds the live segments' LoRA deltas on it (before its
     // activation), block by block on the thread that computed the block.
-    std::vector<LowRankTask>& tasks = lora_tasks_;
     auto deltas = [&](std::initializer_list<std::pair<LoraTarget, int>> targets) {
-      tasks.clear();
-      if (any_lora) {
-        for (const auto& [target, col] : targets) {
-          CollectLoraTasks(config_, l, target, col, segments, starts, rows, plans, tasks);
-        }
-      }
-      return LowRankDeltas{.tasks = tasks, .tmp = ws_.lora_tmp.get(), .tmp_ld = lora_tmp_ld_};
+      return LayerLoraDeltas(config_, batch, l, rows, plans, targets, lora_tasks_,
+                             ws_.lora_tmp.get(), lora_tmp_ld_);
     };
     backend_->Linear(
         x, rows, h, L.qkv_w.get(), L.qkv_b.get(), 3 * h, Activation::kNone, ws_.qkv.get(),

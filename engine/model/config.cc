@@ -31,6 +31,10 @@ absl::StatusOr<json> ReadJson(const fs::path& path) {
   return j;
 }
 
+// The most positions a rotary model may declare: its cos/sin table is built
+// for all of them at load (131072 x head_dim floats; 32 MB at head_dim 64).
+constexpr int kMaxRotaryPositions = 1 << 17;
+
 // Reads a positive integer field; `fallback` < 0 means the field is required.
 absl::StatusOr<int> IntField(const json& j, const std::string& file, const char* key,
                              int fallback = -1) {
@@ -44,6 +48,31 @@ absl::StatusOr<int> IntField(const json& j, const std::string& file, const char*
         absl::StrCat(file, ": field '", key, "' must be a positive integer, got ", it->dump()));
   }
   return it->get<int>();
+}
+
+// Reads a string field: `fallback` when absent or null, INVALID_ARGUMENT
+// naming the file and field when it is anything but a string.
+absl::StatusOr<std::string> StringField(const json& j, const std::string& file, const char* key,
+                                        std::string fallback) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  if (!it->is_string()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": field '", key, "' must be a string, got ", it->dump()));
+  }
+  return it->get<std::string>();
+}
+
+// Reads a boolean field: `fallback` when absent or null.
+absl::StatusOr<bool> BoolField(const json& j, const std::string& file, const char* key,
+                               bool fallback) {
+  auto it = j.find(key);
+  if (it == j.end() || it->is_null()) return fallback;
+  if (!it->is_boolean()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": field '", key, "' must be true or false, got ", it->dump()));
+  }
+  return it->get<bool>();
 }
 
 // Reads a positive number field (a float of the config); `fallback` < 0
@@ -65,7 +94,7 @@ absl::StatusOr<double> PositiveNumber(const json& j, const std::string& file, co
 // The family config.json asks for: model_type, else the first of
 // architectures. INVALID_ARGUMENT naming both when neither is one Kiln has.
 absl::StatusOr<ModelFamily> FamilyOf(const json& j, const std::string& file) {
-  const std::string model_type = j.value("model_type", "");
+  ASSIGN_OR_RETURN(const std::string model_type, StringField(j, file, "model_type", ""));
   if (model_type == "bert") return ModelFamily::kBert;
   if (model_type == "ModularStarEncoder") return ModelFamily::kModularStarEncoder;
   std::string arch;
@@ -112,7 +141,7 @@ absl::StatusOr<std::vector<int>> ExitLayers(const json& j, const std::string& fi
 absl::StatusOr<EncoderConfig> ParseStarEncoderConfig(const json& j, const std::string& file) {
   EncoderConfig c;
   c.family = ModelFamily::kModularStarEncoder;
-  c.model_type = j.value("model_type", "ModularStarEncoder");
+  ASSIGN_OR_RETURN(c.model_type, StringField(j, file, "model_type", "ModularStarEncoder"));
   ASSIGN_OR_RETURN(c.vocab_size, IntField(j, file, "vocab_size"));
   ASSIGN_OR_RETURN(c.hidden_size, IntField(j, file, "hidden_size"));
   ASSIGN_OR_RETURN(c.num_layers, IntField(j, file, "num_hidden_layers"));
@@ -120,6 +149,12 @@ absl::StatusOr<EncoderConfig> ParseStarEncoderConfig(const json& j, const std::s
   ASSIGN_OR_RETURN(c.num_kv_heads, IntField(j, file, "num_key_value_heads", c.num_heads));
   ASSIGN_OR_RETURN(c.intermediate_size, IntField(j, file, "intermediate_size"));
   ASSIGN_OR_RETURN(c.max_position_embeddings, IntField(j, file, "max_position_embeddings"));
+  // The rotary table holds max_position_embeddings x head_dim floats.
+  if (c.max_position_embeddings > kMaxRotaryPositions) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": max_position_embeddings ", c.max_position_embeddings,
+                     " is more than Kiln serves (", kMaxRotaryPositions, ")"));
+  }
   if (c.hidden_size % c.num_heads != 0 || c.head_dim() % 2 != 0) {
     return absl::InvalidArgumentError(
         absl::StrCat(file, ": hidden_size ", c.hidden_size, " / num_attention_heads ", c.num_heads,
@@ -130,7 +165,7 @@ absl::StatusOr<EncoderConfig> ParseStarEncoderConfig(const json& j, const std::s
                                                    " is not a multiple of num_key_value_heads ",
                                                    c.num_kv_heads));
   }
-  const std::string act = j.value("hidden_act", "gelu_pytorch_tanh");
+  ASSIGN_OR_RETURN(const std::string act, StringField(j, file, "hidden_act", "gelu_pytorch_tanh"));
   if (act == "gelu_pytorch_tanh" || act == "gelu_new") {
     c.hidden_act = Activation::kGeluTanh;
   } else if (act == "gelu") {
@@ -140,7 +175,8 @@ absl::StatusOr<EncoderConfig> ParseStarEncoderConfig(const json& j, const std::s
         absl::StrCat(file, ": hidden_act '", act,
                      "' is not supported (supported: gelu_pytorch_tanh, gelu_new, gelu)"));
   }
-  if (const std::string norm = j.value("norm_type", "layer_norm"); norm != "layer_norm") {
+  ASSIGN_OR_RETURN(const std::string norm, StringField(j, file, "norm_type", "layer_norm"));
+  if (norm != "layer_norm") {
     return absl::InvalidArgumentError(
         absl::StrCat(file, ": norm_type '", norm, "' is not supported (supported: layer_norm)"));
   }
@@ -159,16 +195,16 @@ absl::StatusOr<EncoderConfig> ParseStarEncoderConfig(const json& j, const std::s
     return absl::InvalidArgumentError(
         absl::StrCat(file, ": rope_scaling ", it->dump(), " is not supported (expected null)"));
   }
-  if (auto it = j.find("use_bias"); it != j.end() && !it->is_null()) {
-    if (!it->is_boolean()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(file, ": use_bias must be true or false, got ", it->dump()));
-    }
-    c.use_bias = it->get<bool>();
-  }
+  ASSIGN_OR_RETURN(c.use_bias, BoolField(j, file, "use_bias", true));
   ASSIGN_OR_RETURN(const double eps, PositiveNumber(j, file, "norm_epsilon", 1e-5));
   c.layer_norm_eps = static_cast<float>(eps);
   ASSIGN_OR_RETURN(c.rope_theta, PositiveNumber(j, file, "rope_theta", 10000.0));
+  // Frequencies are theta^(-2i/d): a base below 1 makes them grow, and one
+  // far below underflows the float table to zeros and NaNs.
+  if (c.rope_theta < 1.0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file, ": rope_theta ", c.rope_theta, " must be at least 1"));
+  }
   ASSIGN_OR_RETURN(c.exit_layers, ExitLayers(j, file, c.num_layers));
   return c;
 }
@@ -177,13 +213,14 @@ absl::StatusOr<EncoderConfig> ParseEncoderConfig(const json& j, const std::strin
   ASSIGN_OR_RETURN(const ModelFamily family, FamilyOf(j, file));
   if (family == ModelFamily::kModularStarEncoder) return ParseStarEncoderConfig(j, file);
   EncoderConfig c;
-  c.model_type = j.value("model_type", "");
+  ASSIGN_OR_RETURN(c.model_type, StringField(j, file, "model_type", ""));
   if (auto it = j.find("position_embedding_type");
       it != j.end() && !(it->is_string() && it->get<std::string>() == "absolute")) {
     return absl::InvalidArgumentError(absl::StrCat(file, ": position_embedding_type ", it->dump(),
                                                    " is not supported (supported: absolute)"));
   }
-  if (j.value("is_decoder", false)) {
+  ASSIGN_OR_RETURN(const bool is_decoder, BoolField(j, file, "is_decoder", false));
+  if (is_decoder) {
     return absl::InvalidArgumentError(absl::StrCat(file, ": is_decoder=true is not supported"));
   }
   ASSIGN_OR_RETURN(c.vocab_size, IntField(j, file, "vocab_size"));
@@ -206,7 +243,7 @@ absl::StatusOr<EncoderConfig> ParseEncoderConfig(const json& j, const std::strin
     }
     c.layer_norm_eps = it->get<float>();
   }
-  const std::string act = j.value("hidden_act", "gelu");
+  ASSIGN_OR_RETURN(const std::string act, StringField(j, file, "hidden_act", "gelu"));
   if (act == "gelu") {
     c.hidden_act = Activation::kGelu;
   } else {
@@ -267,7 +304,7 @@ absl::Status ParseModules(const fs::path& dir, ModelConfig& config) {
       return absl::InvalidArgumentError(absl::StrCat(file, ": every module needs a string 'type'"));
     }
     const std::string type = m["type"].get<std::string>();
-    const std::string path = m.value("path", "");
+    ASSIGN_OR_RETURN(const std::string path, StringField(m, file, "path", ""));
     if (type == "sentence_transformers.models.Transformer") {
       saw_transformer = true;
     } else if (type == "sentence_transformers.models.Pooling") {

@@ -155,6 +155,20 @@ absl::StatusOr<PackedBatch> PackBatch(const EncoderConfig& config,
   return b;
 }
 
+LowRankDeltas LayerLoraDeltas(const EncoderConfig& config, const PackedBatch& batch, int layer,
+                              int live_rows, absl::Span<const LoraPlan> plans,
+                              std::initializer_list<std::pair<LoraTarget, int>> targets,
+                              std::vector<LowRankTask>& tasks, float* tmp, int tmp_ld) {
+  tasks.clear();
+  if (batch.any_lora) {
+    for (const auto& [target, col] : targets) {
+      CollectLoraTasks(config, layer, target, col, batch.segments, batch.starts, live_rows, plans,
+                       tasks);
+    }
+  }
+  return LowRankDeltas{.tasks = tasks, .tmp = tmp, .tmp_ld = tmp_ld};
+}
+
 void CollectLoraTasks(const EncoderConfig& config, int layer, LoraTarget target, int col,
                       absl::Span<const BatchSegment> segments, absl::Span<const int32_t> starts,
                       int live_rows, absl::Span<const LoraPlan> plans,

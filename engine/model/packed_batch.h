@@ -11,7 +11,9 @@
 #define KILN_ENGINE_MODEL_PACKED_BATCH_H_
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -92,6 +94,16 @@ void CollectLoraTasks(const EncoderConfig& config, int layer, LoraTarget target,
                       absl::Span<const BatchSegment> segments, absl::Span<const int32_t> starts,
                       int live_rows, absl::Span<const LoraPlan> plans,
                       std::vector<LowRankTask>& tasks);
+
+// The LoRA deltas one Linear of layer `layer` adds for the batch's live rows
+// [0, live_rows): `tasks` is refilled (left empty when no segment has a
+// brick) with every (target, output column) pair's tasks, and returned with
+// the caller's scratch `tmp` / `tmp_ld`. `tasks` must outlive the call that
+// uses the result.
+LowRankDeltas LayerLoraDeltas(const EncoderConfig& config, const PackedBatch& batch, int layer,
+                              int live_rows, absl::Span<const LoraPlan> plans,
+                              std::initializer_list<std::pair<LoraTarget, int>> targets,
+                              std::vector<LowRankTask>& tasks, float* tmp, int tmp_ld);
 
 // Whether pooling may L2-normalise every row itself: the model normalises
 // by default and no sequence asks otherwise.

@@ -240,14 +240,8 @@ absl::Status StarEncoder::Run(absl::Span<const SequenceInput> seqs, float* out,
     const int rows = starts[live];
     const Layer& L = layers_[l];
     auto deltas = [&](std::initializer_list<std::pair<LoraTarget, int>> targets) {
-      lora_tasks_.clear();
-      if (batch.any_lora) {
-        for (const auto& [target, col] : targets) {
-          CollectLoraTasks(config_, l, target, col, batch.segments, starts, rows, plans,
-                           lora_tasks_);
-        }
-      }
-      return LowRankDeltas{.tasks = lora_tasks_, .tmp = ws_.lora_tmp.get(), .tmp_ld = lora_tmp_ld_};
+      return LayerLoraDeltas(config_, batch, l, rows, plans, targets, lora_tasks_,
+                             ws_.lora_tmp.get(), lora_tmp_ld_);
     };
     // The first block's input norm; every later one was made by the
     // residual step that ended the block before.

@@ -193,8 +193,11 @@ absl::StatusOr<Encoding> BpeTokenizer::EncodeForModel(absl::string_view text,
   const size_t fixed = enc.ids.size() + 1;  // with the final <cls>
   if (max_length > 0 && fixed > static_cast<size_t>(max_length)) {
     return absl::InvalidArgumentError(
-        absl::StrCat("max_length ", max_length, " leaves no room for the text: the special tokens",
-                     instruction.empty() ? "" : " and the instruction", " take ", fixed, " ids"));
+        instruction.empty()
+            ? absl::StrCat("max_length ", max_length, " leaves no room for the text: the special ",
+                           "tokens take ", fixed, " ids")
+            : absl::StrCat("instruction: too long: with the special tokens it takes ", fixed,
+                           " ids, leaving no room for the text within max_length ", max_length));
   }
   const size_t limit = max_length > 0 ? static_cast<size_t>(max_length) - 1 : kNoLimit;
   AppendIds(text, limit, &scratch, &enc.ids);

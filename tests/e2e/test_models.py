@@ -71,6 +71,12 @@ def test_mose_refuses_exits_it_does_not_have(start_server):
             lambda: server.stub.Embed(pb.EmbedRequest(inputs=["x"], exit_layer=bad), timeout=10),
             grpc.StatusCode.INVALID_ARGUMENT, f"exit_layer: {bad}",
             "allowed: 0 (= full depth, 4), 1, 2, 4")
+    # An instruction that leaves no room for the text is the request's fault,
+    # named as such (max_input_tokens is 2048 for this model).
+    expect_rpc_error(
+        lambda: server.stub.Embed(pb.EmbedRequest(inputs=["x", "y"], instruction="a " * 3000),
+                                  timeout=30),
+        grpc.StatusCode.INVALID_ARGUMENT, "instruction: too long")
     ok = server.stub.Embed(pb.EmbedRequest(inputs=["x"], exit_layer=2), timeout=10)
     assert len(ok.embeddings[0].values) == 64  # and the server serves on
 
@@ -96,7 +102,9 @@ def test_mose_concurrent_mixed_exits_batch_like_one_at_a_time(start_server, expe
         th.start()
     for th in threads:
         th.join(timeout=60)
+    assert not any(th.is_alive() for th in threads), "a request never finished"
     assert not errors, errors
+    assert len(results) == len(threads)
     for (i, e), resp in results.items():
         for got, want in zip(resp.embeddings, alone[e].embeddings):
             assert max(abs(a - b) for a, b in zip(got.values, want.values)) < 1e-5, (i, e)

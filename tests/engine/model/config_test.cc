@@ -96,6 +96,18 @@ TEST_F(ConfigTest, RejectsAnUnsupportedActivation) {
   EXPECT_THAT(Load().status().message(), HasSubstr("hidden_act 'silu' is not supported"));
 }
 
+// A field of the wrong JSON type is an error naming it, never a crash.
+TEST_F(ConfigTest, RejectsWrongTypedFields) {
+  Edit("config.json", "\"hidden_act\": \"gelu\"", "\"hidden_act\": 1");
+  EXPECT_EQ(Load().status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(Load().status().message(), HasSubstr("field 'hidden_act' must be a string"));
+  Edit("config.json", "\"hidden_act\": 1", "\"hidden_act\": \"gelu\", \"is_decoder\": \"no\"");
+  EXPECT_THAT(Load().status().message(), HasSubstr("field 'is_decoder' must be true or false"));
+  Edit("config.json", "\"is_decoder\": \"no\"", "\"is_decoder\": false");
+  Edit("config.json", "\"model_type\": \"bert\"", "\"model_type\": [\"bert\"]");
+  EXPECT_THAT(Load().status().message(), HasSubstr("field 'model_type' must be a string"));
+}
+
 TEST_F(ConfigTest, RejectsRelativePositionEmbeddings) {
   Edit("config.json", "\"absolute\"", "\"relative_key\"");
   EXPECT_THAT(Load().status().message(), HasSubstr("position_embedding_type"));

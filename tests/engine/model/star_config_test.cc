@@ -171,7 +171,30 @@ TEST_F(StarConfigTest, BadNumbersAreErrors) {
   ExpectInvalid("field 'norm_epsilon' must be a positive number");
   config_["norm_epsilon"] = 1e-5;
   config_["use_bias"] = "yes";
-  ExpectInvalid("use_bias must be true or false");
+  ExpectInvalid("field 'use_bias' must be true or false");
+  config_["use_bias"] = true;
+  config_["rope_theta"] = 1e-300;  // frequencies would underflow to NaN
+  ExpectInvalid("rope_theta 1e-300 must be at least 1");
+  config_["rope_theta"] = 1e6;
+  config_["max_position_embeddings"] = 1 << 24;  // a 4 GB rotary table
+  ExpectInvalid("max_position_embeddings 16777216 is more than Kiln serves");
+}
+
+// A field of the wrong JSON type is an error naming it, never a crash.
+TEST_F(StarConfigTest, WrongTypedFieldsAreErrors) {
+  for (const char* field : {"model_type", "hidden_act", "norm_type"}) {
+    for (const nlohmann::json& bad :
+         {nlohmann::json(5), nlohmann::json::array({"x"}), nlohmann::json::object({{"a", 1}})}) {
+      nlohmann::json saved = config_;
+      config_[field] = bad;
+      ExpectInvalid(std::string("field '") + field + "' must be a string");
+      config_ = saved;
+    }
+  }
+  // null means "absent": the defaults apply.
+  config_["hidden_act"] = nullptr;
+  config_["norm_type"] = nullptr;
+  EXPECT_TRUE(Load().ok());
 }
 
 }  // namespace
