@@ -77,7 +77,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 # The WordPiece fixture's literal lists (scripts, emoji, control characters...).
 from make_tokenizer_fixture import (CJK_TEXT, CODE_SNIPPETS, CONTROL, EMOJI,
                                     LATIN_ACCENTS, MIXED_SCRIPTS, NUMBERS_URLS_MATH,
-                                    SCRIPT_RANGES, WHITESPACE)
+                                    SCRIPT_RANGES)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 20250309
