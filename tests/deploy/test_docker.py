@@ -174,3 +174,30 @@ def test_docker_cmd_and_healthcheck_run(installed, dockerfile, repo, tmp_path):
     # Once the server is gone the health check fails.
     gone = subprocess.run(health, capture_output=True, text=True, timeout=30)
     assert gone.returncode == 1, gone
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="groupadd/useradd --prefix need root")
+def test_docker_user_commands_make_the_nonroot_user(dockerfile, tmp_path):
+    """The runtime stage's groupadd/useradd, run against a copy of /etc
+    (--prefix) instead of the image's: they succeed and make uid/gid 10001
+    with no login shell and no home, as the k8s manifests assume."""
+    (runtime_install,) = [r for r in instruction(dockerfile, "RUN") if "libgrpc++" in r]
+    commands = [c.strip() for c in runtime_install.split("&&")
+                if c.strip().startswith(("groupadd", "useradd"))]
+    assert [c.split()[0] for c in commands] == ["groupadd", "useradd"], commands
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    for name in ("passwd", "group", "shadow", "gshadow", "login.defs"):
+        if os.path.exists(f"/etc/{name}"):
+            shutil.copy(f"/etc/{name}", etc / name)
+    for command in commands:
+        tool, *args = command.split()
+        run = subprocess.run([tool, "--prefix", str(tmp_path), *args],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 0, f"{command}: {run.stderr}"
+    users = {line.split(":")[0]: line.split(":") for line in (etc / "passwd").read_text().splitlines()}
+    groups = {line.split(":")[0]: line.split(":") for line in (etc / "group").read_text().splitlines()}
+    assert users["kiln"][2:4] == ["10001", "10001"], users["kiln"]
+    assert users["kiln"][5:7] == ["/nonexistent", "/usr/sbin/nologin"], users["kiln"]
+    assert groups["kiln"][2] == "10001", groups["kiln"]
+    assert not os.path.exists("/nonexistent")
