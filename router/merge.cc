@@ -36,8 +36,8 @@ std::string ModuleName(const EncoderConfig& base, int layer, LoraTarget target) 
   return absl::StrCat(LoraLayerPrefix(base), layer, ".", LoraTargetPath(base, target));
 }
 
-std::string ModuleWhere(const LoraHostModule& m) {
-  return absl::StrCat("layer ", m.layer, " ", LoraTargetPath(m.target));
+std::string ModuleWhere(const EncoderConfig& base, const LoraHostModule& m) {
+  return absl::StrCat("layer ", m.layer, " ", LoraTargetPath(base, m.target));
 }
 
 // Checks one module against `base`; `where` prefixes the message.
@@ -47,7 +47,7 @@ absl::Status CheckModule(const EncoderConfig& base, const LoraHostModule& m,
   if (t < 0 || t >= kNumLoraTargets) {
     return absl::InvalidArgumentError(absl::StrCat(where, ": unknown target ", t));
   }
-  const std::string at = absl::StrCat(where, ": ", ModuleWhere(m), ": ");
+  const std::string at = absl::StrCat(where, ": ", ModuleWhere(base, m), ": ");
   if (m.layer < 0 || m.layer >= base.num_layers) {
     return absl::InvalidArgumentError(
         absl::StrCat(at, "layer out of range (the base model has ", base.num_layers, " layers)"));
@@ -132,7 +132,7 @@ absl::StatusOr<ModuleMap> Validate(const EncoderConfig& base,
       RETURN_IF_ERROR(CheckModule(base, m, where));
       std::vector<Part>& parts = modules[{m.layer, static_cast<int>(m.target)}];
       if (!parts.empty() && parts.back().input == static_cast<int>(i)) {
-        return absl::InvalidArgumentError(absl::StrCat(where, ": ", ModuleWhere(m),
+        return absl::InvalidArgumentError(absl::StrCat(where, ": ", ModuleWhere(base, m),
                                                        ": a second module on the same layer and "
                                                        "target"));
       }
@@ -142,7 +142,7 @@ absl::StatusOr<ModuleMap> Validate(const EncoderConfig& base,
   for (const auto& [key, parts] : modules) {
     const LoraTarget target = static_cast<LoraTarget>(key.second);
     const int min_dim = std::min(LoraTargetIn(base, target), LoraTargetOut(base, target));
-    const std::string where = absl::StrCat("layer ", key.first, " ", LoraTargetPath(target));
+    const std::string where = absl::StrCat("layer ", key.first, " ", LoraTargetPath(base, target));
     if (svd && options.svd_rank > min_dim) {
       return absl::InvalidArgumentError(absl::StrCat(
           "svd_rank: ", options.svd_rank, " exceeds min(out, in) = ", min_dim, " of ", where));
@@ -305,10 +305,11 @@ absl::StatusOr<std::vector<DenseDelta>> DenseDeltas(const EncoderConfig& base,
   return deltas;
 }
 
-absl::Status CheckFinite(const LoraHostModule& m) {
+absl::Status CheckFinite(const EncoderConfig& base, const LoraHostModule& m) {
   for (const std::vector<float>* v : {&m.a, &m.b}) {
     if (!std::all_of(v->begin(), v->end(), [](float x) { return std::isfinite(x); })) {
-      return absl::InvalidArgumentError(absl::StrCat("weights: the merged module ", ModuleWhere(m),
+      return absl::InvalidArgumentError(absl::StrCat("weights: the merged module ",
+                                                     ModuleWhere(base, m),
                                                      " overflows float32 (weights too large)"));
     }
   }
@@ -361,7 +362,7 @@ class SerialBlasScope {
 };
 
 // B' = U_k S_k, A' = V_k^T of the row-major [out, in] matrix d.value.
-absl::StatusOr<LoraHostModule> SvdModule(const DenseDelta& d) {
+absl::StatusOr<LoraHostModule> SvdModule(const EncoderConfig& base, const DenseDelta& d) {
   // Row-major [out, in] is column-major X = M^T [in, out]. X = U S VT gives
   // M = VT^T S U^T: M's left vectors are the rows of VT, its right ones the
   // columns of U.
@@ -387,8 +388,9 @@ absl::StatusOr<LoraHostModule> SvdModule(const DenseDelta& d) {
   dgesdd_(&jobz, &m, &n, x.data(), &m, s.data(), u.data(), &m, vt.data(), &p, work.data(), &lwork,
           iwork.data(), &info, 1);
   if (info != 0) {
-    return absl::InternalError(absl::StrCat("SVD of layer ", d.layer, " ", LoraTargetPath(d.target),
-                                            " failed: dgesdd info ", info));
+    return absl::InternalError(absl::StrCat("SVD of layer ", d.layer, " ",
+                                            LoraTargetPath(base, d.target), " failed: dgesdd info ",
+                                            info));
   }
   LoraHostModule out;
   out.layer = d.layer;
@@ -452,7 +454,7 @@ absl::StatusOr<std::vector<LoraHostModule>> MergeLora(
     for (const auto& [key, parts] : modules) {
       merged.push_back(
           LinearModule(base, key.first, static_cast<LoraTarget>(key.second), parts, options));
-      RETURN_IF_ERROR(CheckFinite(merged.back()));
+      RETURN_IF_ERROR(CheckFinite(base, merged.back()));
     }
     return merged;
   }
@@ -462,8 +464,8 @@ absl::StatusOr<std::vector<LoraHostModule>> MergeLora(
     ModuleMap one;
     one.emplace(key, parts);
     ASSIGN_OR_RETURN(std::vector<DenseDelta> d, DenseDeltas(base, one, options));
-    ASSIGN_OR_RETURN(LoraHostModule m, SvdModule(d[0]));
-    RETURN_IF_ERROR(CheckFinite(m));
+    ASSIGN_OR_RETURN(LoraHostModule m, SvdModule(base, d[0]));
+    RETURN_IF_ERROR(CheckFinite(base, m));
     merged.push_back(std::move(m));
   }
   return merged;
@@ -480,11 +482,11 @@ absl::StatusOr<LoraFiles> WriteLoraFiles(const EncoderConfig& base,
     RETURN_IF_ERROR(CheckModule(base, m, where));
     if (m.scale != 1.0f) {
       return absl::InvalidArgumentError(
-          absl::StrCat(where, ": ", ModuleWhere(m), ": scale ", m.scale,
+          absl::StrCat(where, ": ", ModuleWhere(base, m), ": scale ", m.scale,
                        " is not 1 (fold it into b; the written brick has scale 1 everywhere)"));
     }
     if (!sorted.emplace(std::pair{m.layer, static_cast<int>(m.target)}, &m).second) {
-      return absl::InvalidArgumentError(absl::StrCat(where, ": ", ModuleWhere(m),
+      return absl::InvalidArgumentError(absl::StrCat(where, ": ", ModuleWhere(base, m),
                                                      ": a second module on the same layer and "
                                                      "target"));
     }
