@@ -54,30 +54,11 @@ if [[ ! -f "$model/model.safetensors" ]]; then
 fi
 
 inputs="$out/mose_exits_texts.txt"
-python3 - "$texts_n" "$max_chars" > "$inputs" <<'EOF'
-import ast, sys, sysconfig, pathlib
-n, max_chars = int(sys.argv[1]), int(sys.argv[2])
-stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-out = []
-for path in sorted(stdlib.glob("*.py")):
-    try:
-        src = path.read_text()
-        tree = ast.parse(src)
-    except (SyntaxError, UnicodeDecodeError):
-        continue
-    for node in tree.body:
-        if isinstance(node, ast.FunctionDef):
-            text = ast.get_source_segment(src, node) or ""
-            # one line per input: newlines as spaces, runs of spaces kept short
-            text = " ".join(text.split())[:max_chars]
-            if len(text) >= max_chars // 2:
-                out.append(text)
-        if len(out) == n:
-            break
-    if len(out) == n:
-        break
-print("\n".join(out))
-EOF
+# The same snippets tools/check_mose_checkpoint.py compares with (standard
+# library only, so Debian's python3 runs it without the venv).
+python3 -c 'import sys; sys.path.insert(0, "tools"); import check_mose_checkpoint as c
+print("\n".join(c.snippets(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[2]) // 2)))' \
+  "$texts_n" "$max_chars" > "$inputs"
 log "$(wc -l < "$inputs") inputs of up to $max_chars characters; $rounds rounds; device $device; $threads threads"
 
 exits=(4 9 18 27 36)

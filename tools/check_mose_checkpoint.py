@@ -39,8 +39,11 @@ import sysconfig
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def snippets(n, max_chars=400):
-    """n function sources of the standard library, one line each."""
+def snippets(n, max_chars=400, min_chars=1):
+    """n top-level function sources of this Python's standard library, in file
+    order, whitespace collapsed to one line, cut to max_chars; shorter than
+    min_chars are skipped. Deterministic for a given standard library (also
+    bench/mose_exits.sh's inputs)."""
     stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
     out = []
     for path in sorted(stdlib.glob("*.py")):
@@ -52,7 +55,7 @@ def snippets(n, max_chars=400):
         for node in tree.body:
             if isinstance(node, ast.FunctionDef):
                 text = " ".join((ast.get_source_segment(src, node) or "").split())[:max_chars]
-                if text:
+                if len(text) >= min_chars:
                     out.append(text)
             if len(out) == n:
                 return out
