@@ -55,11 +55,12 @@ std::string EmbeddingModel::IdToToken(int32_t id) const {
 
 absl::Status EmbeddingModel::CheckExit(uint32_t exit_layer) const {
   if (exit_layer == 0) return absl::OkStatus();
-  const std::vector<int> allowed = exits();
-  if (std::find(allowed.begin(), allowed.end(), static_cast<int64_t>(exit_layer)) !=
-      allowed.end()) {
+  // Every request passes here: the allowed list is built only for a refusal.
+  if (exit_layer <= static_cast<uint32_t>(num_layers()) &&
+      config_.encoder.IsExit(static_cast<int>(exit_layer))) {
     return absl::OkStatus();
   }
+  const std::vector<int> allowed = exits();
   if (allowed.size() == static_cast<size_t>(num_layers())) {
     return absl::InvalidArgumentError(absl::StrCat(
         "exit_layer: ", exit_layer, " is out of range 0..", num_layers(), " (0 = full depth)"));
