@@ -14,9 +14,12 @@
 #               held-out sets (tools/build_retrieval_set.py) per fraction, base
 #               model and task brick. Target at 0.5: within 2 points of dense.
 #               MAX_INPUTS caps queries and documents per task (0 = all).
+#               Also the base model with the recovery brick RECOVERY (default
+#               ffn-recovery-50, shipped; RECOVERY= to skip) at f < 1.
 #
 # Usage: bench/sparse_ffn.sh
-# Env:   THREADS (default: nproc), ROUNDS (3), MAX_INPUTS (200), SKIP_RETRIEVAL (0)
+# Env:   THREADS (default: nproc), ROUNDS (3), MAX_INPUTS (200), SKIP_RETRIEVAL (0),
+#        RECOVERY (ffn-recovery-50)
 # Output: bench/out/sparse_ffn.txt (engine), bench/out/sparse_ffn_retrieval.json
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -64,5 +67,8 @@ for _ in $(seq 1 120); do
   kill -0 "$server" 2>/dev/null || die "server exited: $(tail -5 "$out/sparse_ffn_server.log")"
   sleep 0.5
 done
+recovery=()
+[[ -n "${RECOVERY-ffn-recovery-50}" && -d "deploy/bricks/${RECOVERY-ffn-recovery-50}" ]] &&
+  recovery=(--recovery "${RECOVERY-ffn-recovery-50}")
 "$e2e_python" tools/eval_sparse_ffn.py --target "127.0.0.1:$port" --max-inputs "$max_inputs" \
-  --json "$out/sparse_ffn_retrieval.json"
+  "${recovery[@]}" --json "$out/sparse_ffn_retrieval.json"

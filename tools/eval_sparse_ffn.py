@@ -10,6 +10,12 @@ the task's held-out test set (.cache/retrieval/<task>/test.jsonl, first
   brick+instr   routing=ROUTING_EXPLICIT, bricks=[task], the brick manifest's
                 FIRST query / document instruction (deploy/bricks/<task>/<latest>/
                 brick.json): docs/QUALITY.md's "brick + instructions" setting.
+With --recovery ID, a third setting:
+  base+recovery routing=ROUTING_EXPLICIT, bricks=[ID] (a recovery brick made
+                by tools/train_sparse_recovery.py), no instruction, for
+                f < 1; at f = 1 it is the base setting (routing NONE), so its
+                "cos to dense" and delta MRR compare the sparse model plus
+                the recovery brick with the dense base model.
 Every Embed call sets ffn_fraction=f, except f = 1, where it is left unset so
 the server's default (dense) is exercised; every EmbedResponse.ffn_fraction
 must echo f (1 when unset), and in brick+instr EmbedResponse.bricks must be
@@ -62,6 +68,7 @@ from eval_routing import (DEFAULT_BRICKS, DEFAULT_SETS, TASKS,  # noqa: E402
 
 np = eval_routing.np
 SETTINGS = ("base", "brick+instr")
+RECOVERY = "base+recovery"
 DEFAULT_FRACTIONS = "1,0.75,0.5,0.25,0.125"
 MAX_BATCH = 32
 
@@ -121,11 +128,21 @@ class SparseEval:
         if self.info.max_client_batch:
             self.batch = max(1, min(self.batch, self.info.max_client_batch))
 
+    def bricks_for(self, setting, task, fraction):
+        """The brick ids a request of this cell names (and must get back)."""
+        if setting == "base" or (setting == RECOVERY and fraction == 1.0):
+            return []
+        return [self.args.recovery] if setting == RECOVERY else [task]
+
     def request(self, texts, instruction, setting, task, fraction):
         pb = self.pb
         kw = {"inputs": texts}
-        if setting == "base":
+        bricks = self.bricks_for(setting, task, fraction)
+        if not bricks:
             kw["routing"] = pb.ROUTING_NONE
+        elif setting == RECOVERY:
+            kw["routing"] = pb.ROUTING_EXPLICIT
+            kw["bricks"] = [pb.BrickRef(id=b) for b in bricks]
         else:
             kw["routing"] = pb.ROUTING_EXPLICIT
             kw["bricks"] = [pb.BrickRef(id=task)]
@@ -136,7 +153,7 @@ class SparseEval:
 
     def embed(self, texts, instruction, setting, task, fraction, st):
         out = []
-        want_bricks = [] if setting == "base" else [task]
+        want_bricks = self.bricks_for(setting, task, fraction)
         for k in range(0, len(texts), self.batch):
             req = self.request(texts[k:k + self.batch], instruction, setting, task, fraction)
             t0 = time.perf_counter()
@@ -163,8 +180,8 @@ class SparseEval:
         st = {"calls": 0, "inputs": 0, "wall_s": 0.0, "compute_time_us": 0,
               "queue_time_us": 0, "tokens": 0, "truncated": 0,
               "echo_mismatch_calls": 0, "echo_seen": {}, "wrong_brick_calls": 0}
-        qi = man["query"][0] if setting != "base" else ""
-        di = man["document"][0] if setting != "base" else ""
+        qi = man["query"][0] if setting == "brick+instr" else ""
+        di = man["document"][0] if setting == "brick+instr" else ""
         q = self.embed([r["query"] for r in rows], qi, setting, task, fraction, st)
         d = self.embed([r["document"] for r in rows], di, setting, task, fraction, st)
         st["wall_s"] = round(st["wall_s"], 3)
@@ -188,8 +205,11 @@ def main():
     ap.add_argument("--connect-timeout", type=float, default=30.0)
     ap.add_argument("--bricks", default=DEFAULT_BRICKS)
     ap.add_argument("--sets", default=DEFAULT_SETS)
+    ap.add_argument("--recovery", metavar="ID",
+                    help="also run the base+recovery setting with this brick at f < 1")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
+    settings = SETTINGS + ((RECOVERY,) if args.recovery else ())
 
     fractions = [1.0] + [f for f in args.fractions if f != 1.0]
     added_dense = 1.0 not in args.fractions
@@ -253,7 +273,7 @@ def main():
         pf = {"wall_s": 0.0, "compute_time_us": 0, "queue_time_us": 0, "calls": 0,
               "inputs": 0, "tokens": 0, "errors": 0}
         for task in TASKS:
-            for setting in SETTINGS:
+            for setting in settings:
                 cell = {"fraction": f, "task": task, "setting": setting, "n": len(data[task])}
                 if aborted:
                     cell["error"] = f"skipped: {aborted}"
@@ -331,6 +351,8 @@ def main():
         s = {"mean_delta_mrr_points_base": mean(c["delta_mrr_points"] for c in cells if c["setting"] == "base"),
              "mean_delta_mrr_points_brick_instr": mean(c["delta_mrr_points"] for c in cells
                                                        if c["setting"] == "brick+instr"),
+             "mean_delta_mrr_points_base_recovery": mean(c["delta_mrr_points"] for c in cells
+                                                         if c["setting"] == RECOVERY),
              "mean_delta_mrr_points": mean(c["delta_mrr_points"] for c in cells),
              "min_mean_cos_to_dense": minimum(c["mean_cos_to_dense"] for c in cells),
              "min_text_cos_to_dense": minimum(c["min_cos_to_dense"] for c in cells),
@@ -341,6 +363,20 @@ def main():
               f"{fmt(s['mean_delta_mrr_points_brick_instr'], '+.2f')} | {fmt(s['mean_delta_mrr_points'], '+.2f')} | "
               f"{fmt(s['min_mean_cos_to_dense'])} | {fmt(s['min_text_cos_to_dense'])} | {pf['wall_s']:.2f} | "
               f"{pf['compute_time_us'] / 1000:.0f} | {pf['queue_time_us'] / 1000:.0f} | {pf['calls']} |")
+
+    if args.recovery:
+        print(f"\n| fraction | setting | mean ΔMRR base (pts) | mean ΔMRR base + {args.recovery} (pts) "
+              "| mean cos base | mean cos base + recovery |")
+        print("|---|---|---|---|---|---|")
+        for f in fractions[1:]:
+            cells = [c for c in results["cells"] if c["fraction"] == f and "error" not in c]
+
+            def avg(setting, key):
+                xs = [c[key] for c in cells if c["setting"] == setting and c.get(key) is not None]
+                return sum(xs) / len(xs) if xs else None
+            print(f"| {f:g} | vs dense base | {fmt(avg('base', 'delta_mrr_points'), '+.2f')} | "
+                  f"{fmt(avg(RECOVERY, 'delta_mrr_points'), '+.2f')} | "
+                  f"{fmt(avg('base', 'mean_cos_to_dense'))} | {fmt(avg(RECOVERY, 'mean_cos_to_dense'))} |")
 
     # --- checks ---
     ref = results["quality_md_brick_plus_instructions"]

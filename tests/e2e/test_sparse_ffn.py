@@ -18,6 +18,7 @@ from kiln_e2e import expect_rpc_error, REPO, KilnServer, max_abs_diff, parse_met
 
 DEPLOY = REPO / "deploy" / "bricks"
 PARTITION = "ffn-e16"
+RECOVERY = "ffn-recovery-50"
 TEXTS = ["Return the list of files in a directory.",
          "def listdir(path): return os.listdir(path)",
          "a tool to compress and decompress files"]
@@ -75,6 +76,25 @@ def test_fraction_runs_the_partition_and_composes_with_lora(start_server, tmp_pa
     assert value[("kiln_ffn_active_fraction_bucket", (("le", "0.5"),))] == 3
     assert value[("kiln_ffn_active_fraction_count", ())] == 6
     assert value[("kiln_brick_loads_total", (("brick", PARTITION), ("result", "ok")))] == 1
+
+
+def test_recovery_brick_brings_the_sparse_model_back_toward_dense(start_server, tmp_path):
+    """The shipped recovery brick (tools/train_sparse_recovery.py), composed
+    with ffn_fraction 0.5, must keep doing what docs/QUALITY.md reports: move
+    the embeddings toward the dense model's (0.79 -> 0.93 mean cosine on the
+    held-out sets; here a looser bound on three texts)."""
+    server: KilnServer = start_server(
+        brick_dir=_store(tmp_path / "bricks", ids=(PARTITION, RECOVERY)))
+    stub = server.stub
+    dense = _embed(stub)
+    half = _embed(stub, ffn_fraction=0.5)
+    healed = _embed(stub, ffn_fraction=0.5, bricks=[pb.BrickRef(id=RECOVERY)],
+                    routing=pb.ROUTING_EXPLICIT)
+    assert [b.id for b in healed.bricks] == [RECOVERY] and healed.ffn_fraction == 0.5
+    plain = [_cos(a.values, b.values) for a, b in zip(dense.embeddings, half.embeddings)]
+    fixed = [_cos(a.values, b.values) for a, b in zip(dense.embeddings, healed.embeddings)]
+    assert sum(fixed) / len(fixed) > sum(plain) / len(plain) + 0.05, (plain, fixed)
+    assert min(fixed) > 0.85, fixed
 
 
 def test_fraction_misuse_gets_clear_errors(start_server, tmp_path):
