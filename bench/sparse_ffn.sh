@@ -67,8 +67,8 @@ for _ in $(seq 1 120); do
   kill -0 "$server" 2>/dev/null || die "server exited: $(tail -5 "$out/sparse_ffn_server.log")"
   sleep 0.5
 done
+recovery_id="${RECOVERY-ffn-recovery-50}"
 recovery=()
-[[ -n "${RECOVERY-ffn-recovery-50}" && -d "deploy/bricks/${RECOVERY-ffn-recovery-50}" ]] &&
-  recovery=(--recovery "${RECOVERY-ffn-recovery-50}")
+[[ -n "$recovery_id" && -d "deploy/bricks/$recovery_id" ]] && recovery=(--recovery "$recovery_id")
 "$e2e_python" tools/eval_sparse_ffn.py --target "127.0.0.1:$port" --max-inputs "$max_inputs" \
   "${recovery[@]}" --json "$out/sparse_ffn_retrieval.json"

@@ -37,7 +37,6 @@ Usage:
       [--out DIR] [--id ffn-recovery-50] [--version 1] [--eval-only BRICK_DIR]
 """
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -112,8 +111,8 @@ def encode(model, tok, texts, max_length, bf16, grad):
 
 
 def layers_of(model):
-    inner = model.base_model.model if hasattr(model, "base_model") and hasattr(
-        model.base_model, "model") else model
+    """The BERT layers of a plain or a PEFT-wrapped model."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.encoder.layer
 
 
@@ -124,13 +123,10 @@ def embed_all(model, tok, texts, max_length):
                       for s in range(0, len(texts), 64)])
 
 
-def cosines(model, sparse, tok, texts, fractions, max_length, teacher_ctx):
-    """{fraction: (mean, min) cosine of model at fraction to the dense model
-    under teacher_ctx (the base: the adapter disabled)}."""
+def cosines(model, sparse, tok, texts, fractions, max_length, dense):
+    """{fraction: (mean, min) cosine of model (its FFN masked by sparse) at
+    each fraction to dense, the dense base model's embeddings of texts}."""
     out = {}
-    with teacher_ctx():
-        sparse.set_fraction(1.0)
-        dense = embed_all(model, tok, texts, max_length)
     for f in fractions:
         sparse.set_fraction(f)
         cos = (embed_all(model, tok, texts, max_length) * dense).sum(-1)
@@ -168,19 +164,11 @@ def main():
         torch.set_num_threads(args.threads)
         tok, base = load_base(args.model)
         merged = merge_brick(base, args.eval_only)  # a copy; base stays clean
-        sparse = SparseFfn(layers_of(base), args.partition)
-        print_cosines("base", cosines(base, sparse, tok, eval_texts, fractions,
-                                      args.max_length, contextlib.nullcontext))
-        # The dense reference of the merged model must be the clean base:
-        # cosines() runs teacher_ctx with this model, so compare by hand.
-        sparse.set_fraction(1.0)
         dense = embed_all(base, tok, eval_texts, args.max_length)
-        msparse = SparseFfn(layers_of(merged), args.partition)
-        result = {}
-        for f in fractions:
-            msparse.set_fraction(f)
-            cos = (embed_all(merged, tok, eval_texts, args.max_length) * dense).sum(-1)
-            result[f] = (cos.mean().item(), cos.min().item())
+        print_cosines("base", cosines(base, SparseFfn(layers_of(base), args.partition), tok,
+                                      eval_texts, fractions, args.max_length, dense))
+        result = cosines(merged, SparseFfn(layers_of(merged), args.partition), tok,
+                         eval_texts, fractions, args.max_length, dense)
         print_cosines(os.path.relpath(args.eval_only, ROOT), result)
         return
 
@@ -196,8 +184,11 @@ def main():
           f"{len(texts)} train texts, {args.steps} steps x {args.batch} texts, lr {args.lr}, "
           f"rank {args.rank}, hidden weight {args.hidden_weight}, "
           f"{'bf16' if bf16 else 'fp32'}, {args.threads} threads", file=sys.stderr)
+    with model.disable_adapter():
+        sparse.set_fraction(1.0)
+        dense = embed_all(model, tok, eval_texts, args.max_length)
     print_cosines("before", cosines(model, sparse, tok, eval_texts, fractions,
-                                    args.max_length, model.disable_adapter))
+                                    args.max_length, dense))
 
     opt, sched = optimizer(model, args)
 
@@ -216,7 +207,7 @@ def main():
 
     wall, cpu = train_loop(args, len(texts), rng, opt, sched, step_loss)
     print_cosines("after", cosines(model, sparse, tok, eval_texts, fractions,
-                                   args.max_length, model.disable_adapter))
+                                   args.max_length, dense))
     description = (f"Recovery brick for the sparse FFN: composed with ffn_fraction "
                    f"{args.fraction:g} over the ffn-e16 partition, it brings the default "
                    f"model's embeddings back toward the dense model's (distilled from the "
