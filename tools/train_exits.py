@@ -32,11 +32,14 @@ Budget: ~20 minutes per run on 2 free cores. Measure the step time with a
 short run (--steps 10 --out /tmp/x), then pick --steps. On the reference
 machine (AMD EPYC Zen 4 with AVX512_BF16, 2 threads, torch 1.13.1) a step
 of 64 pairs at max length 128 under bf16 autocast (--precision, the default
-there) takes ~3.5 s of wall time: the defaults (--steps 300 --batch 64) are
-~18 minutes (multi-exit 1,058 s wall, 2,088 CPU s; last-exit about the
-same). In float32 the same step costs ~3.7x as much (py-exits/1, 150 steps
-of 32 pairs in float32: ~1,840 CPU s). Max length 256 costs ~3.6x per step
-under bf16, too much for the budget.
+there) takes ~2.5 s of wall time with --chunks 4 (the default: each side
+runs as 4 length-sorted passes instead of one padded to 128 tokens; the
+loss is the same, step 1 agrees to 4 decimals) and ~3.6 s with --chunks 1,
+as py-exits/2 was trained (300 steps: multi-exit 1,058 s wall, 2,088 CPU
+s). In float32 a step costs ~3.7x as much (py-exits/1, 150 steps of 32
+pairs in float32: ~1,840 CPU s). Max length 256 costs ~3.6x per step under
+bf16, too much for the budget. LoRA dropout (--dropout > 0) costs ~1.7x per
+step (PEFT copies the input of every adapted linear).
 
 Usage:
   nice -n 10 .venv/bin/python tools/train_exits.py --objective multi-exit
@@ -44,6 +47,7 @@ Usage:
          [--scale 20] [--exit-weights linear|uniform] [--max-length 128]
          [--seed 1234] [--threads 2] [--out DIR] [--id ID] [--version 1] [--distill 1]
          [--precision auto|bf16|fp32] [--recommended-exit 3] [--force]
+         [--chunks 4] [--teacher self|base] [--name-queries] [--symmetric]
   .venv/bin/python tools/train_exits.py --eval [BRICK_DIR ...] [--eval-pairs 300]
 The second form prints MRR@10 at exits 1..N of the base model and of each
 brick (no instructions) on the first --eval-pairs pairs of the test split,
@@ -53,6 +57,8 @@ official evaluation (which goes through the server).
 import argparse
 import os
 import platform
+import random
+import re
 import sys
 import time
 
@@ -72,16 +78,44 @@ OBJECTIVES = {
 }
 
 
-def embed_exits(model, tok, texts, max_length, exits, bf16=False):
-    """{l: pooled, L2-normalised output of layer l} for l in exits, from one
-    forward pass (keeps the autograd graph). bf16: the forward pass runs
-    under CPU autocast (bfloat16 matrix products, float32 weights, LayerNorm
-    and softmax); the hidden states are pooled and compared in float32."""
-    enc = tok(texts, padding=True, truncation=True, max_length=max_length,
-              return_tensors="pt")
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        hidden = model(**enc, output_hidden_states=True).hidden_states
-    return {l: mean_pool(hidden[l].float(), enc["attention_mask"]) for l in exits}
+def embed_exits(model, tok, texts, max_length, exits, bf16=False, chunks=1):
+    """{l: pooled, L2-normalised output of layer l} for l in exits (keeps the
+    autograd graph). bf16: the forward pass runs under CPU autocast (bfloat16
+    matrix products, float32 weights, LayerNorm and softmax); the hidden
+    states are pooled and compared in float32.
+
+    chunks > 1: the texts are sorted by token length and run as that many
+    forward passes of similar lengths, each padded only to its own longest
+    text, and the pooled rows are put back in the caller's order. Padding is
+    masked out of attention and pooling, so the result is the one-pass result
+    (up to float rounding); only the padded work goes: a random batch of this
+    set pads to its longest text (128 tokens) while the mean text has ~60."""
+    lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    size = -(-len(texts) // max(1, chunks))
+    pooled = {l: [] for l in exits}
+    for s in range(0, len(order), size):
+        part = tok([texts[i] for i in order[s:s + size]], padding=True, truncation=True,
+                   max_length=max_length, return_tensors="pt")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = model(**part, output_hidden_states=True).hidden_states
+        for l in exits:
+            pooled[l].append(mean_pool(hidden[l].float(), part["attention_mask"]))
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    return {l: torch.cat(v)[back] for l, v in pooled.items()}
+
+
+def name_query(document):
+    """The words of the function name a document starts with ("def
+    getOptionalRelease(" -> "get optional release"), or None when there is
+    no such name or it has fewer than two words."""
+    m = re.match(r"\s*(?:async\s+)?def\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(", document)
+    if not m:
+        return None
+    words = [w.lower() for part in m.group(1).split("_")
+             for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", part)]
+    return " ".join(words) if len(words) >= 2 else None
 
 
 def cpu_has_bf16():
@@ -102,13 +136,13 @@ def exit_weights(objective, kind, n):
 
 
 @torch.no_grad()
-def encode_exits(model, tok, texts, max_length, exits, batch=64):
+def encode_exits(model, tok, texts, max_length, exits, batch=64, bf16=False):
     """{l: [len(texts), hidden]} embeddings at every exit; batches by length."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out = {l: [None] * len(texts) for l in exits}
     for s in range(0, len(order), batch):
         idx = order[s:s + batch]
-        vecs = embed_exits(model, tok, [texts[i] for i in idx], max_length, exits)
+        vecs = embed_exits(model, tok, [texts[i] for i in idx], max_length, exits, bf16)
         for l in exits:
             for i, v in zip(idx, vecs[l]):
                 out[l][i] = v
@@ -154,12 +188,30 @@ def main():
                     help="multi-exit: weight of the self-distillation term (each "
                          "exit l < N learns exit N's in-batch similarity distribution, "
                          "KL, teacher detached); 0 = off")
+    ap.add_argument("--teacher", choices=["self", "base"], default="self",
+                    help="multi-exit: the self-distillation teacher: self = this model's "
+                         "own exit N (as it trains), base = the frozen base model's exit N, "
+                         "embedded once before training (adapter off)")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                     help="training forward/backward: bf16 = CPU autocast (bfloat16 "
                          "matrix products, float32 LoRA weights and optimizer; ~3.7x "
                          "faster on a CPU with AVX512_BF16 or AMX, slower without), "
                          "fp32 = plain float32 (py-exits/1 was trained so); auto = bf16 "
                          "where /proc/cpuinfo lists avx512_bf16 or amx_bf16, else fp32")
+    ap.add_argument("--chunks", type=int, default=4,
+                    help="forward passes per side of a step, texts sorted by length so "
+                         "each pads only to its own longest (same result, less padded "
+                         "work; 1 = one pass padded to the batch's longest text)")
+    ap.add_argument("--name-queries", action="store_true",
+                    help="add a pair per train function whose name has two or more "
+                         "words: query = those words (\"get optional release\"), "
+                         "document = the same function source")
+    ap.add_argument("--subset", type=float, default=1.0,
+                    help="train on this share of the train pairs (a seeded random "
+                         "subset; for the learning curve in docs/QUALITY.md)")
+    ap.add_argument("--symmetric", action="store_true",
+                    help="contrastive loss in both directions at every exit (query -> "
+                         "documents and document -> queries)")
     ap.add_argument("--eval", nargs="*", metavar="BRICK_DIR",
                     help="sanity evaluation only: base model and these bricks")
     ap.add_argument("--eval-pairs", type=int, default=300)
@@ -186,6 +238,18 @@ def main():
         args.precision = "bf16" if cpu_has_bf16() else "fp32"
     rng = seed_everything(args)
     rows = load_split(TASK, "train", args.sets)
+    if not 0 < args.subset <= 1:
+        sys.exit(f"train_exits: --subset must be in (0, 1], got {args.subset}")
+    if args.subset < 1:
+        rows = random.Random(args.seed).sample(rows, round(len(rows) * args.subset))
+    pairs = len(rows)
+    if args.name_queries:
+        rows += [{"query": q, "document": r["document"], "id": r["id"]}
+                 for r in rows[:pairs] for q in [name_query(r["document"])] if q]
+        print(f"train_exits: --name-queries: {len(rows) - pairs} name pairs added to "
+              f"{pairs} docstring pairs", file=sys.stderr)
+    doc_of = {}
+    doc_key = torch.tensor([doc_of.setdefault(r["document"], len(doc_of)) for r in rows])
     tok, model = lora_model(args)
     n = model.config.num_hidden_layers
     weights = exit_weights(args.objective, args.exit_weights, n)
@@ -196,19 +260,47 @@ def main():
           f"{args.max_length}, {args.threads} threads, {args.precision}, exit weights "
           f"{ {l: round(w, 3) for l, w in weights.items()} }", file=sys.stderr)
 
+    teacher_q = teacher_d = None
+    if args.distill > 0 and args.objective == "multi-exit" and args.teacher == "base":
+        # The frozen base model's last exit ranks this set well (docs/QUALITY.md)
+        # and, never trained on these pairs, stays soft on them, where the
+        # model's own exit N soon fits them nearly one-hot.
+        t0, bf16 = time.time(), args.precision == "bf16"
+        with model.disable_adapter():
+            teacher_q = encode_exits(model, tok, [r["query"] for r in rows], args.max_length, [n],
+                                     bf16=bf16)[n]
+            teacher_d = encode_exits(model, tok, [r["document"] for r in rows], args.max_length, [n],
+                                     bf16=bf16)[n]
+        print(f"train_exits: base exit-{n} teacher embeddings of {len(rows)} pairs in "
+              f"{time.time() - t0:.0f} s", file=sys.stderr)
+
     opt, sched = optimizer(model, args)
     labels = torch.arange(args.batch)
 
     def step_loss(idx):
         bf16 = args.precision == "bf16"
-        q = embed_exits(model, tok, [rows[i]["query"] for i in idx], args.max_length, weights, bf16)
-        d = embed_exits(model, tok, [rows[i]["document"] for i in idx], args.max_length, weights, bf16)
-        per_exit = {l: torch.nn.functional.cross_entropy(q[l] @ d[l].T * args.scale, labels)
-                    for l in weights}
+        q = embed_exits(model, tok, [rows[i]["query"] for i in idx], args.max_length, weights, bf16,
+                        args.chunks)
+        d = embed_exits(model, tok, [rows[i]["document"] for i in idx], args.max_length, weights,
+                        bf16, args.chunks)
+        # Two rows of one batch with the same function (a docstring pair and
+        # its name pair) are not each other's negatives.
+        keys = doc_key[idx]
+        twin = (keys[:, None] == keys[None, :]) & ~torch.eye(len(idx), dtype=torch.bool)
+        per_exit = {}
+        for l in weights:
+            logits = (q[l] @ d[l].T * args.scale).masked_fill(twin, float("-inf"))
+            per_exit[l] = torch.nn.functional.cross_entropy(logits, labels)
+            if args.symmetric:
+                per_exit[l] = (per_exit[l] + torch.nn.functional.cross_entropy(logits.T, labels)) / 2
         loss = sum(w * per_exit[l] for l, w in weights.items())
         extra = {f"l{l}": v.item() for l, v in per_exit.items()}
         if args.distill > 0 and args.objective == "multi-exit":
-            teacher = torch.softmax((q[n] @ d[n].T * args.scale).detach(), dim=1)
+            if teacher_q is not None:
+                tq, td = teacher_q[idx], teacher_d[idx]
+            else:
+                tq, td = q[n].detach(), d[n].detach()
+            teacher = torch.softmax(tq @ td.T * args.scale, dim=1)
             for l, w in weights.items():
                 if l == n:
                     continue
