@@ -48,6 +48,7 @@ Usage:
          [--seed 1234] [--threads 2] [--out DIR] [--id ID] [--version 1] [--distill 1]
          [--precision auto|bf16|fp32] [--recommended-exit 3] [--force]
          [--chunks 4] [--teacher self|base] [--name-queries] [--symmetric]
+         [--subset F] [--extra-pairs JSONL]
   .venv/bin/python tools/train_exits.py --eval [BRICK_DIR ...] [--eval-pairs 300]
 The second form prints MRR@10 at exits 1..N of the base model and of each
 brick (no instructions) on the first --eval-pairs pairs of the test split,
@@ -55,6 +56,7 @@ each query against those pairs' documents: a quick sanity check, not the
 official evaluation (which goes through the server).
 """
 import argparse
+import json
 import os
 import platform
 import random
@@ -209,6 +211,10 @@ def main():
     ap.add_argument("--subset", type=float, default=1.0,
                     help="train on this share of the train pairs (a seeded random "
                          "subset; for the learning curve in docs/QUALITY.md)")
+    ap.add_argument("--extra-pairs", metavar="JSONL",
+                    help="also train on these pairs (tools/extra_code_pairs.py: code from "
+                         "outside the standard library; NOT the issue's training data, for "
+                         "the data-limit check in docs/QUALITY.md only)")
     ap.add_argument("--symmetric", action="store_true",
                     help="contrastive loss in both directions at every exit (query -> "
                          "documents and document -> queries)")
@@ -242,6 +248,12 @@ def main():
         sys.exit(f"train_exits: --subset must be in (0, 1], got {args.subset}")
     if args.subset < 1:
         rows = random.Random(args.seed).sample(rows, round(len(rows) * args.subset))
+    if args.extra_pairs:
+        with open(args.extra_pairs, encoding="utf-8") as f:
+            extra = [json.loads(line) for line in f]
+        print(f"train_exits: --extra-pairs: {len(extra)} pairs from {args.extra_pairs} added to "
+              f"{len(rows)} train pairs", file=sys.stderr)
+        rows += extra
     pairs = len(rows)
     if args.name_queries:
         rows += [{"query": q, "document": r["document"], "id": r["id"]}
