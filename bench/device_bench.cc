@@ -36,7 +36,8 @@
 ABSL_FLAG(std::string, model, "models/all-MiniLM-L6-v2", "model folder");
 ABSL_FLAG(std::string, input, "bench/out/texts.txt", "texts, one per line (their tokens fill the batches)");
 ABSL_FLAG(std::string, device, "cuda", "auto, cpu or cuda");
-ABSL_FLAG(std::string, gemm_precision, "fp16", "CUDA GEMM inputs: fp16, bf16 or fp32");
+ABSL_FLAG(std::string, gemm_precision, "fp16",
+          "CUDA GEMM compute type: fp16, bf16 (run as TF32 by cuBLAS 13, docs/GPU.md) or fp32");
 ABSL_FLAG(int, threads, 0, "CPU backend threads; 0 = all cores");
 ABSL_FLAG(std::string, batches, "32,256", "batch sizes (sequences), comma-separated");
 ABSL_FLAG(std::string, seq_lens, "128,512", "sequence lengths (tokens), comma-separated");

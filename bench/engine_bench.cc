@@ -31,7 +31,8 @@ ABSL_FLAG(int, threads, 0, "compute threads; 0 = all cores");
 ABSL_FLAG(int, repeats, 3, "timed passes (after one warm-up pass)");
 ABSL_FLAG(int, max_batch_tokens, 2048, "token budget of one batch (the server's CPU default)");
 ABSL_FLAG(std::string, device, "cpu", "cpu, cuda or auto (engine/device.h)");
-ABSL_FLAG(std::string, gemm_precision, "fp16", "CUDA GEMM inputs: fp16, bf16 or fp32");
+ABSL_FLAG(std::string, gemm_precision, "fp16",
+          "CUDA GEMM compute type: fp16, bf16 (run as TF32 by cuBLAS 13, docs/GPU.md) or fp32");
 
 int main(int argc, char** argv) {
   absl::ParseCommandLine(argc, argv);

@@ -4,18 +4,33 @@
 # machine, then run this there with build/device carried. Under 5 minutes.
 #
 #   1. the device's facts: nvidia-smi, driver, where cuBLAS was found
-#   2. tests: device_test, the backend conformance suite (every op, every
-#      precision, against the plain-loop references) and model parity (every
-#      exit vs the fp32 fixture; mixed exits, mixed bricks, sparse FFN vs
-#      the CPU backend)
+#   2. tests (each under `timeout 150`): device_test; the backend conformance
+#      suites (backend_ops_test, star_ops_test, expert_ffn_ops_test: every
+#      op, every precision, against the plain-loop references); model parity
+#      (device_parity_test: every exit vs the fp32 fixture, mixed exits, mixed
+#      bricks, sparse FFN vs the CPU backend; mose_parity_test: the tiny
+#      ModularStarEncoder's exits)
 #   3. kiln_bench_device at batch 32 and 256 x sequence length 128 and 512:
 #      the engine next to the GEMM roofline of the same shapes, fp16 and
 #      bf16, then the CPU backend of the same host on the same inputs
+#   4. bench/gpu_serve_check.py: `kiln serve --device=cuda` next to
+#      `--device=cpu`, the same Embed requests (exits, LoRA bricks,
+#      ffn_fraction, mixed at once, bad input) compared vector by vector, the
+#      device label in /metrics, and served texts/s of both
 #
 # Targets (issue 6): >= 60% of the GEMM roofline at batch 256; >= 20x the CPU
 # backend's tokens/s; parity cosine >= 0.9999 fp16 / >= 0.999 bf16.
-# Output: $OUT/gpu/ (or bench/out/gpu/): one log per step, bench.jsonl.
+#   5. Nsight Compute (ncu), where the device has it: each kernel's time in
+#      one forward at batch 256 x 128 and 512, fp16 (bench/ncu_breakdown.py
+#      sums it by kernel)
+# Output: $OUT/gpu/ (or bench/out/gpu/), seven files at most (the device call
+# brings back eight): device.txt, tests.log, bench.jsonl, bench.log,
+# serve_check.json, serve_check.log, ncu.csv. Runs in ~3-4 minutes on an H200.
+# KILN_SERVE_CHECK_DEVICE=cpu runs step 4 as cpu against cpu, to try the
+# script on a machine without a GPU.
 set -uo pipefail
+mode="${1:-all}"  # all | ncu (steps 1, 5 and 6 only)
+case "$mode" in all|ncu) ;; *) echo "usage: bench/gpu.sh [all|ncu]" >&2; exit 2 ;; esac
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 dev="${KILN_DEVICE_DIR:-build/device}"
@@ -39,25 +54,100 @@ done
   echo "cuBLAS ($need) found in: ${cuda_dirs:-NOWHERE}"
 } | tee "$out/device.txt"
 [[ -n "$cuda_dirs" ]] || { echo "gpu.sh: $need not found on this machine; the binaries were built with CUDA 13" >&2; exit 3; }
-run() { "$work/lib/"ld-linux-x86-64.so.2 --library-path "$work/lib$cuda_dirs" "$@"; }
 
-export KILN_TEST_MODEL_DIR="$dev/model-f16" KILN_SOURCE_DIR="$root"
+# OpenBLAS picks its kernels from CPUID, and in a virtual machine it can fall
+# back to its oldest (Prescott, SSE3) while the CPU has AVX2 or AVX-512: name
+# the kernels from the CPU's flags, so the CPU figures are its best.
+if [[ -z "${OPENBLAS_CORETYPE:-}" ]]; then
+  if grep -qw avx512bw /proc/cpuinfo; then export OPENBLAS_CORETYPE=SkylakeX
+  elif grep -qw avx2 /proc/cpuinfo; then export OPENBLAS_CORETYPE=Haswell; fi
+fi
+echo "OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-} ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2-))" \
+  | tee -a "$out/device.txt"
+
+tar -C "$work" -xJf "$dev/model.tar.xz"
+model="$work/model"
+export KILN_TEST_MODEL_DIR="$model" KILN_SOURCE_DIR="$root" KILN_CUDA_PLUGIN="$work/lib/libkiln_cuda.so"
 status=0
-for t in device_test backend_ops_test expert_ffn_ops_test device_parity_test; do
-  echo "== $t"
-  if ! run "$work/bin/$t" --gtest_brief=1 > "$out/$t.log" 2>&1; then status=1; fi
-  tail -n 25 "$out/$t.log"
-done
+step() { echo "== $* (at ${SECONDS}s)"; }
 
-echo "== kiln_bench_device"
+if [[ "$mode" == all ]]; then
+# Tests: one log; the summary lines (worst cosines, failures) also here.
+: > "$out/tests.log"
+for t in device_test backend_ops_test star_ops_test expert_ffn_ops_test device_parity_test mose_parity_test; do
+  step "$t"
+  echo "== $t" >> "$out/tests.log"
+  if ! timeout 150 "$work/lib/"ld-linux-x86-64.so.2 --library-path "$work/lib$cuda_dirs" \
+       "$work/bin/$t" --gtest_brief=1 >> "$out/tests.log" 2>&1; then
+    status=1; echo "FAILED (see tests.log)"
+  fi
+done
+grep -E '^== |worst cosine|^device: |^\[  (PASSED|SKIPPED|FAILED) ' "$out/tests.log" | head -120
+
+step kiln_bench_device
 : > "$out/bench.jsonl"
 for p in fp16 bf16; do
-  run "$work/bin/kiln_bench_device" --device=cuda --gemm_precision="$p" --model="$dev/model-f16" \
+  timeout 150 "$work/lib/"ld-linux-x86-64.so.2 --library-path "$work/lib$cuda_dirs" \
+    "$work/bin/kiln_bench_device" --device=cuda --gemm_precision="$p" --model="$model" \
     --input="$dev/texts.txt" --batches=32,256 --seq_lens=128,512 --repeats=5 \
     >> "$out/bench.jsonl" 2>> "$out/bench.log" || status=1
 done
-run "$work/bin/kiln_bench_device" --device=cpu --model="$dev/model-f16" --input="$dev/texts.txt" \
+timeout 150 "$work/lib/"ld-linux-x86-64.so.2 --library-path "$work/lib$cuda_dirs" \
+  "$work/bin/kiln_bench_device" --device=cpu --model="$model" --input="$dev/texts.txt" \
   --batches=32,256 --seq_lens=128,512 --repeats=1 >> "$out/bench.jsonl" 2>> "$out/bench.log" || status=1
 grep -v '^I ' "$out/bench.log" | head -5
 cat "$out/bench.jsonl"
+
+step "served: bench/gpu_serve_check.py"
+printf '#!/bin/sh\nexec "%s" --library-path "%s" "%s" "$@"\n' \
+  "$work/lib/ld-linux-x86-64.so.2" "$work/lib$cuda_dirs" "$work/bin/kiln" > "$work/kiln"
+chmod +x "$work/kiln"
+PYTHONPATH="$dev/py${PYTHONPATH:+:$PYTHONPATH}" timeout 240 python3 bench/gpu_serve_check.py --kiln="$work/kiln" \
+  --model="$model" --bricks="$dev/bricks" --texts="$dev/texts.txt" --out="$out" \
+  --device="${KILN_SERVE_CHECK_DEVICE:-cuda}" || status=1
+fi  # mode all
+# Where the engine's time goes: every kernel of one forward at batch 256,
+# timed by Nsight Compute (when the device has it; it is not a pass/fail step).
+ncu_bin="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)"
+if [[ -n "$ncu_bin" ]]; then
+  step "ncu: per-kernel times at batch 256, fp16"
+  timeout 150 "$ncu_bin" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+    "$work/lib/ld-linux-x86-64.so.2" --library-path "$work/lib$cuda_dirs" \
+    "$work/bin/kiln_bench_device" --device=cuda --gemm_precision=fp16 --model="$model" \
+    --input="$dev/texts.txt" --batches=256 --seq_lens=128,512 --repeats=1 \
+    > "$out/ncu.csv" 2>> "$out/bench.log"
+  echo "ncu exit $?, $(grep -c '^"' "$out/ncu.csv") csv lines"
+  python3 bench/ncu_breakdown.py "$out/ncu.csv"
+  if [[ "$mode" == ncu ]]; then
+    # 6. How near each of kiln's own kernels is to the GPU's limits (Speed
+    #    of Light: memory and compute throughput as % of peak), and which
+    #    cuBLAS kernels each --gemm_precision gets.
+    step "ncu: speed of light of kiln's kernels"
+    : > "$out/ncu_sol.csv"
+    for spec in "128 Attention|LinearEpilogue|LayerNorm 8" "512 Attention 1"; do
+      read -r len kernels count <<< "$spec"
+      timeout 100 "$ncu_bin" --clock-control none --section SpeedOfLight --csv --page details \
+        -k "regex:$kernels" --launch-count "$count" \
+        "$work/lib/ld-linux-x86-64.so.2" --library-path "$work/lib$cuda_dirs" \
+        "$work/bin/kiln_bench_device" --device=cuda --gemm_precision=fp16 --model="$model" \
+        --input="$dev/texts.txt" --batches=256 --seq_lens="$len" --repeats=1 \
+        2>> "$out/bench.log" | grep '^"' >> "$out/ncu_sol.csv"
+    done
+    python3 - "$out/ncu_sol.csv" <<'PY'
+import csv, sys
+for r in csv.reader(open(sys.argv[1])):
+    if len(r) > 14 and r[0] != "ID":
+        print(r[0], r[4].split("(")[0][-32:], r[8], r[-3], r[-2], r[-1])
+PY
+    for p in fp16 bf16 fp32; do
+      echo "cuBLAS kernels at --gemm_precision=$p:"
+      timeout 60 "$ncu_bin" --metrics gpu__time_duration.sum --csv --page raw -k regex:gemm \
+        --launch-count 4 "$work/lib/ld-linux-x86-64.so.2" --library-path "$work/lib$cuda_dirs" \
+        "$work/bin/kiln_bench_device" --device=cuda --gemm_precision="$p" --model="$model" \
+        --input="$dev/texts.txt" --batches=256 --seq_lens=128 --repeats=1 2>/dev/null |
+        grep '^"[0-9]' | cut -d, -f5 | sort | uniq -c
+    done
+  fi
+fi
+step "done, status $status"
 exit $status

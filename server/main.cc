@@ -42,8 +42,9 @@ ABSL_FLAG(std::string, device, "auto",
           "cpu, or cuda (fail if no usable GPU)");
 ABSL_FLAG(int, cuda_device, 0, "CUDA device ordinal for --device=auto|cuda");
 ABSL_FLAG(std::string, gemm_precision, "fp16",
-          "CUDA GEMM input precision, fp32 accumulation: fp16, bf16, or fp32 (no tensor-core "
-          "rounding); the CPU is always fp32");
+          "CUDA GEMM compute type, fp32 accumulation: fp16 or bf16 (fast 16-bit modes; cuBLAS 13 "
+          "runs them as TF32 on fp32 operands, docs/GPU.md), or fp32 (no tensor cores); the CPU "
+          "is always fp32");
 ABSL_FLAG(std::string, host, "127.0.0.1",
           "serve: address to listen on (gRPC and metrics); 0.0.0.0 for all interfaces");
 ABSL_FLAG(int, port, 50051, "serve: gRPC port (0 = any free port, logged)");

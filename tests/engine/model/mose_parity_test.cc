@@ -202,8 +202,11 @@ TEST_P(MoseParityTest, NormalizeFalseGivesTheProjectionItself) {
   for (int c = 0; c < model_->dim(); ++c) norm += double(raw[c]) * raw[c];
   norm = std::sqrt(norm);
   ASSERT_GT(std::fabs(norm - 1.0), 1e-3) << "the projection happens to be a unit vector";
+  // The unscaled row against the normalised one of the same batch (the same
+  // GEMMs): equal up to the division. Against the batch of one, only up to
+  // what a 16-bit GEMM of another shape may round differently.
   for (int c = 0; c < model_->dim(); ++c) {
-    EXPECT_NEAR(raw[c] / norm, unit[c], 1e-5);
+    EXPECT_NEAR(raw[c] / norm, raw[model_->dim() + c], 1e-5);
     EXPECT_NEAR(raw[model_->dim() + c], unit[c], BatchTolerance(GetParam().precision));
   }
 }
