@@ -27,7 +27,8 @@
 // At --gemm_precision fp16 / bf16, head dims that are multiples of 16 up to
 // 128 take MmaAttentionKernel instead: the same tiles and online softmax, but
 // Q K^T and P V run on the tensor cores (mma.sync m16n8k16, 16-bit inputs,
-// fp32 accumulation). Each warp owns 16 queries; the scores stay in the mma
+// fp32 accumulation). A block has 8 warps (128 queries, so each K/V tile is
+// loaded and rounded once per 128 queries); each warp owns 16 queries; the scores stay in the mma
 // accumulator registers, whose layout is exactly the A-operand layout P needs
 // for P V, so neither S nor P goes through memory. Q, K, V and P are rounded
 // to 16 bits; scores, softmax statistics and O are fp32.
@@ -190,7 +191,7 @@ __global__ void __launch_bounds__(kAttnThreads)
 
 // --- tensor-core path ---------------------------------------------------------
 
-constexpr int kMmaWarps = 4;
+constexpr int kMmaWarps = 8;
 constexpr int kMmaQueries = 16 * kMmaWarps;  // queries per block
 constexpr int kMmaKeys = 64;                 // keys per shared-memory tile
 constexpr int kMmaMaxHeadDim = 128;
@@ -298,17 +299,22 @@ __global__ void __launch_bounds__(32 * kMmaWarps)
     const int valid = min(kMmaKeys, len - k0);
     __syncthreads();  // every warp is done with the previous tile
     // K and V rows past the sequence are zero (a masked key gets p = 0, and
-    // 0 * garbage could be NaN). Loads run along head_dim (coalesced).
-    for (int i = threadIdx.x; i < kMmaKeys * kDim; i += 32 * kMmaWarps) {
-      const int j = i / kDim, d = i % kDim;
-      float kv = 0.0f, vv = 0.0f;
+    // 0 * garbage could be NaN). Loads run along head_dim, 4 floats a lane
+    // (coalesced; qkv is 16-byte aligned, CudaBackend::Attention checks).
+    for (int i = threadIdx.x; i < kMmaKeys * kDim / 4; i += 32 * kMmaWarps) {
+      const int j = i / (kDim / 4), d = (i % (kDim / 4)) * 4;
+      float4 kv = make_float4(0.0f, 0.0f, 0.0f, 0.0f), vv = kv;
       if (j < valid) {
         const float* k_row = qkv + (start + k0 + j) * ld + k_col + d;
-        kv = k_row[0];
-        vv = k_row[kv_hidden];
+        kv = *reinterpret_cast<const float4*>(k_row);
+        vv = *reinterpret_cast<const float4*>(k_row + kv_hidden);
       }
-      k_tile[j * kKRow + d] = Half2Of<T>::From(kv);
-      v_tile[d * kVRow + j] = Half2Of<T>::From(vv);
+      *reinterpret_cast<uint2*>(k_tile + j * kKRow + d) =
+          make_uint2(Half2Of<T>::Pack(kv.x, kv.y), Half2Of<T>::Pack(kv.z, kv.w));
+      v_tile[(d + 0) * kVRow + j] = Half2Of<T>::From(vv.x);
+      v_tile[(d + 1) * kVRow + j] = Half2Of<T>::From(vv.y);
+      v_tile[(d + 2) * kVRow + j] = Half2Of<T>::From(vv.z);
+      v_tile[(d + 3) * kVRow + j] = Half2Of<T>::From(vv.w);
     }
     __syncthreads();
     if (!warp_active) continue;
@@ -453,7 +459,7 @@ void CudaBackend::Attention(const float* qkv, absl::Span<const int32_t> seq_star
   }
   const int parts = PartsFor(head_dim);
   const bool mma = precision_ != GemmPrecision::kFp32 && head_dim % 16 == 0 &&
-                   head_dim <= kMmaMaxHeadDim;
+                   head_dim <= kMmaMaxHeadDim && reinterpret_cast<uintptr_t>(qkv) % 16 == 0;
   const int queries = mma ? kMmaQueries : kAttnThreads / parts;
 
   // Sequences longest first (stable, so equal lengths keep batch order):
