@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks and figures, as one script for the device machine (an H200
 # here). Prepare build/device/ first with bench/gpu_bundle.sh on the build
-# machine, then run this there with build/device carried. Under 5 minutes.
+# machine, then run this there with build/device carried.
 #
 #   1. the device's facts: nvidia-smi, driver, where cuBLAS was found
 #   2. tests (each under `timeout 150`): device_test; the backend conformance
@@ -23,9 +23,13 @@
 #   5. Nsight Compute (ncu), where the device has it: each kernel's time in
 #      one forward at batch 256 x 128 and 512, fp16 (bench/ncu_breakdown.py
 #      sums it by kernel)
+#   6. only with `bench/gpu.sh ncu` (which skips steps 2-4): Nsight Compute's
+#      Speed of Light for kiln's attention, epilogue and LayerNorm kernels,
+#      and which cuBLAS kernel each --gemm_precision gets
 # Output: $OUT/gpu/ (or bench/out/gpu/), seven files at most (the device call
 # brings back eight): device.txt, tests.log, bench.jsonl, bench.log,
-# serve_check.json, serve_check.log, ncu.csv. Runs in ~3-4 minutes on an H200.
+# serve_check.json, serve_check.log, ncu.csv. Runs in about 70 s on an H200
+# (the `ncu` mode in about 30 s).
 # KILN_SERVE_CHECK_DEVICE=cpu runs step 4 as cpu against cpu, to try the
 # script on a machine without a GPU.
 set -uo pipefail

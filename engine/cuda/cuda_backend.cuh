@@ -12,9 +12,11 @@
 //
 // Precision: device arrays are fp32. GEMMs go to cublasGemmEx with fp32
 // inputs and outputs and the compute type of options.precision (FAST_16F /
-// FAST_16BF: tensor cores on inputs rounded to 16 bits, fp32 accumulation;
-// or plain 32F). Element-wise ops, LayerNorm, softmax, attention and pooling
-// compute in fp32.
+// FAST_16BF, fp32 accumulation, which cuBLAS 13 runs as TF32 on these fp32
+// operands, as Nsight Compute showed on an H200; or plain 32F). Attention at
+// fp16 / bf16 rounds Q, K, V and P to that type for the tensor cores
+// (attention.cu). Element-wise ops, LayerNorm, softmax statistics and
+// pooling compute in fp32.
 //
 // Streams and threads: one stream per backend (one backend per engine
 // worker); every op is enqueued on it, in order, and returns without waiting,
