@@ -15,7 +15,7 @@
 #   model.tar.xz   the default model with its weights stored as fp16 (the
 #                  engine reads F16 into fp32) and the word-embedding rows of
 #                  tokens that no device input uses set to zero, so that it
-#                  packs to ~20 MB instead of 90: kept are ids 0-999 (the
+#                  packs to ~23 MB instead of 90: kept are ids 0-999 (the
 #                  special and unused tokens) and every token of the parity
 #                  fixture and of the bench texts. The rows kept are exact fp16
 #                  copies, and device_parity_test feeds the fixture's own
