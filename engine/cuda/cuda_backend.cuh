@@ -7,7 +7,9 @@
 //                    EmbeddingSum, Linear (+ LoRA segments), AddLayerNorm,
 //                    ResidualLayerNorm, Pool, errors, the factory
 //   rows.cu          GatherRows and Rotary (host-indexed row ops)
-//   attention.cu     Attention over packed variable-length sequences
+//   attention.cu     Attention over packed variable-length sequences (fp32
+//                    kernel, work list, dispatch)
+//   attention_mma.cu the tensor-core attention kernel (fp16 / bf16)
 //   expert_ffn.cu    ExpertFfn (the sparse FFN of an ffn_partition brick)
 //
 // Precision: device arrays are fp32. GEMMs go to cublasGemmEx with fp32
@@ -15,7 +17,7 @@
 // FAST_16BF, fp32 accumulation, which cuBLAS 13 runs as TF32 on these fp32
 // operands, as Nsight Compute showed on an H200; or plain 32F). Attention at
 // fp16 / bf16 rounds Q, K, V and P to that type for the tensor cores
-// (attention.cu). Element-wise ops, LayerNorm, softmax statistics and
+// (attention_mma.cu). Element-wise ops, LayerNorm, softmax statistics and
 // pooling compute in fp32.
 //
 // Streams and threads: one stream per backend (one backend per engine

@@ -150,8 +150,9 @@ class BackendOpsTest : public ::testing::TestWithParam<DeviceCase> {
   // by a few fp32 ulps of sum_j p_j |v_j|.
   float attention_tol() const { return GetParam().device == DeviceKind::kCuda ? 3e-5f : 1e-5f; }
   // On CUDA at fp16 / bf16, head dims that are multiples of 16 up to 128 run
-  // on the tensor cores (engine/cuda/attention.cu) with Q, K, V and P rounded
-  // to 16 bits: this is that rounding's unit u (0 where attention is fp32).
+  // on the tensor cores (engine/cuda/attention_mma.cu) with Q, K, V and P
+  // rounded to 16 bits: this is that rounding's unit u (0 where attention is
+  // fp32).
   // With S = max over query-key pairs of sum_c |q_c||k_c| / sqrt(d), a score
   // moves by at most 2uS, a softmax weight by a factor within exp(+-4uS),
   // and rounding P and V (P after its sum was taken) adds 3u: to first
