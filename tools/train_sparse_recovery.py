@@ -18,7 +18,12 @@ output), the other neurons' activations are zeroed. Teacher: the dense base
 model (LoRA off, FFN unmasked), no gradient. Loss: mean (1 - cosine) between
 the student's and the teacher's embeddings (mean pooling + L2, as served),
 plus --hidden-weight x the mean (1 - cosine) of every layer's token states,
-which gives every layer its own signal.
+which gives every layer its own signal. With --relation-weight W > 0, also
+W x the KL divergence from the teacher's to the student's in-batch
+neighbour distributions (softmax over each text's cosines to the other texts
+of the batch, temperature --relation-temperature): what a ranking by the
+embeddings sees. Batches are then (query, document) pairs of the train
+splits, --batch / 2 of them, so that every text has its match in the batch.
 
 Data: the queries and documents of the three brick tasks' train splits
 (.cache/retrieval/<task>/train.jsonl), plain texts, max length 128, batches
@@ -110,6 +115,16 @@ def encode(model, tok, texts, max_length, bf16, grad):
     return pooled, hidden, enc["attention_mask"].bool()
 
 
+def relation_loss(student, teacher, temperature):
+    """Mean over the batch of KL(teacher || student) between each text's
+    softmax over its cosines to the other texts (L2-normalised rows)."""
+    off = ~torch.eye(len(student), dtype=torch.bool)
+    s = (student @ student.T)[off].view(len(student), -1) / temperature
+    t = (teacher @ teacher.T)[off].view(len(teacher), -1) / temperature
+    return torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1),
+                                      log_target=True, reduction="batchmean")
+
+
 def layers_of(model):
     """The BERT layers of a plain or a PEFT-wrapped model."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -145,6 +160,11 @@ def main():
     ap.add_argument("--partition", default=PARTITION)
     ap.add_argument("--hidden-weight", type=float, default=1.0,
                     help="weight of the per-layer token-state cosine loss")
+    ap.add_argument("--relation-weight", type=float, default=0.0,
+                    help="weight of the in-batch neighbour-distribution (relational) loss; "
+                         "> 0 also makes batches of query-document pairs")
+    ap.add_argument("--relation-temperature", type=float, default=0.05,
+                    help="softmax temperature of the relational loss")
     ap.add_argument("--id", default=None, help="brick id (default ffn-recovery-<percent>)")
     ap.add_argument("--eval-per-task", type=int, default=40)
     ap.add_argument("--eval-fractions", default="1,0.75,0.5,0.25")
@@ -155,6 +175,14 @@ def main():
     args = ap.parse_args()
     if not 0 < args.fraction < 1:
         sys.exit(f"train_sparse_recovery: --fraction must be in (0, 1), got {args.fraction}")
+    if args.relation_weight < 0:
+        sys.exit(f"train_sparse_recovery: --relation-weight must be >= 0, got "
+                 f"{args.relation_weight}")
+    if not args.relation_temperature > 0:
+        sys.exit(f"train_sparse_recovery: --relation-temperature must be > 0, got "
+                 f"{args.relation_temperature}")
+    if args.relation_weight > 0 and args.batch < 4:
+        sys.exit(f"train_sparse_recovery: --relation-weight needs --batch >= 4, got {args.batch}")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_bf16())
     brick_id = args.id or f"ffn-recovery-{round(args.fraction * 100)}"
     eval_texts = read_texts(args.sets, "test", args.eval_per_task)
@@ -183,6 +211,7 @@ def main():
           f"({math.ceil(args.fraction * sparse.experts - 1e-3)}/{sparse.experts} groups), "
           f"{len(texts)} train texts, {args.steps} steps x {args.batch} texts, lr {args.lr}, "
           f"rank {args.rank}, hidden weight {args.hidden_weight}, "
+          f"relation weight {args.relation_weight} (T {args.relation_temperature}), "
           f"{'bf16' if bf16 else 'fp32'}, {args.threads} threads", file=sys.stderr)
     with model.disable_adapter():
         sparse.set_fraction(1.0)
@@ -192,8 +221,13 @@ def main():
 
     opt, sched = optimizer(model, args)
 
+    pairs = args.relation_weight > 0  # texts alternate query, document
+
     def step_loss(idx):
-        batch = [texts[i] for i in idx]
+        if pairs:
+            batch = [texts[2 * i + side] for i in idx[:args.batch // 2] for side in (0, 1)]
+        else:
+            batch = [texts[i] for i in idx]
         with model.disable_adapter():
             sparse.set_fraction(1.0)
             t_pooled, t_hidden, mask = encode(model, tok, batch, args.max_length, bf16, False)
@@ -203,9 +237,16 @@ def main():
         per_layer = [(1 - torch.nn.functional.cosine_similarity(s[mask], t[mask], dim=-1)).mean()
                      for s, t in zip(s_hidden, t_hidden)]
         hidden = sum(per_layer) / len(per_layer)
-        return emb + args.hidden_weight * hidden, {"emb": emb.item(), "hidden": hidden.item()}
+        loss = emb + args.hidden_weight * hidden
+        extra = {"emb": emb.item(), "hidden": hidden.item()}
+        if pairs:
+            rel = relation_loss(s_pooled, t_pooled, args.relation_temperature)
+            loss = loss + args.relation_weight * rel
+            extra["relation"] = rel.item()
+        return loss, extra
 
-    wall, cpu = train_loop(args, len(texts), rng, opt, sched, step_loss)
+    rows = len(texts) // 2 if pairs else len(texts)
+    wall, cpu = train_loop(args, rows, rng, opt, sched, step_loss)
     print_cosines("after", cosines(model, sparse, tok, eval_texts, fractions,
                                    args.max_length, dense))
     description = (f"Recovery brick for the sparse FFN: composed with ffn_fraction "
