@@ -72,43 +72,42 @@ echo "OPENBLAS_CORETYPE=${OPENBLAS_CORETYPE:-} ($(grep -m1 'model name' /proc/cp
 tar -C "$work" -xJf "$dev/model.tar.xz"
 model="$work/model"
 export KILN_TEST_MODEL_DIR="$model" KILN_SOURCE_DIR="$root" KILN_CUDA_PLUGIN="$work/lib/libkiln_cuda.so"
+# The carried binaries run under the carried loader and libraries, cuBLAS
+# from the device.
+run=("$work/lib/ld-linux-x86-64.so.2" --library-path "$work/lib$cuda_dirs")
+bench=("${run[@]}" "$work/bin/kiln_bench_device" --model="$model" --input="$dev/texts.txt")
 status=0
 step() { echo "== $* (at ${SECONDS}s)"; }
 
 if [[ "$mode" == all ]]; then
-# Tests: one log; the summary lines (worst cosines, failures) also here.
-: > "$out/tests.log"
-for t in device_test backend_ops_test star_ops_test expert_ffn_ops_test device_parity_test mose_parity_test; do
-  step "$t"
-  echo "== $t" >> "$out/tests.log"
-  if ! timeout 150 "$work/lib/"ld-linux-x86-64.so.2 --library-path "$work/lib$cuda_dirs" \
-       "$work/bin/$t" --gtest_brief=1 >> "$out/tests.log" 2>&1; then
-    status=1; echo "FAILED (see tests.log)"
-  fi
-done
-grep -E '^== |worst cosine|^device: |^\[  (PASSED|SKIPPED|FAILED) ' "$out/tests.log" | head -120
+  # Tests: one log; the summary lines (worst cosines, failures) also here.
+  : > "$out/tests.log"
+  for t in device_test backend_ops_test star_ops_test expert_ffn_ops_test device_parity_test mose_parity_test; do
+    step "$t"
+    echo "== $t" >> "$out/tests.log"
+    if ! timeout 150 "${run[@]}" "$work/bin/$t" --gtest_brief=1 >> "$out/tests.log" 2>&1; then
+      status=1; echo "FAILED (see tests.log)"
+    fi
+  done
+  grep -E '^== |worst cosine|^device: |^\[  (PASSED|SKIPPED|FAILED) ' "$out/tests.log" | head -120
 
-step kiln_bench_device
-: > "$out/bench.jsonl"
-for p in fp16 bf16; do
-  timeout 150 "$work/lib/"ld-linux-x86-64.so.2 --library-path "$work/lib$cuda_dirs" \
-    "$work/bin/kiln_bench_device" --device=cuda --gemm_precision="$p" --model="$model" \
-    --input="$dev/texts.txt" --batches=32,256 --seq_lens=128,512 --repeats=5 \
+  step kiln_bench_device
+  : > "$out/bench.jsonl"
+  for p in fp16 bf16; do
+    timeout 150 "${bench[@]}" --device=cuda --gemm_precision="$p" --batches=32,256 \
+      --seq_lens=128,512 --repeats=5 >> "$out/bench.jsonl" 2>> "$out/bench.log" || status=1
+  done
+  timeout 150 "${bench[@]}" --device=cpu --batches=32,256 --seq_lens=128,512 --repeats=1 \
     >> "$out/bench.jsonl" 2>> "$out/bench.log" || status=1
-done
-timeout 150 "$work/lib/"ld-linux-x86-64.so.2 --library-path "$work/lib$cuda_dirs" \
-  "$work/bin/kiln_bench_device" --device=cpu --model="$model" --input="$dev/texts.txt" \
-  --batches=32,256 --seq_lens=128,512 --repeats=1 >> "$out/bench.jsonl" 2>> "$out/bench.log" || status=1
-grep -v '^I ' "$out/bench.log" | head -5
-cat "$out/bench.jsonl"
+  grep -v '^I ' "$out/bench.log" | head -5
+  cat "$out/bench.jsonl"
 
-step "served: bench/gpu_serve_check.py"
-printf '#!/bin/sh\nexec "%s" --library-path "%s" "%s" "$@"\n' \
-  "$work/lib/ld-linux-x86-64.so.2" "$work/lib$cuda_dirs" "$work/bin/kiln" > "$work/kiln"
-chmod +x "$work/kiln"
-PYTHONPATH="$dev/py${PYTHONPATH:+:$PYTHONPATH}" timeout 240 python3 bench/gpu_serve_check.py --kiln="$work/kiln" \
-  --model="$model" --bricks="$dev/bricks" --texts="$dev/texts.txt" --out="$out" \
-  --device="${KILN_SERVE_CHECK_DEVICE:-cuda}" || status=1
+  step "served: bench/gpu_serve_check.py"
+  printf '#!/bin/bash\nexec %s "$@"\n' "$(printf '%q ' "${run[@]}" "$work/bin/kiln")" > "$work/kiln"
+  chmod +x "$work/kiln"
+  PYTHONPATH="$dev/py${PYTHONPATH:+:$PYTHONPATH}" timeout 240 python3 bench/gpu_serve_check.py --kiln="$work/kiln" \
+    --model="$model" --bricks="$dev/bricks" --texts="$dev/texts.txt" --out="$out" \
+    --device="${KILN_SERVE_CHECK_DEVICE:-cuda}" || status=1
 fi  # mode all
 # Where the engine's time goes: every kernel of one forward at batch 256,
 # timed by Nsight Compute (when the device has it; it is not a pass/fail step).
@@ -116,10 +115,8 @@ ncu_bin="$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compu
 if [[ -n "$ncu_bin" ]]; then
   step "ncu: per-kernel times at batch 256, fp16"
   timeout 150 "$ncu_bin" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
-    "$work/lib/ld-linux-x86-64.so.2" --library-path "$work/lib$cuda_dirs" \
-    "$work/bin/kiln_bench_device" --device=cuda --gemm_precision=fp16 --model="$model" \
-    --input="$dev/texts.txt" --batches=256 --seq_lens=128,512 --repeats=1 \
-    > "$out/ncu.csv" 2>> "$out/bench.log"
+    "${bench[@]}" --device=cuda --gemm_precision=fp16 --batches=256 --seq_lens=128,512 \
+    --repeats=1 > "$out/ncu.csv" 2>> "$out/bench.log"
   echo "ncu exit $?, $(grep -c '^"' "$out/ncu.csv") csv lines"
   python3 bench/ncu_breakdown.py "$out/ncu.csv"
   if [[ "$mode" == ncu ]]; then
@@ -131,10 +128,8 @@ if [[ -n "$ncu_bin" ]]; then
     for spec in "128 Attention|LinearEpilogue|LayerNorm 8" "512 Attention 1"; do
       read -r len kernels count <<< "$spec"
       timeout 100 "$ncu_bin" --clock-control none --section SpeedOfLight --csv --page details \
-        -k "regex:$kernels" --launch-count "$count" \
-        "$work/lib/ld-linux-x86-64.so.2" --library-path "$work/lib$cuda_dirs" \
-        "$work/bin/kiln_bench_device" --device=cuda --gemm_precision=fp16 --model="$model" \
-        --input="$dev/texts.txt" --batches=256 --seq_lens="$len" --repeats=1 \
+        -k "regex:$kernels" --launch-count "$count" "${bench[@]}" --device=cuda \
+        --gemm_precision=fp16 --batches=256 --seq_lens="$len" --repeats=1 \
         2>> "$out/bench.log" | grep '^"' >> "$out/ncu_sol.csv"
     done
     python3 - "$out/ncu_sol.csv" <<'PY'
@@ -146,9 +141,8 @@ PY
     for p in fp16 bf16 fp32; do
       echo "cuBLAS kernels at --gemm_precision=$p:"
       timeout 60 "$ncu_bin" --metrics gpu__time_duration.sum --csv --page raw -k regex:gemm \
-        --launch-count 4 "$work/lib/ld-linux-x86-64.so.2" --library-path "$work/lib$cuda_dirs" \
-        "$work/bin/kiln_bench_device" --device=cuda --gemm_precision="$p" --model="$model" \
-        --input="$dev/texts.txt" --batches=256 --seq_lens=128 --repeats=1 2>/dev/null |
+        --launch-count 4 "${bench[@]}" --device=cuda --gemm_precision="$p" --batches=256 \
+        --seq_lens=128 --repeats=1 2>/dev/null |
         grep '^"[0-9]' | cut -d, -f5 | sort | uniq -c
     done
   fi

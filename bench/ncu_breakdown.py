@@ -6,8 +6,9 @@ around kiln_bench_device):
   bench/ncu_breakdown.py OUT/gpu/ncu.csv
 
 kiln_bench_device runs, per shape, a warm-up forward, the timed forward(s),
-then the shape's Linear layers alone (the GEMM roofline), each once to warm up
-and once per repeat. A forward is the kernels from EmbeddingSumKernel to
+then the shape's Linear layers alone (the GEMM roofline), once to warm up and
+once per repeat; the number of roofline passes is the run's GEMM count over
+the forward's. A forward is the kernels from EmbeddingSumKernel to
 PoolKernel; this prints, for the last forward of each shape, the time of each
 kernel family and its share, next to the roofline's GEMMs (one pass).
 Kernel times here are summed one kernel at a time under the profiler, so
@@ -73,7 +74,10 @@ def main() -> int:
         if not gemms_after[i]:
             continue
         shape += 1
-        passes = 2  # kiln_bench_device --repeats=1: one warm-up, one timed pass
+        # The roofline run repeats the forward's GEMMs (one warm-up, then one
+        # per --repeats), so its passes are counted from the forward's own.
+        per_pass = sum(1 for name, _ in fwd if family(name) == "GEMM (cuBLAS)")
+        passes = max(1, len(gemms_after[i]) // max(1, per_pass))
         gemm_us = sum(us for _, us in gemms_after[i]) / passes
         sums: dict[str, float] = OrderedDict()
         for name, us in fwd:
