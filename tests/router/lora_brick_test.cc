@@ -219,6 +219,16 @@ INSTANTIATE_TEST_SUITE_P(
                       },
                       "field \"rank_pattern\""},
         BadConfigCase{"LoraBias", [](Json& j) { j["lora_bias"] = true; }, "field \"lora_bias\""},
+        BadConfigCase{"TrainableTokens",
+                      [](Json& j) {
+                        j["trainable_token_indices"] = {5, 6};
+                      },
+                      "field \"trainable_token_indices\""},
+        BadConfigCase{"TargetParameters",
+                      [](Json& j) { j["target_parameters"] = {"encoder.layer.0.weight"}; },
+                      "field \"target_parameters\""},
+        BadConfigCase{"ActivatedLora", [](Json& j) { j["alora_invocation_tokens"] = {7}; },
+                      "field \"alora_invocation_tokens\""},
         BadConfigCase{"LayerReplication",
                       [](Json& j) {
                         j["layer_replication"] = {{0, 1}};
