@@ -24,11 +24,12 @@
 #                  model, where the cut plays no part).
 #                  tests/engine/model/device_parity_test.cc measures what fp16
 #                  costs on the CPU too.
-#   bricks/        for gpu_serve_check.py: ffn-e16 made anew for this model by
+#   bricks/        for gpu_serve_check.py: ffn-e16/1 made anew for this model by
 #                  `kiln bricks split-ffn` (a brick names its model's
-#                  fingerprint, and fp16 weights are another file), and the
-#                  py-docstring and deb-description LoRA bricks with that
-#                  fingerprint
+#                  fingerprint, and fp16 weights are another file), and
+#                  ffn-e16/2 (the shipped partition with its fill, served as
+#                  the latest version) and the py-docstring and
+#                  deb-description LoRA bricks with that fingerprint
 #   py/            kiln_pb2 / kiln_pb2_grpc for gpu_serve_check.py (the device
 #                  has grpcio and protobuf but not grpcio-tools)
 #   texts.txt      the 512 benchmark texts (bench/make_bench_texts.py)
@@ -106,10 +107,13 @@ mkdir -p "$dev/bricks"
 "$build/bin/kiln" bricks split-ffn --model="$m16" --experts=16 --out="$dev/bricks" >/dev/null
 fp="$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["base_model"]["fingerprint"])' \
       "$dev/bricks/ffn-e16/1/brick.json")"
-for b in py-docstring deb-description; do
-  mkdir -p "$dev/bricks/$b"
-  cp -r "deploy/bricks/$b/1" "$dev/bricks/$b/1"
-  .venv/bin/python - "$dev/bricks/$b/1/brick.json" "$fp" <<'PY'
+# ffn-e16/2: the shipped partition with its fill (the version served), so
+# the served check runs the fill on both devices.
+cp -r deploy/bricks/ffn-e16/2 "$dev/bricks/ffn-e16/2"
+for b in py-docstring/1 deb-description/1 ffn-e16/2; do
+  mkdir -p "$dev/bricks/${b%/*}"
+  [[ -d "$dev/bricks/$b" ]] || cp -r "deploy/bricks/$b" "$dev/bricks/$b"
+  .venv/bin/python - "$dev/bricks/$b/brick.json" "$fp" <<'PY'
 import json, sys
 path, fp = sys.argv[1:]
 m = json.load(open(path))

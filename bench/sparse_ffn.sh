@@ -49,7 +49,7 @@ mkdir -p "$out"
 {
   echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg); commit $(git describe --always --dirty)"
   build/bin/kiln_bench_sparse_ffn --model="$model" --input="$texts" --threads="$threads" \
-    --rounds="$rounds" --partition=deploy/bricks/ffn-e16/1
+    --rounds="$rounds" --partition=deploy/bricks/ffn-e16/2
 } | tee "$out/sparse_ffn.txt"
 
 [[ "${SKIP_RETRIEVAL:-0}" == 1 ]] && exit 0

@@ -87,6 +87,11 @@ struct ExpertFfnWeights {
   // of its neurons, so block e is a [hidden, group_size] Linear weight.
   const float* w2 = nullptr;
   const float* b2 = nullptr;  // [hidden]: output.dense's bias
+  // The partition's fill (FfnPartition::Layer::fill), or both null for none.
+  // fill: [experts, hidden], row e = W2_e (the fill values of e's neurons);
+  // b2_filled: [hidden] = b2 + the sum of fill's rows.
+  const float* fill = nullptr;
+  const float* b2_filled = nullptr;
   // [ff] host: the original neuron of each group-order position (LoRA B rows
   // of intermediate.dense and A columns of output.dense are indexed by it).
   absl::Span<const int32_t> neuron_ids;
@@ -168,7 +173,16 @@ class Backend {
   //   y[r] = b2 + sum over its experts e of act(x[r] W1_e^T + b1_e + in_deltas_e) W2_e
   //          + out_deltas
   // which equals the dense FFN with every inactive neuron's activation set to
-  // zero. Only the chosen experts' weights are multiplied: sum over experts of
+  // zero. With a fill (w.fill non-null) and top_k < experts, the row instead
+  // starts at b2_filled and each chosen expert adds its output minus its fill
+  // row:  y[r] = b2_filled + sum over its experts e of (act(...) W2_e - fill_e)
+  //       + out_deltas,
+  // which equals the dense FFN with every inactive neuron's activation set to
+  // its fill value (the base W2 sees the fill; LoRA ffn_out deltas see zero
+  // there). At top_k == experts the fill is not used. The fill costs hidden
+  // adds per (row, chosen expert).
+  //
+  // Only the chosen experts' weights are multiplied: sum over experts of
   // n_e * group_size * hidden * 2 multiply-adds, plus rows * experts * hidden
   // to score (n_e = rows routed to e; sum n_e = rows * top_k).
   //

@@ -22,6 +22,12 @@ struct FfnPartition {
     // [experts * hidden_size], row e: group e's key. A token at this layer
     // scores group e by dot(its FFN input hidden state, centroids[e]).
     std::vector<float> centroids;
+    // [intermediate_size] or empty. fill[n]: the activation assumed for
+    // neuron n when its group is not computed: the mean of its activation
+    // over the tokens of a calibration set that did not choose its group
+    // (tools/calibrate_ffn_fill.py). Empty: 0, plain MoEfication. Every
+    // layer has one or none does.
+    std::vector<float> fill;
   };
   int experts = 0;
   int hidden_size = 0;

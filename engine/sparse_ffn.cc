@@ -48,6 +48,20 @@ absl::Status CheckLayer(const FfnPartition& p, int l, const std::string& name) {
       return absl::InvalidArgumentError(absl::StrCat(at, "centroids[", i, "] is not finite"));
     }
   }
+  if (layer.fill.empty() != p.layers[0].fill.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        at, "fill is ", layer.fill.empty() ? "missing" : "present", ", but layer 0's is ",
+        p.layers[0].fill.empty() ? "missing" : "present", " (a fill covers every layer or none)"));
+  }
+  if (!layer.fill.empty() && layer.fill.size() != static_cast<size_t>(ff)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(at, "fill has ", layer.fill.size(), " floats, want intermediate_size ", ff));
+  }
+  for (size_t i = 0; i < layer.fill.size(); ++i) {
+    if (!std::isfinite(layer.fill[i])) {
+      return absl::InvalidArgumentError(absl::StrCat(at, "fill[", i, "] is not finite"));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -106,6 +120,29 @@ absl::StatusOr<std::unique_ptr<SparseFfn>> SparseFfn::Create(const Encoder& enco
       }
     }
     Layer layer;
+    const std::vector<float>& fill = partition.layers[l].fill;
+    if (!fill.empty()) {
+      // fill_rows[e] = W2_e (fill of e's neurons); b2_filled = b2 + their sum.
+      // In double, so the rows and their sum round once.
+      std::vector<float> fill_rows(static_cast<size_t>(partition.experts) * h), b2_filled(h);
+      std::vector<double> total(dense.b2.begin(), dense.b2.end());
+      for (int e = 0; e < partition.experts; ++e) {
+        for (int o = 0; o < h; ++o) {
+          double acc = 0.0;
+          for (int j = 0; j < g; ++j) {
+            const int32_t n = ids[static_cast<size_t>(e) * g + j];
+            acc += static_cast<double>(dense.w2[static_cast<size_t>(o) * ff + n]) * fill[n];
+          }
+          fill_rows[static_cast<size_t>(e) * h + o] = static_cast<float>(acc);
+          total[o] += acc;
+        }
+      }
+      for (int o = 0; o < h; ++o) b2_filled[o] = static_cast<float>(total[o]);
+      ASSIGN_OR_RETURN(layer.fill, backend->Upload(fill_rows));
+      ASSIGN_OR_RETURN(layer.b2_filled, backend->Upload(b2_filled));
+      sparse->device_bytes_ += (fill_rows.size() + b2_filled.size()) * sizeof(float);
+      sparse->has_fill_ = true;
+    }
     ASSIGN_OR_RETURN(layer.centroids, backend->Upload(partition.layers[l].centroids));
     ASSIGN_OR_RETURN(layer.w1, backend->Upload(w1));
     ASSIGN_OR_RETURN(layer.b1, backend->Upload(b1));
@@ -138,6 +175,8 @@ ExpertFfnWeights SparseFfn::layer(int layer) const {
           .b1 = L.b1.get(),
           .w2 = L.w2.get(),
           .b2 = L.b2.get(),
+          .fill = L.fill.get(),
+          .b2_filled = L.b2_filled.get(),
           .neuron_ids = L.neuron_ids};
 }
 

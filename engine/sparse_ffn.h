@@ -34,7 +34,8 @@ class SparseFfn final : public DeviceBrick {
   // family without ffn_partition bricks (ModularStarEncoder).
   // INVALID_ARGUMENT: malformed (experts < 1 or not dividing the
   // intermediate size, a layer's groups not a permutation of 0..ff-1, wrong
-  // centroid count, a non-finite centroid). Messages start with `name` and
+  // centroid count, a non-finite centroid, a fill of the wrong length, with a
+  // non-finite value, or on some layers only). Messages start with `name` and
   // name the layer at fault. RESOURCE_EXHAUSTED from the backend.
   static absl::StatusOr<std::unique_ptr<SparseFfn>> Create(const Encoder& encoder,
                                                            const FfnPartition& partition,
@@ -45,6 +46,9 @@ class SparseFfn final : public DeviceBrick {
   int hidden_size() const { return hidden_; }
   int intermediate_size() const { return experts_ * group_size_; }
   int num_layers() const { return static_cast<int>(layers_.size()); }
+  // Whether the partition carries a fill (FfnPartition::Layer::fill): the
+  // neurons of unchosen groups then count at their fill value, not zero.
+  bool has_fill() const { return has_fill_; }
 
   // Experts a token computes at `fraction` of the FFN: ceil(fraction *
   // experts()) clamped to [1, experts()], where a product within 1e-3 above
@@ -56,18 +60,21 @@ class SparseFfn final : public DeviceBrick {
   // this object). 0 <= layer < num_layers().
   ExpertFfnWeights layer(int layer) const;
 
-  // Bytes of device memory held: the rearranged FFN weights and the keys.
+  // Bytes of device memory held: the rearranged FFN weights, the keys and the
+  // fill rows.
   size_t device_bytes() const override { return device_bytes_; }
   const std::string& name() const override { return name_; }
 
  private:
   struct Layer {
     DeviceArray centroids, w1, b1, w2, b2;
+    DeviceArray fill, b2_filled;      // empty without a fill (ExpertFfnWeights)
     std::vector<int32_t> neuron_ids;  // host: group order -> original neuron
   };
   SparseFfn() = default;
 
   int experts_ = 0, group_size_ = 0, hidden_ = 0;
+  bool has_fill_ = false;
   std::vector<Layer> layers_;
   size_t device_bytes_ = 0;
   std::string name_;

@@ -30,9 +30,11 @@ namespace fs = std::filesystem;
 constexpr char kLayerPrefix[] = "layer.";
 constexpr char kGroupsSuffix[] = ".groups";
 constexpr char kCentroidsSuffix[] = ".centroids";
+constexpr char kFillSuffix[] = ".fill";
 
 std::string GroupsName(int layer) { return absl::StrCat(kLayerPrefix, layer, kGroupsSuffix); }
 std::string CentroidsName(int layer) { return absl::StrCat(kLayerPrefix, layer, kCentroidsSuffix); }
+std::string FillName(int layer) { return absl::StrCat(kLayerPrefix, layer, kFillSuffix); }
 
 // A uniformly distributed integer in [0, range) from raw mt19937_64 draws.
 // Draws in the last, incomplete bucket of size `range` are redrawn, so every
@@ -150,8 +152,10 @@ absl::Status WriteFileAtomically(const fs::path& path, absl::string_view bytes) 
 }
 
 // Checks one layer; `groups_where` / `centroids_where` prefix the messages.
+// `fill_where` prefixes the messages about the fill (empty = none).
 absl::Status CheckLayer(const FfnPartition::Layer& layer, int experts, int hidden, int ff,
-                        const std::string& groups_where, const std::string& centroids_where) {
+                        const std::string& groups_where, const std::string& centroids_where,
+                        const std::string& fill_where) {
   if (layer.groups.size() != static_cast<size_t>(ff)) {
     return absl::InvalidArgumentError(absl::StrCat(groups_where, ": has ", layer.groups.size(),
                                                    " entries, expected the FFN width ", ff));
@@ -185,17 +189,33 @@ absl::Status CheckLayer(const FfnPartition::Layer& layer, int experts, int hidde
                                                      ")"));
     }
   }
+  if (layer.fill.empty()) return absl::OkStatus();
+  if (layer.fill.size() != static_cast<size_t>(ff)) {
+    return absl::InvalidArgumentError(absl::StrCat(fill_where, ": has ", layer.fill.size(),
+                                                   " values, expected the FFN width ", ff));
+  }
+  for (int j = 0; j < ff; ++j) {
+    if (!std::isfinite(layer.fill[j])) {
+      return absl::InvalidArgumentError(absl::StrCat(fill_where, ": has a non-finite value (",
+                                                     std::isnan(layer.fill[j]) ? "NaN" : "Inf",
+                                                     ") at neuron ", j));
+    }
+  }
   return absl::OkStatus();
 }
 
-// "layer.{i}.groups" -> (i, true), "layer.{i}.centroids" -> (i, false);
-// false for any other name (i in canonical decimal only).
-bool ParseTensorName(absl::string_view name, int* layer, bool* is_groups) {
+enum class PartTensor { kGroups, kCentroids, kFill };
+
+// "layer.{i}.groups" / ".centroids" / ".fill" -> (i, kind); false for any
+// other name (i in canonical decimal only).
+bool ParseTensorName(absl::string_view name, int* layer, PartTensor* kind) {
   if (!absl::ConsumePrefix(&name, kLayerPrefix)) return false;
   if (absl::ConsumeSuffix(&name, kGroupsSuffix)) {
-    *is_groups = true;
+    *kind = PartTensor::kGroups;
   } else if (absl::ConsumeSuffix(&name, kCentroidsSuffix)) {
-    *is_groups = false;
+    *kind = PartTensor::kCentroids;
+  } else if (absl::ConsumeSuffix(&name, kFillSuffix)) {
+    *kind = PartTensor::kFill;
   } else {
     return false;
   }
@@ -335,7 +355,14 @@ absl::Status CheckFfnPartition(const FfnPartition& p) {
   for (size_t i = 0; i < p.layers.size(); ++i) {
     RETURN_IF_ERROR(CheckLayer(p.layers[i], p.experts, p.hidden_size, p.intermediate_size,
                                absl::StrCat("layers[", i, "].groups"),
-                               absl::StrCat("layers[", i, "].centroids")));
+                               absl::StrCat("layers[", i, "].centroids"),
+                               absl::StrCat("layers[", i, "].fill")));
+    if (p.layers[i].fill.empty() != p.layers[0].fill.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layers[", i, "].fill: ", p.layers[i].fill.empty() ? "missing" : "present",
+                       ", but layers[0].fill is ", p.layers[0].fill.empty() ? "missing" : "present",
+                       " (a fill covers every layer or none)"));
+    }
   }
   return absl::OkStatus();
 }
@@ -371,6 +398,13 @@ absl::Status WriteFfnPartitionBrick(const std::string& dir, const FfnPartition& 
                        {experts, partition.hidden_size},
                        absl::string_view(reinterpret_cast<const char*>(layer.centroids.data()),
                                          layer.centroids.size() * sizeof(float))});
+    if (!layer.fill.empty()) {
+      tensors.push_back({FillName(static_cast<int>(i)),
+                         DType::kF32,
+                         {int64_t{partition.intermediate_size}},
+                         absl::string_view(reinterpret_cast<const char*>(layer.fill.data()),
+                                           layer.fill.size() * sizeof(float))});
+    }
   }
   ASSIGN_OR_RETURN(const std::string bytes,
                    SerializeSafetensors(tensors, {{"format", "kiln.ffn_partition"}}));
@@ -397,8 +431,8 @@ absl::StatusOr<FfnPartition> ReadFfnPartitionBrick(const std::string& version_di
   std::vector<std::string> ignored;
   for (const TensorInfo& t : file->tensors()) {
     int layer = 0;
-    bool is_groups = false;
-    if (!ParseTensorName(t.name, &layer, &is_groups)) {
+    PartTensor kind = PartTensor::kGroups;
+    if (!ParseTensorName(t.name, &layer, &kind)) {
       ignored.push_back(t.name);
       continue;
     }
@@ -411,7 +445,7 @@ absl::StatusOr<FfnPartition> ReadFfnPartitionBrick(const std::string& version_di
   }
   if (!ignored.empty()) {
     KLOG(INFO) << path << ": ignoring " << ignored.size()
-               << " tensor(s) not named layer.{i}.groups / layer.{i}.centroids: "
+               << " tensor(s) not named layer.{i}.groups / .centroids / .fill: "
                << absl::StrJoin(ignored.begin(),
                                 ignored.begin() + std::min<size_t>(ignored.size(), 16), ", ");
   }
@@ -493,8 +527,36 @@ absl::StatusOr<FfnPartition> ReadFfnPartitionBrick(const std::string& version_di
     FfnPartition::Layer layer;
     ASSIGN_OR_RETURN(layer.groups, file->ReadInt32(groups_name, want_groups));
     ASSIGN_OR_RETURN(layer.centroids, file->ReadFloat32(centroids_name, want_centroids));
+    // The optional fill: F32 [intermediate], on every layer or on none.
+    const std::string fill_name = FillName(i);
+    const TensorInfo* fill = file->Find(fill_name);
+    const bool want_fill = i == 0 ? fill != nullptr : !partition.layers[0].fill.empty();
+    if ((fill != nullptr) != want_fill) {
+      return absl::InvalidArgumentError(
+          fill == nullptr ? absl::StrCat(path, ": missing tensor '", fill_name, "' ('", FillName(0),
+                                         "' is there: a fill covers every layer)")
+                          : absl::StrCat(where(fill_name), " is there, but '", FillName(0),
+                                         "' is missing (a fill covers every layer or none)"));
+    }
+    if (fill != nullptr) {
+      if (fill->dtype != DType::kF32) {
+        return absl::InvalidArgumentError(absl::StrCat(where(fill_name), " has dtype ",
+                                                       DTypeName(fill->dtype), ", expected F32"));
+      }
+      if (fill->shape.size() != 1) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            where(fill_name), " has shape ", FormatShape(fill->shape), ", expected 1 dimension"));
+      }
+      if (fill->shape[0] != base.intermediate_size) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            where(fill_name), " has shape ", FormatShape(fill->shape),
+            ", but the base model needs ", FormatShape({int64_t{base.intermediate_size}}), " ",
+            base_shape, ": the brick was made for another model"));
+      }
+      ASSIGN_OR_RETURN(layer.fill, file->ReadFloat32(fill_name, fill->shape));
+    }
     RETURN_IF_ERROR(CheckLayer(layer, partition.experts, base.hidden_size, base.intermediate_size,
-                               where(groups_name), where(centroids_name)));
+                               where(groups_name), where(centroids_name), where(fill_name)));
     partition.layers.push_back(std::move(layer));
   }
   if (num_layers != base.num_layers) {

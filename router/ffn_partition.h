@@ -89,8 +89,9 @@ absl::StatusOr<FfnPartition> SplitFfn(const SafetensorsFile& weights, const Enco
 // Checks the invariants of engine/ffn_partition.h: experts >= 1 dividing
 // intermediate_size, hidden_size >= 1, at least one layer, every layer's
 // groups a permutation of 0..intermediate_size-1 of length intermediate_size
-// and its centroids experts * hidden_size finite values. INVALID_ARGUMENT
-// naming the field ("layers[2].groups: ...").
+// and its centroids experts * hidden_size finite values; fills (optional)
+// intermediate_size finite values, on every layer or on none.
+// INVALID_ARGUMENT naming the field ("layers[2].groups: ...").
 absl::Status CheckFfnPartition(const FfnPartition& partition);
 
 // ---------------------------------------------------------------------------
@@ -99,7 +100,8 @@ absl::Status CheckFfnPartition(const FfnPartition& partition);
 // Writes an "ffn_partition" brick version folder `dir` (created, with its
 // parents, if missing): first <dir>/ffn_partition.safetensors with, per
 // layer i, layer.{i}.groups (I32 [experts, intermediate / experts]) and
-// layer.{i}.centroids (F32 [experts, hidden]), then <dir>/brick.json from
+// layer.{i}.centroids (F32 [experts, hidden]) and, when the partition has
+// one, layer.{i}.fill (F32 [intermediate]), then <dir>/brick.json from
 // `manifest` (last, so that the folder counts only once complete). Each file
 // is written to a temporary name and renamed into place. INVALID_ARGUMENT:
 // `partition` fails CheckFfnPartition, or `manifest` has a kind other than
@@ -109,20 +111,23 @@ absl::Status WriteFfnPartitionBrick(const std::string& dir, const FfnPartition& 
                                     const BrickManifest& manifest);
 
 // Reads <version_dir>/ffn_partition.safetensors for the base model `base`.
-// Tensors not named layer.{i}.groups / layer.{i}.centroids are ignored (one
-// KLOG(INFO) line). Errors, each naming the file and tensor:
+// layer.{i}.fill is optional, but on every layer or on none. Tensors not
+// named layer.{i}.groups / .centroids / .fill are ignored (one KLOG(INFO)
+// line). Errors, each naming the file and tensor:
 //   FAILED_PRECONDITION  the partition does not fit `base`, the brick was
 //                        made for another model: layers beyond or short of
 //                        base.num_layers, or groups whose element count or
 //                        centroids whose width differ from base's FFN /
-//                        hidden width (the message shows both shapes);
+//                        hidden width, or a fill whose length differs from
+//                        the FFN width (the message shows both shapes);
 //   INVALID_ARGUMENT     a missing tensor (layer.{i}.groups without
-//                        layer.{i}.centroids, a gap in the layers); a dtype
-//                        other than I32 (groups) / F32 (centroids); a tensor
-//                        that is not 2-D; zero experts or an expert count
+//                        layer.{i}.centroids, a gap in the layers, a fill on
+//                        some layers only); a dtype other than I32 (groups)
+//                        / F32 (centroids, fill); groups or centroids not
+//                        2-D, a fill not 1-D; zero experts or an expert count
 //                        that differs between tensors or layers; groups that
 //                        are not a permutation of 0..intermediate-1; a NaN or
-//                        infinite centroid element;
+//                        infinite centroid or fill element;
 //   the safetensors reader's error for a missing, corrupt or truncated file.
 absl::StatusOr<FfnPartition> ReadFfnPartitionBrick(const std::string& version_dir,
                                                    const EncoderConfig& base);

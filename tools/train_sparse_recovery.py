@@ -14,7 +14,8 @@ Student: the base model + LoRA (rank --rank on the six linears of every
 layer, tools/train_brick.py's lora_model), every layer's FFN masked as Kiln
 serves it: each token keeps the ceil(fraction x E) groups whose centroid has
 the largest dot product with the token's FFN input (the attention block's
-output), the other neurons' activations are zeroed. Teacher: the dense base
+output), the other neurons' activations are zeroed, or held at the
+partition's fill where it has one (tools/sparse_ffn_torch.py). Teacher: the dense base
 model (LoRA off, FFN unmasked), no gradient. Loss: mean (1 - cosine) between
 the student's and the teacher's embeddings (mean pooling + L2, as served),
 plus --hidden-weight x the mean (1 - cosine) of every layer's token states,
@@ -42,7 +43,6 @@ Usage:
       [--out DIR] [--id ffn-recovery-50] [--version 1] [--eval-only BRICK_DIR]
 """
 import argparse
-import json
 import math
 import os
 import platform
@@ -53,56 +53,9 @@ from train_brick import (add_training_args, lora_model, optimizer, publish,  # n
                          seed_everything, train_loop)
 from train_exits import cpu_has_bf16  # noqa: E402
 from eval_bricks_torch import ROOT, load_base, merge_brick  # noqa: E402
+from sparse_ffn_torch import PARTITION, SparseFfn, read_texts  # noqa: E402
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
-
-TASKS = ("py-docstring", "man-synopsis", "deb-description")
-PARTITION = os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "1")
-
-
-def read_texts(sets, split, per_task=None):
-    texts = []
-    for task in TASKS:
-        with open(os.path.join(sets, task, f"{split}.jsonl")) as f:
-            for i, line in enumerate(f):
-                if per_task is not None and i >= per_task:
-                    break
-                row = json.loads(line)
-                texts += [row["query"], row["document"]]
-    return texts
-
-
-class SparseFfn:
-    """Masks every layer's FFN activations to the top groups per token, as
-    the engine serves ffn_fraction. keep = None runs dense."""
-
-    def __init__(self, layers, partition_dir):
-        part = load_file(os.path.join(partition_dir, "ffn_partition.safetensors"))
-        self.experts = part["layer.0.groups"].shape[0]
-        self.keep = None
-        for i, layer in enumerate(layers):
-            groups = part[f"layer.{i}.groups"].long()
-            centroids = part[f"layer.{i}.centroids"].float()
-            original = layer.intermediate.forward
-
-            def forward(x, original=original, groups=groups, centroids=centroids):
-                act = original(x)
-                if self.keep is None:
-                    return act
-                with torch.no_grad():
-                    score = x.float() @ centroids.T
-                    chosen = torch.zeros(*x.shape[:-1], self.experts)
-                    chosen.scatter_(-1, score.topk(self.keep, dim=-1).indices, 1.0)
-                    mask = torch.zeros(*x.shape[:-1], act.shape[-1])
-                    mask[..., groups.reshape(-1)] = chosen.repeat_interleave(groups.shape[1], -1)
-                return act * mask.to(act.dtype)
-
-            layer.intermediate.forward = forward
-
-    def set_fraction(self, fraction):
-        self.keep = None if fraction >= 1 else max(1, math.ceil(fraction * self.experts - 1e-3))
-
 
 def encode(model, tok, texts, max_length, bf16, grad):
     """(pooled L2 embeddings [n, d], hidden states per layer, attention mask)."""
@@ -157,7 +110,9 @@ def print_cosines(label, result):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--fraction", type=float, default=0.5, help="the ffn_fraction trained for")
-    ap.add_argument("--partition", default=PARTITION)
+    ap.add_argument("--partition", default=PARTITION,
+                    help="the ffn_partition version folder served with the brick (its fill, "
+                         "if it has one, is used as the engine uses it)")
     ap.add_argument("--hidden-weight", type=float, default=1.0,
                     help="weight of the per-layer token-state cosine loss")
     ap.add_argument("--relation-weight", type=float, default=0.0,
@@ -249,8 +204,10 @@ def main():
     wall, cpu = train_loop(args, rows, rng, opt, sched, step_loss)
     print_cosines("after", cosines(model, sparse, tok, eval_texts, fractions,
                                    args.max_length, dense))
+    part_name = "/".join(os.path.normpath(args.partition).split(os.sep)[-2:])
     description = (f"Recovery brick for the sparse FFN: composed with ffn_fraction "
-                   f"{args.fraction:g} over the ffn-e16 partition, it brings the default "
+                   f"{args.fraction:g} over the {part_name} partition"
+                   f"{' and its fill' if sparse.has_fill else ''}, it brings the default "
                    f"model's embeddings back toward the dense model's (distilled from the "
                    f"dense model by tools/train_sparse_recovery.py). Use it only with that "
                    f"fraction; no instructions: name it in bricks.")

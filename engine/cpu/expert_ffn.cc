@@ -112,8 +112,12 @@ void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, in
   // those rows. So each row's sum runs bias, then its experts in ascending
   // order, and the per-expert output block stays in cache (materialising
   // every (row, expert) output first cost a full extra pass over memory).
+  // With a fill the rows start at b2_filled and each expert takes its fill
+  // row back off (backend.h).
+  const bool filled = w.fill != nullptr && k < experts;
   for (int i = 0; i < n; ++i) {
-    std::memcpy(y + static_cast<int64_t>(r0 + i) * h, w.b2, h * sizeof(float));
+    std::memcpy(y + static_cast<int64_t>(r0 + i) * h, filled ? w.b2_filled : w.b2,
+                h * sizeof(float));
   }
   for (int e = 0; e < experts; ++e) {
     const int ne = s.offsets[e + 1] - s.offsets[e];
@@ -166,11 +170,17 @@ void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, in
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, h, t.rank, t.scale,
                   s.tmp.data(), t.rank, t.b, t.rank, 1.0f, ye + static_cast<int64_t>(m0) * h, h);
     }
+    const float* fe = filled ? w.fill + static_cast<int64_t>(e) * h : nullptr;
     for (int i = 0; i < ne; ++i) {
       float* yr = y + static_cast<int64_t>(rows_e[i]) * h;
       const float* src = ye + static_cast<int64_t>(i) * h;
+      if (fe != nullptr) {
 #pragma omp simd
-      for (int c = 0; c < h; ++c) yr[c] += src[c];
+        for (int c = 0; c < h; ++c) yr[c] += src[c] - fe[c];
+      } else {
+#pragma omp simd
+        for (int c = 0; c < h; ++c) yr[c] += src[c];
+      }
     }
   }
 }

@@ -16,7 +16,7 @@
 //   8. LoRA-out shrink z = h * a^T per row over its experts' neurons
 //   9. y = b2 + sum of the row's expert outputs in ascending expert order
 //      + LoRA-out deltas (CombineKernel; no atomics, so the bits are the same
-//      on every run)
+//      on every run); with a fill, b2_filled + sum of (output - fill row)
 //
 // LoRA: ffn_in shrinks (x a^T, [rows_t, rank]) are Gemms on x itself;
 // ffn_out shrinks are computed by LoraOutShrinkKernel from the activations.
@@ -183,17 +183,27 @@ __global__ void LoraOutShrinkKernel(const float* __restrict__ mid, int g, int64_
 }
 
 // y[r, c] = b2[c] + sum over s < k of out[pos[r, s], c] (pos follows the
-// ascending expert order) + sum over out tasks covering r of
+// ascending expert order), each minus fill[e, c] of its expert e when fill
+// is not null (b2 is then b2_filled), + sum over out tasks covering r of
 // scale * z_t[r] . b_t[c]. One block per row.
 __global__ void CombineKernel(const float* __restrict__ out, const int32_t* __restrict__ pos, int k,
                               int hidden, const float* __restrict__ b2,
+                              const float* __restrict__ fill,
+                              const int32_t* __restrict__ member_expert,
                               const LoraTaskDev* __restrict__ tasks, int num_tasks,
                               float* __restrict__ y) {
   const int r = blockIdx.x;
   const int32_t* row_pos = pos + static_cast<int64_t>(r) * k;
   for (int c = threadIdx.x; c < hidden; c += blockDim.x) {
     float acc = b2 != nullptr ? b2[c] : 0.0f;
-    for (int s = 0; s < k; ++s) acc += out[static_cast<int64_t>(row_pos[s]) * hidden + c];
+    if (fill != nullptr) {
+      for (int s = 0; s < k; ++s) {
+        const int64_t p = row_pos[s];
+        acc += out[p * hidden + c] - fill[static_cast<int64_t>(member_expert[p]) * hidden + c];
+      }
+    } else {
+      for (int s = 0; s < k; ++s) acc += out[static_cast<int64_t>(row_pos[s]) * hidden + c];
+    }
     for (int t = 0; t < num_tasks; ++t) {
       const LoraTaskDev task = tasks[t];
       if (r < task.row_begin || r >= task.row_end) continue;
@@ -379,7 +389,10 @@ void CudaBackend::ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w,
   }
 
   // 9. Combine.
-  CombineKernel<<<rows, 128, 0, stream()>>>(out, d_pos, k, h, w.b2, d_out_tasks, num_out, y);
+  const bool filled = w.fill != nullptr && k < experts;
+  CombineKernel<<<rows, 128, 0, stream()>>>(out, d_pos, k, h, filled ? w.b2_filled : w.b2,
+                                            filled ? w.fill : nullptr, d_member_expert, d_out_tasks,
+                                            num_out, y);
   CheckLaunch("ExpertFfn combine kernel");
 }
 

@@ -327,9 +327,11 @@ LORA_BRICKS = ("py-docstring", "man-synopsis", "deb-description", "py-exits")
 PARTITION = "ffn-e16"
 BROKEN = "broken"
 # In the cache a LoRA brick of deploy/bricks costs 1331200 bytes, the
-# partition 28509184 (its expert tables): the partition and one LoRA brick fit,
-# so switching between a LoRA brick and a sparse-FFN request evicts.
-CACHE_BYTES = 30_000_000
+# partition (version 2, with its fill) 28665856 (its expert tables and fill
+# rows): the partition and one LoRA brick fit, two LoRA bricks and the
+# partition do not, so switching between a LoRA brick and a sparse-FFN
+# request evicts.
+CACHE_BYTES = 30_500_000
 INSTRUCTIONS = ("Given a docstring, find the Python code that implements it:",
                 "Represent this Debian package summary for finding its long description:",
                 "zqxj vbnm wrtp")

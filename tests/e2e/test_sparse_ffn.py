@@ -81,7 +81,7 @@ def test_fraction_runs_the_partition_and_composes_with_lora(start_server, tmp_pa
 def test_recovery_brick_brings_the_sparse_model_back_toward_dense(start_server, tmp_path):
     """The shipped recovery brick (tools/train_sparse_recovery.py), composed
     with ffn_fraction 0.5, must keep doing what docs/QUALITY.md reports: move
-    the embeddings toward the dense model's (0.79 -> 0.93 mean cosine on the
+    the embeddings toward the dense model's (0.85 -> 0.93 mean cosine on the
     held-out sets; here a looser bound on three texts)."""
     server: KilnServer = start_server(
         brick_dir=_store(tmp_path / "bricks", ids=(PARTITION, RECOVERY)))
@@ -108,9 +108,10 @@ def test_fraction_misuse_gets_clear_errors(start_server, tmp_path):
     # Two partition bricks: the server must be told which one.
     root = _store(tmp_path / "b")
     shutil.copytree(DEPLOY / PARTITION, root / "ffn-other")
-    manifest = json.loads((root / "ffn-other" / "1" / "brick.json").read_text())
-    manifest["id"] = "ffn-other"
-    (root / "ffn-other" / "1" / "brick.json").write_text(json.dumps(manifest))
+    for manifest_path in (root / "ffn-other").glob("*/brick.json"):  # every version
+        manifest = json.loads(manifest_path.read_text())
+        manifest["id"] = "ffn-other"
+        manifest_path.write_text(json.dumps(manifest))
     two: KilnServer = start_server(brick_dir=root)
     _expect(lambda: _embed(two.stub, ffn_fraction=0.5),
             grpc.StatusCode.FAILED_PRECONDITION, "several ffn_partition bricks", "--ffn_partition")
@@ -124,10 +125,10 @@ def test_fraction_misuse_gets_clear_errors(start_server, tmp_path):
 
     # A partition made for another base model.
     alien_root = _store(tmp_path / "c", (PARTITION,))
-    path = alien_root / PARTITION / "1" / "brick.json"
-    manifest = json.loads(path.read_text())
-    manifest["base_model"]["fingerprint"] = "0" * 64
-    path.write_text(json.dumps(manifest))
+    for path in (alien_root / PARTITION).glob("*/brick.json"):  # every version
+        manifest = json.loads(path.read_text())
+        manifest["base_model"]["fingerprint"] = "0" * 64
+        path.write_text(json.dumps(manifest))
     alien: KilnServer = start_server(brick_dir=alien_root)
     _expect(lambda: _embed(alien.stub, ffn_fraction=0.5),
             grpc.StatusCode.FAILED_PRECONDITION, "fingerprint")

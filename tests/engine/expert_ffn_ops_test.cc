@@ -1,6 +1,7 @@
 // Device conformance of Backend::ExpertFfn (the sparse FFN of an
 // ffn_partition brick) against the dense FFN with every neuron outside each
-// row's top-k groups zeroed, in plain double loops on the ORIGINAL weights,
+// row's top-k groups zeroed (or, with a fill, at its fill value for the base
+// output weight), in plain double loops on the ORIGINAL weights,
 // on each (device, GEMM precision) case of backend_ops_fixture.h.
 //
 // Rows and router keys are QuantisedVector data, so every device scores the
@@ -25,6 +26,7 @@ struct ExpertCase {
   int rows, hidden, experts, group, top_k;
   std::vector<std::pair<int, int>> lora_rows;  // one ffn_in and one ffn_out task each
   bool same_keys = false;                      // every expert's key identical: all rows tie
+  bool fill = false;  // a partition fill: inactive neurons count at fill[n] (base W2 only)
 };
 
 class ExpertFfnOpsTest : public BackendOpsTest {
@@ -34,13 +36,17 @@ class ExpertFfnOpsTest : public BackendOpsTest {
 
 void ExpertFfnOpsTest::RunCase(const ExpertCase& c) {
   SCOPED_TRACE(testing::Message() << c.rows << " rows, " << c.experts << " experts of " << c.group
-                                  << ", top " << c.top_k << (c.same_keys ? ", tied keys" : ""));
+                                  << ", top " << c.top_k << (c.same_keys ? ", tied keys" : "")
+                                  << (c.fill ? ", fill" : ""));
   const int rows = c.rows, h = c.hidden, E = c.experts, g = c.group, ff = E * g, rank = 3;
   const float in_scale = 0.7f, out_scale = -1.3f;
   const auto x = QuantisedVector(static_cast<size_t>(rows) * h, 41),
              w1 = RandomVector(static_cast<size_t>(ff) * h, 42, 0.2f), b1 = RandomVector(ff, 43),
              w2 = RandomVector(static_cast<size_t>(h) * ff, 44, 0.2f), b2 = RandomVector(h, 45);
   auto keys = QuantisedVector(static_cast<size_t>(E) * h, 46);
+  // The fill, by original neuron (zero without one).
+  const std::vector<float> fill =
+      c.fill ? RandomVector(ff, 48, 0.2f) : std::vector<float>(static_cast<size_t>(ff), 0.0f);
   if (c.same_keys) {
     for (int e = 1; e < E; ++e) std::copy_n(keys.begin(), h, keys.begin() + e * h);
   }
@@ -144,8 +150,9 @@ void ExpertFfnOpsTest::RunCase(const ExpertCase& c) {
       double acc = b2[o], m = std::fabs(b2[o]);
       for (int n = 0; n < ff; ++n) {
         const double w = w2[static_cast<size_t>(o) * ff + n];
-        acc += mid[n] * w;
-        m += (std::fabs(mid[n]) + mid_mag[n]) * std::fabs(w);
+        acc += (active[n] ? mid[n] : fill[n]) * w;
+        // The op adds every fill row and takes the chosen ones back off.
+        m += (std::fabs(mid[n]) + mid_mag[n] + 2.0 * std::fabs(fill[n])) * std::fabs(w);
       }
       for (size_t t = 0; t < out_here.size(); ++t) {
         for (int q = 0; q < rank; ++q) {
@@ -164,6 +171,22 @@ void ExpertFfnOpsTest::RunCase(const ExpertCase& c) {
                                  out_tasks = UploadTasks(out_loras, &keep);
   auto dx = Up(x), dkeys = Up(keys), dw1 = Up(w1g), db1 = Up(b1g), dw2 = Up(w2g), db2 = Up(b2),
        dy = Up(std::vector<float>(want.size(), 5.0f));
+  // The fill as the op takes it: rows W2_e fill_e and b2 + their sum.
+  std::vector<float> fill_rows(static_cast<size_t>(E) * h), b2_filled(h);
+  for (int o = 0; o < h; ++o) {
+    double total = b2[o];
+    for (int e = 0; e < E; ++e) {
+      double acc = 0.0;
+      for (int j = 0; j < g; ++j) {
+        const int n = ids[e * g + j];
+        acc += static_cast<double>(w2[static_cast<size_t>(o) * ff + n]) * fill[n];
+      }
+      fill_rows[static_cast<size_t>(e) * h + o] = static_cast<float>(acc);
+      total += acc;
+    }
+    b2_filled[o] = static_cast<float>(total);
+  }
+  auto dfill = Up(fill_rows), db2_filled = Up(b2_filled);
   const ExpertFfnWeights weights{.experts = E,
                                  .group_size = g,
                                  .hidden = h,
@@ -172,6 +195,8 @@ void ExpertFfnOpsTest::RunCase(const ExpertCase& c) {
                                  .b1 = db1.get(),
                                  .w2 = dw2.get(),
                                  .b2 = db2.get(),
+                                 .fill = c.fill ? dfill.get() : nullptr,
+                                 .b2_filled = c.fill ? db2_filled.get() : nullptr,
                                  .neuron_ids = ids};
   backend_->ExpertFfn(dx.get(), rows, weights, c.top_k, Activation::kGelu, dy.get(), in_tasks,
                       out_tasks);
@@ -191,6 +216,22 @@ TEST_P(ExpertFfnOpsTest, MatchesMaskedDenseReferenceForOneHalfAndAllExperts) {
        .group = 64,
        .lora_rows = {{0, 250}, {250, 320}, {400, 600}}}};
   for (ExpertCase c : shapes) {
+    for (const int top_k : {1, c.experts / 2, c.experts}) {
+      c.top_k = top_k;
+      RunCase(c);
+    }
+  }
+}
+
+TEST_P(ExpertFfnOpsTest, WithAFillInactiveNeuronsCountAtTheirFill) {
+  // As above with a partition fill: the base output weight sees each
+  // inactive neuron at its fill value, LoRA-out sees zero there; with every
+  // expert on, the fill is not used.
+  const std::vector<ExpertCase> shapes = {
+      {.rows = 7, .hidden = 24, .experts = 4, .group = 8, .lora_rows = {{0, 3}, {5, 7}}},
+      {.rows = 600, .hidden = 256, .experts = 8, .group = 64, .lora_rows = {{100, 500}}}};
+  for (ExpertCase c : shapes) {
+    c.fill = true;
     for (const int top_k : {1, c.experts / 2, c.experts}) {
       c.top_k = top_k;
       RunCase(c);

@@ -26,6 +26,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "router/brick.h"
+#include "tests/router/ffn_partition_test_util.h"
 
 namespace kiln {
 namespace {
@@ -158,118 +159,9 @@ TEST(BalancedKMeansTest, RefusesBadArgumentsNamingThem) {
 }
 
 // ---------------------------------------------------------------------------
-// Fixtures for the files: a tiny base model and a valid partition of it.
+// The brick files (fixtures in ffn_partition_test_util.h)
 
-EncoderConfig TinyBase() {
-  EncoderConfig c;
-  c.model_type = "bert";
-  c.hidden_size = 8;
-  c.intermediate_size = 16;
-  c.num_layers = 2;
-  c.num_heads = 2;
-  c.vocab_size = 32;
-  c.max_position_embeddings = 16;
-  c.type_vocab_size = 2;
-  return c;
-}
-
-FfnPartition TinyPartition() {
-  FfnPartition p;
-  p.experts = 4;
-  p.hidden_size = 8;
-  p.intermediate_size = 16;
-  for (int l = 0; l < 2; ++l) {
-    FfnPartition::Layer layer;
-    layer.groups.resize(16);
-    std::iota(layer.groups.begin(), layer.groups.end(), 0);
-    std::mt19937 rng(l);
-    std::shuffle(layer.groups.begin(), layer.groups.end(), rng);
-    for (int j = 0; j < 4 * 8; ++j) layer.centroids.push_back(0.125f * (j - 16) + l);
-    p.layers.push_back(std::move(layer));
-  }
-  return p;
-}
-
-BrickManifest PartitionManifest() {
-  BrickManifest m;
-  m.id = "ffn-e4";
-  m.version = 1;
-  m.kind = kFfnPartitionKind;
-  m.description = "test partition";
-  m.base_name = "tiny";
-  m.base_fingerprint = std::string(64, 'a');
-  return m;
-}
-
-template <typename T>
-absl::string_view View(const std::vector<T>& v) {
-  return absl::string_view(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(T));
-}
-
-// The tensors of TinyPartition() as the format stores them, for editing.
-struct FileTensor {
-  std::string name;
-  DType dtype;
-  std::vector<int64_t> shape;
-  std::string bytes;
-};
-
-std::vector<FileTensor> TinyTensors() {
-  std::vector<FileTensor> out;
-  const FfnPartition p = TinyPartition();
-  for (int l = 0; l < 2; ++l) {
-    out.push_back({absl::StrCat("layer.", l, ".groups"),
-                   DType::kI32,
-                   {4, 4},
-                   std::string(View(p.layers[l].groups))});
-    out.push_back({absl::StrCat("layer.", l, ".centroids"),
-                   DType::kF32,
-                   {4, 8},
-                   std::string(View(p.layers[l].centroids))});
-  }
-  return out;
-}
-
-FileTensor* Named(std::vector<FileTensor>& tensors, const std::string& name) {
-  for (FileTensor& t : tensors) {
-    if (t.name == name) return &t;
-  }
-  ADD_FAILURE() << "no tensor " << name;
-  return nullptr;
-}
-
-class FfnPartitionFileTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = fs::path(::testing::TempDir()) /
-           absl::StrCat("kiln_ffn_partition_test_", info->name(), "_", getpid());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-    path_ = (dir_ / kFfnPartitionFile).string();
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-
-  void WriteTensors(const std::vector<FileTensor>& tensors) {
-    std::vector<SafetensorsTensorData> data;
-    for (const FileTensor& t : tensors) data.push_back({t.name, t.dtype, t.shape, t.bytes});
-    auto bytes = SerializeSafetensors(data);
-    ASSERT_TRUE(bytes.ok()) << bytes.status();
-    std::ofstream(path_, std::ios::binary | std::ios::trunc) << *bytes;
-  }
-
-  // Reads dir_ for `base`, expecting `code` and a message naming the file and
-  // `fragment`.
-  void ExpectError(const EncoderConfig& base, absl::StatusCode code, const std::string& fragment) {
-    auto p = ReadFfnPartitionBrick(dir_.string(), base);
-    ASSERT_FALSE(p.ok()) << "read a bad file; expected " << fragment;
-    EXPECT_EQ(p.status().code(), code) << p.status();
-    EXPECT_THAT(std::string(p.status().message()), AllOf(HasSubstr(path_), HasSubstr(fragment)));
-  }
-
-  fs::path dir_;
-  std::string path_;
-};
+using namespace ffn_partition_testing;  // NOLINT: the fixtures of this test
 
 TEST_F(FfnPartitionFileTest, WriteThenReadRoundTripsExactly) {
   const FfnPartition p = TinyPartition();

@@ -147,8 +147,10 @@ TEST_F(KilnServiceBricksTest, BrokenBricksFailTheirLoadAndNothingElse) {
     const float nan = std::nanf("");
     io.write(reinterpret_cast<const char*>(&nan), 4);
   }
-  // The committed ffn_partition brick: a valid brick, but not one a request can apply.
-  fs::copy(std::string(KILN_SOURCE_DIR) + "/deploy/bricks/ffn-e16", fs::path(root) / "ffn-e16",
+  // The committed ffn_partition brick (version 1 of it): a valid brick, but not
+  // one a request can apply.
+  fs::create_directories(fs::path(root) / "ffn-e16");
+  fs::copy(std::string(KILN_SOURCE_DIR) + "/deploy/bricks/ffn-e16/1", fs::path(root) / "ffn-e16/1",
            fs::copy_options::recursive);
   StartWith(root, 400 << 10);
   const std::vector<std::tuple<std::string, grpc::StatusCode, std::string>> cases = {

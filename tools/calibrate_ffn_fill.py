@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Adds a fill to an ffn_partition brick: per layer and FFN neuron, the value
+the engine assumes for the neuron's activation when the token did not choose
+its group (engine/ffn_partition.h, docs/BRICKS.md), instead of zero.
+
+The fill of neuron n is the mean of its activation (after GELU), in the dense
+model, over the calibration tokens whose top ceil(--fraction x E) groups
+(by centroid score, as served) leave n's group out: the value that, on
+average, the skipped neuron would have had. [CLS], [SEP] and padding are not
+counted (their activations are atypical and pull the means off). Plain
+MoEfication zeroes the skipped neurons; most GELU activations are small but
+not zero (docs/QUALITY.md), and the zeros add up to a shift of every layer's
+output that the fill takes back for hidden-size adds per token and group.
+
+Calibration texts: the first --per-task (query, document) pairs of each brick
+task's *train* split (tools/build_retrieval_set.py), max length 128; the
+held-out texts tools/sparse_ffn_ceiling.py and the evaluations use are not
+seen. Writes a new version folder with the partition's groups and centroids
+unchanged, the fill added and brick.json's version set to the folder's, then
+prints the mean and minimum cosine to the dense embedding on the held-out
+texts at --eval-fractions, without and with the fill.
+
+Usage: .venv/bin/python tools/calibrate_ffn_fill.py
+         [--partition deploy/bricks/ffn-e16/1] [--out deploy/bricks/ffn-e16/2]
+         [--fraction 0.5] [--per-task 300] [--eval-per-task 40]
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import AutoModel, AutoTokenizer  # noqa: E402
+
+from sparse_ffn_torch import ROOT, SparseFfn, keep_for, read_texts  # noqa: E402
+
+
+def embed(model, tok, texts, max_length, sparse=None, count_special=False):
+    """Mean-pooled L2 embeddings in batches of 64; with `sparse` in
+    calibration, counts every non-padding token that is not [CLS] or [SEP]
+    (or is, with count_special)."""
+    out = []
+    for s in range(0, len(texts), 64):
+        enc = tok(texts[s:s + 64], padding=True, truncation=True, max_length=max_length,
+                  return_tensors="pt")
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        if sparse is not None and sparse.stats is not None:
+            ids = enc["input_ids"]
+            count = enc["attention_mask"].bool()
+            if not count_special:
+                count &= (ids != tok.cls_token_id) & (ids != tok.sep_token_id)
+            sparse.count_mask = count.float()
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        out.append(torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
+    ap.add_argument("--partition", default=os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "1"),
+                    help="the ffn_partition version folder to add a fill to")
+    ap.add_argument("--out", default=os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "2"),
+                    help="the new version folder (its name is the version number)")
+    ap.add_argument("--fraction", type=float, default=0.5,
+                    help="the ffn_fraction whose routing decides which tokens skip a group")
+    ap.add_argument("--per-task", type=int, default=300,
+                    help="calibration pairs per task, from the train splits")
+    ap.add_argument("--sets", default=os.path.join(ROOT, ".cache", "retrieval"))
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--eval-per-task", type=int, default=40)
+    ap.add_argument("--eval-fractions", default="0.75,0.5,0.25,0.125")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--count-special", action="store_true",
+                    help="also count [CLS] and [SEP] in the means (worse; for comparison)")
+    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = ap.parse_args()
+    if not 0 < args.fraction < 1:
+        sys.exit(f"calibrate_ffn_fill: --fraction must be in (0, 1), got {args.fraction}")
+    if args.per_task < 1:
+        sys.exit(f"calibrate_ffn_fill: --per-task must be >= 1, got {args.per_task}")
+    version = os.path.basename(os.path.normpath(args.out))
+    if not version.isdigit() or version.startswith("0"):
+        sys.exit(f"calibrate_ffn_fill: --out must end in a version folder (1, 2, ...), "
+                 f"got {args.out}")
+    if os.path.exists(args.out) and not args.force:
+        sys.exit(f"calibrate_ffn_fill: {args.out} exists (use --force or another --out)")
+    src = os.path.join(args.partition, "ffn_partition.safetensors")
+    manifest_path = os.path.join(args.partition, "brick.json")
+    for path in (src, manifest_path):
+        if not os.path.isfile(path):
+            sys.exit(f"calibrate_ffn_fill: {path}: no such file (--partition must be an "
+                     f"ffn_partition version folder)")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    if manifest.get("kind") != "ffn_partition":
+        sys.exit(f"calibrate_ffn_fill: {manifest_path}: kind is {manifest.get('kind')!r}, "
+                 f"not 'ffn_partition'")
+    torch.set_num_threads(args.threads)
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModel.from_pretrained(args.model).eval()
+    layers = model.encoder.layer
+    sparse = SparseFfn(layers, args.partition, use_fill=False)
+    calib = read_texts(args.sets, "train", args.per_task)
+    k = keep_for(args.fraction, sparse.experts)
+    print(f"calibrate_ffn_fill: {len(calib)} train texts, routing at fraction {args.fraction:g} "
+          f"({k}/{sparse.experts} groups), torch {torch.__version__}", file=sys.stderr)
+    sparse.start_fill_calibration(args.fraction)
+    embed(model, tok, calib, args.max_length, sparse, args.count_special)
+    fill = sparse.finish_fill_calibration()
+
+    tensors = {name: t.contiguous() for name, t in load_file(src).items()
+               if not name.endswith(".fill")}
+    for i, f in enumerate(fill):
+        tensors[f"layer.{i}.fill"] = f.contiguous()
+    manifest["version"] = int(version)
+    note = (f" Fill: each skipped neuron counts at its mean activation when skipped, "
+            f"calibrated at fraction {args.fraction:g} on {len(calib)} train texts "
+            f"(tools/calibrate_ffn_fill.py).")
+    manifest["description"] = manifest.get("description", "").split(" Fill:")[0] + note
+    parent = os.path.dirname(os.path.normpath(args.out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{version}.")
+    save_file(tensors, os.path.join(tmp, "ffn_partition.safetensors"),
+              metadata={"format": "kiln.ffn_partition"})
+    with open(os.path.join(tmp, "brick.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a brick folder is not
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o644)
+    if os.path.exists(args.out):
+        shutil.rmtree(args.out)
+    os.rename(tmp, args.out)
+    print(f"calibrate_ffn_fill: wrote {args.out} (fill magnitude: mean |fill| per layer "
+          + ", ".join(f"{f.abs().mean():.3f}" for f in fill) + ")", file=sys.stderr)
+
+    # Held-out cosine to dense, without and with the fill just made.
+    texts = read_texts(args.sets, "test", args.eval_per_task)
+    dense = embed(model, tok, texts, args.max_length)
+    sparse.fill = fill
+    print("| fraction | groups | mean cos, no fill | min | mean cos, fill | min |")
+    print("|---|---|---|---|---|---|")
+    for frac in (float(x) for x in args.eval_fractions.split(",")):
+        row = []
+        for use in (False, True):
+            sparse.use_fill = use
+            sparse.set_fraction(frac)
+            cos = (embed(model, tok, texts, args.max_length) * dense).sum(-1)
+            row += [f"{cos.mean():.4f}", f"{cos.min():.4f}"]
+        sparse.set_fraction(1.0)
+        print(f"| {frac:g} | {keep_for(frac, sparse.experts)}/{sparse.experts} | "
+              + " | ".join(row) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
