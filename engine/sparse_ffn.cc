@@ -141,7 +141,6 @@ absl::StatusOr<std::unique_ptr<SparseFfn>> SparseFfn::Create(const Encoder& enco
       ASSIGN_OR_RETURN(layer.fill, backend->Upload(fill_rows));
       ASSIGN_OR_RETURN(layer.b2_filled, backend->Upload(b2_filled));
       sparse->device_bytes_ += (fill_rows.size() + b2_filled.size()) * sizeof(float);
-      sparse->has_fill_ = true;
     }
     ASSIGN_OR_RETURN(layer.centroids, backend->Upload(partition.layers[l].centroids));
     ASSIGN_OR_RETURN(layer.w1, backend->Upload(w1));

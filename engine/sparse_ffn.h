@@ -48,7 +48,7 @@ class SparseFfn final : public DeviceBrick {
   int num_layers() const { return static_cast<int>(layers_.size()); }
   // Whether the partition carries a fill (FfnPartition::Layer::fill): the
   // neurons of unchosen groups then count at their fill value, not zero.
-  bool has_fill() const { return has_fill_; }
+  bool has_fill() const { return !layers_.empty() && layers_[0].fill != nullptr; }
 
   // Experts a token computes at `fraction` of the FFN: ceil(fraction *
   // experts()) clamped to [1, experts()], where a product within 1e-3 above
@@ -74,7 +74,6 @@ class SparseFfn final : public DeviceBrick {
   SparseFfn() = default;
 
   int experts_ = 0, group_size_ = 0, hidden_ = 0;
-  bool has_fill_ = false;
   std::vector<Layer> layers_;
   size_t device_bytes_ = 0;
   std::string name_;
