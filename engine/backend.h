@@ -180,7 +180,9 @@ class Backend {
   // which equals the dense FFN with every inactive neuron's activation set to
   // its fill value (the base W2 sees the fill; LoRA ffn_out deltas see zero
   // there). At top_k == experts the fill is not used. The fill costs hidden
-  // adds per (row, chosen expert).
+  // adds per (row, chosen expert); where in the row's sum the fill rows are
+  // taken off is the backend's (the CPU takes them off b2_filled first, the
+  // CUDA kernel with each expert's output).
   //
   // Only the chosen experts' weights are multiplied: sum over experts of
   // n_e * group_size * hidden * 2 multiply-adds, plus rows * experts * hidden

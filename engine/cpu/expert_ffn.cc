@@ -72,15 +72,32 @@ void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, in
   s.scores.resize(static_cast<size_t>(n) * experts);
   SerialLinear(x + static_cast<int64_t>(r0) * h, n, h, w.centroids, nullptr, experts,
                s.scores.data());
-  // 2. Top-k per row by repeated scans (experts is small): a strictly greater
-  // score wins, so ties go to the lower index and NaN never beats a number.
-  // Each row's choice is then sorted by expert, which fixes the order its
-  // experts' outputs are summed in.
+  // 2. Top-k per row: a strictly greater score wins, so ties go to the lower
+  // index. A row without NaN takes each expert that fewer than k others beat,
+  // which lists its choice in ascending expert order, the order its experts'
+  // outputs are summed in. A row with a NaN score takes k repeated scans
+  // instead (a NaN that is the first expert not yet taken is taken; the CUDA
+  // kernel does the same), then sorts.
   s.choice.resize(static_cast<size_t>(n) * k);
   s.taken.resize(experts);
   for (int i = 0; i < n; ++i) {
     const float* sc = s.scores.data() + static_cast<int64_t>(i) * experts;
     int32_t* c = s.choice.data() + static_cast<int64_t>(i) * k;
+    bool has_nan = false;
+    for (int e = 0; e < experts; ++e) has_nan |= sc[e] != sc[e];
+    if (!has_nan) {
+      // Expert e is chosen iff fewer than k experts beat it (a higher score,
+      // or an equal one at a lower index); scanning e upwards emits the
+      // choice already sorted.
+      int q = 0;
+      for (int e = 0; e < experts; ++e) {
+        const float se = sc[e];
+        int beaten = 0;
+        for (int j = 0; j < experts; ++j) beaten += (sc[j] > se) | ((sc[j] == se) & (j < e));
+        if (beaten < k && q < k) c[q++] = e;
+      }
+      continue;
+    }
     std::fill(s.taken.begin(), s.taken.end(), 0);
     for (int q = 0; q < k; ++q) {
       int best = -1;
@@ -112,12 +129,22 @@ void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, in
   // those rows. So each row's sum runs bias, then its experts in ascending
   // order, and the per-expert output block stays in cache (materialising
   // every (row, expert) output first cost a full extra pass over memory).
-  // With a fill the rows start at b2_filled and each expert takes its fill
-  // row back off (backend.h).
+  // With a fill a row starts at b2_filled minus its chosen experts' fill
+  // rows (backend.h), taken off here while the row is in cache rather than
+  // in the scattered adds below.
   const bool filled = w.fill != nullptr && k < experts;
   for (int i = 0; i < n; ++i) {
-    std::memcpy(y + static_cast<int64_t>(r0 + i) * h, filled ? w.b2_filled : w.b2,
-                h * sizeof(float));
+    float* yr = y + static_cast<int64_t>(r0 + i) * h;
+    if (!filled) {
+      std::memcpy(yr, w.b2, h * sizeof(float));
+      continue;
+    }
+    std::memcpy(yr, w.b2_filled, h * sizeof(float));
+    for (int q = 0; q < k; ++q) {
+      const float* fe = w.fill + static_cast<int64_t>(s.choice[static_cast<size_t>(i) * k + q]) * h;
+#pragma omp simd
+      for (int c = 0; c < h; ++c) yr[c] -= fe[c];
+    }
   }
   for (int e = 0; e < experts; ++e) {
     const int ne = s.offsets[e + 1] - s.offsets[e];
@@ -170,17 +197,11 @@ void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, in
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m1 - m0, h, t.rank, t.scale,
                   s.tmp.data(), t.rank, t.b, t.rank, 1.0f, ye + static_cast<int64_t>(m0) * h, h);
     }
-    const float* fe = filled ? w.fill + static_cast<int64_t>(e) * h : nullptr;
     for (int i = 0; i < ne; ++i) {
       float* yr = y + static_cast<int64_t>(rows_e[i]) * h;
       const float* src = ye + static_cast<int64_t>(i) * h;
-      if (fe != nullptr) {
 #pragma omp simd
-        for (int c = 0; c < h; ++c) yr[c] += src[c] - fe[c];
-      } else {
-#pragma omp simd
-        for (int c = 0; c < h; ++c) yr[c] += src[c];
-      }
+      for (int c = 0; c < h; ++c) yr[c] += src[c];
     }
   }
 }

@@ -264,6 +264,48 @@ TEST_P(ExpertFfnOpsTest, TiesGoToTheLowerExpertIndex) {
   }
 }
 
+TEST_P(ExpertFfnOpsTest, ANanRowScoresNaNAndSpoilsOnlyItself) {
+  // A row with a NaN scores every expert NaN; it still takes exactly top_k
+  // experts (the CPU routes such rows on a separate path), its output is
+  // NaN, and every other row comes out as it does without it.
+  const int rows = 9, h = 16, E = 4, g = 8, ff = E * g, top_k = 2, bad = 4;
+  std::vector<int32_t> ids(ff);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), std::mt19937(3));
+  auto keys = Up(RandomVector(E * h, 1)), w1 = Up(RandomVector(ff * h, 2, 0.3f)),
+       b1 = Up(RandomVector(ff, 3)), w2 = Up(RandomVector(ff * h, 4, 0.3f)),
+       b2 = Up(RandomVector(h, 5));
+  const ExpertFfnWeights weights{.experts = E,
+                                 .group_size = g,
+                                 .hidden = h,
+                                 .centroids = keys.get(),
+                                 .w1 = w1.get(),
+                                 .b1 = b1.get(),
+                                 .w2 = w2.get(),
+                                 .b2 = b2.get(),
+                                 .neuron_ids = ids};
+  std::vector<float> x = RandomVector(static_cast<size_t>(rows) * h, 6);
+  auto run = [&](const std::vector<float>& in) {
+    auto dx = Up(in), dy = Up(std::vector<float>(in.size(), 5.0f));
+    backend_->ExpertFfn(dx.get(), rows, weights, top_k, Activation::kGelu, dy.get());
+    return Down(dy, in.size());
+  };
+  const std::vector<float> clean = run(x);
+  x[static_cast<size_t>(bad) * h + 3] = std::nanf("");
+  const std::vector<float> spoiled = run(x);
+  for (int r = 0; r < rows; ++r) {
+    for (int c = 0; c < h; ++c) {
+      const size_t i = static_cast<size_t>(r) * h + c;
+      if (r == bad) {
+        EXPECT_TRUE(std::isnan(spoiled[i])) << "row " << r << " col " << c;
+      } else {
+        EXPECT_NEAR(spoiled[i], clean[i], 1e-5f * (1.0f + std::fabs(clean[i])))
+            << "row " << r << " col " << c;
+      }
+    }
+  }
+}
+
 TEST_P(ExpertFfnOpsTest, ZeroRowsIsANoOp) {
   const int h = 8, E = 2, g = 4, ff = E * g;
   std::vector<int32_t> ids(ff);
