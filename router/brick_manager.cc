@@ -5,6 +5,9 @@
 #include <filesystem>
 #include <utility>
 
+#include "absl/algorithm/container.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
@@ -13,6 +16,27 @@
 #include "router/ffn_partition.h"
 
 namespace kiln {
+
+absl::StatusOr<BrickKey> ParseFfnPartitionFlag(absl::string_view flag) {
+  BrickKey key;
+  if (flag.empty()) return key;
+  const size_t at = flag.rfind('@');
+  key.id = std::string(flag.substr(0, at));
+  if (at != absl::string_view::npos) {
+    const absl::string_view version = flag.substr(at + 1);
+    if (!absl::SimpleAtoi(version, &key.version) || key.version < 1 ||
+        !absl::c_all_of(version, absl::ascii_isdigit)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--ffn_partition \"", flag, "\": the version after '@' must be a positive "
+                       "integer (ID or ID@VERSION)"));
+    }
+  }
+  if (!IsValidBrickId(key.id)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--ffn_partition \"", flag, "\": \"", key.id, "\" is not a valid brick id"));
+  }
+  return key;
+}
 
 absl::StatusOr<std::unique_ptr<BrickManager>> BrickManager::Create(const Options& options,
                                                                    const ModelConfig& model,
@@ -27,7 +51,9 @@ absl::StatusOr<std::unique_ptr<BrickManager>> BrickManager::Create(const Options
     return absl::InvalidArgumentError(absl::StrCat(
         "--max_brick_weight must be a positive number, got ", options.max_brick_weight));
   }
+  ASSIGN_OR_RETURN(BrickKey ffn_pin, ParseFfnPartitionFlag(options.ffn_partition));
   std::unique_ptr<BrickManager> m(new BrickManager(options, model, backend));
+  m->ffn_pin_ = std::move(ffn_pin);
   absl::StatusOr<std::unique_ptr<BrickStore>> store = BrickStore::Open(options.root);
   if (!store.ok()) {
     return absl::Status(store.status().code(),
@@ -294,13 +320,13 @@ absl::StatusOr<int> BrickManager::FfnExperts() const {
 }
 
 absl::StatusOr<BrickKey> BrickManager::FfnPartitionKey() const {
-  if (!options_.ffn_partition.empty()) {
-    absl::StatusOr<int> version = LatestVersion(options_.ffn_partition);
+  if (!ffn_pin_.id.empty()) {
+    absl::StatusOr<int> version = ResolveVersion(ffn_pin_.id, ffn_pin_.version);
     if (!version.ok()) {
       return absl::Status(version.status().code(),
                           absl::StrCat("--ffn_partition: ", version.status().message()));
     }
-    return BrickKey{options_.ffn_partition, *version};
+    return BrickKey{ffn_pin_.id, *version};
   }
   std::vector<std::string> ids;
   {

@@ -45,6 +45,12 @@ namespace kiln {
 class Encoder;
 class SparseFfn;
 
+// Parses --ffn_partition: "ID" gives {ID, 0} (0 = its latest version),
+// "ID@VERSION" gives {ID, VERSION}, "" gives {"", 0} (the only
+// ffn_partition brick). INVALID_ARGUMENT naming the flag for an id that is
+// not a valid brick id or a version that is not a positive integer.
+absl::StatusOr<BrickKey> ParseFfnPartitionFlag(absl::string_view flag);
+
 class BrickManager {
  public:
   struct Options {
@@ -53,7 +59,9 @@ class BrickManager {
     int loader_threads = 2;                    // --brick_loader_threads
     int max_bricks_per_request = 4;            // --max_bricks_per_request
     float max_brick_weight = 2.0f;             // --max_brick_weight
-    std::string ffn_partition;                 // --ffn_partition; empty = the only one
+    // --ffn_partition: "ID" (its latest version), "ID@VERSION" (that version),
+    // or empty (the only ffn_partition brick in the store).
+    std::string ffn_partition;
     // The served encoder, which ffn_partition bricks are built from (its FFN
     // weights are copied into each SparseFfn). Null: such bricks fail to
     // load with FAILED_PRECONDITION. Not owned; must outlive the manager.
@@ -112,11 +120,12 @@ class BrickManager {
     Acquire(std::move(bricks), std::nullopt, std::move(done));
   }
 
-  // The ffn_partition brick that ffn_fraction < 1 runs with: the latest
-  // version of Options::ffn_partition (--ffn_partition), or, when that is
-  // empty, of the one ffn_partition brick in the store.
-  // FAILED_PRECONDITION when there is none (or several and no flag names
-  // one); NOT_FOUND for a named id that does not exist.
+  // The ffn_partition brick that ffn_fraction < 1 runs with: the version
+  // Options::ffn_partition (--ffn_partition) pins, else the latest version
+  // of the id it names, or, when it is empty, of the one ffn_partition brick
+  // in the store. FAILED_PRECONDITION when there is none (or several and no
+  // flag names one); NOT_FOUND for a named id or pinned version that does
+  // not exist.
   absl::StatusOr<BrickKey> FfnPartitionKey() const;
   // Experts per layer of FfnPartitionKey()'s brick (its file is read once per
   // version); FfnPartitionKey's error when there is none.
@@ -189,6 +198,9 @@ class BrickManager {
   absl::StatusOr<std::string> KindOf(const BrickKey& key) const;
 
   const Options options_;
+  // Options::ffn_partition parsed by Create: the id, and the pinned version
+  // (0 = latest).
+  BrickKey ffn_pin_;
   const ModelConfig model_;
   Backend* const backend_;
   std::string fingerprint_;

@@ -99,8 +99,8 @@ ABSL_FLAG(float, router_min_score, 0.4f,
 ABSL_FLAG(float, router_temperature, 0.05f,
           "serve: the router weights the bricks it keeps by softmax(score / T)");
 ABSL_FLAG(std::string, ffn_partition, "",
-          "serve: id of the ffn_partition brick that ffn_fraction < 1 runs with; empty = the only "
-          "one in --brick_dir");
+          "serve: the ffn_partition brick that ffn_fraction < 1 runs with: ID (its latest "
+          "version) or ID@VERSION (that version); empty = the only one in --brick_dir");
 ABSL_FLAG(std::string, addr, "127.0.0.1:50051",
           "health: HOST:PORT of the kiln serve to ask (grpc.health.v1 Check)");
 ABSL_FLAG(std::string, service, "", "health: service name to ask about; empty = the whole server");

@@ -121,7 +121,24 @@ def test_fraction_misuse_gets_clear_errors(start_server, tmp_path):
             grpc.StatusCode.INVALID_ARGUMENT, "bricks[0]", PARTITION, "not a lora brick")
     two.healthy_embed()
     named: KilnServer = start_server(brick_dir=root, ffn_partition="ffn-other")
-    assert _embed(named.stub, ffn_fraction=0.25).ffn_fraction == 0.25
+    named_half = _embed(named.stub, ffn_fraction=0.5)
+    assert named_half.ffn_fraction == 0.5
+    # ID@VERSION pins a version: version 1 has no fill, so it embeds
+    # differently from the latest (2); a version that does not exist is
+    # NOT_FOUND naming the flag, and the server keeps serving.
+    pinned: KilnServer = start_server(brick_dir=root, ffn_partition="ffn-other@1")
+    pinned_half = _embed(pinned.stub, ffn_fraction=0.5)
+    for a, b in zip(named_half.embeddings, pinned_half.embeddings):
+        assert max_abs_diff(a.values, b.values) > 1e-3
+    only_v1 = _store(tmp_path / "v1", ())
+    shutil.copytree(DEPLOY / PARTITION / "1", only_v1 / PARTITION / "1")
+    latest_is_v1: KilnServer = start_server(brick_dir=only_v1)
+    for a, b in zip(_embed(latest_is_v1.stub, ffn_fraction=0.5).embeddings, pinned_half.embeddings):
+        assert max_abs_diff(a.values, b.values) <= 1e-5
+    missing: KilnServer = start_server(brick_dir=root, ffn_partition="ffn-other@9")
+    _expect(lambda: _embed(missing.stub, ffn_fraction=0.5),
+            grpc.StatusCode.NOT_FOUND, "--ffn_partition", "ffn-other", "version 9")
+    missing.healthy_embed()
 
     # A partition made for another base model.
     alien_root = _store(tmp_path / "c", (PARTITION,))

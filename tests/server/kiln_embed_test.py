@@ -124,7 +124,10 @@ class KilnServeFlagsTest(unittest.TestCase):
                               ("--router_top_k=0", "--router_top_k: 0 must be at least 1"),
                               ("--router_min_score=2", "--router_min_score: 2 is not a cosine"),
                               ("--router_temperature=0", "--router_temperature: 0 must be > 0"),
-                              ("--router_cache_entries=0", "--router_cache_entries: 0")]:
+                              ("--router_cache_entries=0", "--router_cache_entries: 0"),
+                              ("--ffn_partition=ffn-e16@0",
+                               "--ffn_partition \"ffn-e16@0\": the version after '@' must be a "
+                               "positive integer")]:
             p = self.serve(f"--model={MODEL}", f"--brick_dir={bricks}", "--admin_port=0", flag)
             self.assertEqual(p.returncode, 2, flag)
             self.assertIn(message, p.stderr.decode(), flag)
