@@ -58,7 +58,7 @@
 // formed in double and rounded once).
 //
 // How Kiln differs from PEFT 0.13.2's add_weighted_adapter (the reference; see
-// tools/make_brick_fixture.py for what PEFT computes, checked on every run):
+// tools/brick_fixture_merge.py for what PEFT computes, checked on every run):
 //   - PEFT's *_svd methods (ties_svd, dare_linear_svd, dare_ties_svd) pass
 //     weights w_i * scale_i to a combination of the deltas scale_i B_i A_i, so
 //     each adapter's scale is applied twice; Kiln applies it once. The two
