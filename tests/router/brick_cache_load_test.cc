@@ -42,7 +42,7 @@ TEST_F(BrickCacheTest, ConcurrentAcquireOfAColdBrickLoadsOnce) {
 
   const LoraAdapter* adapter = nullptr;
   for (Outcome& o : outcomes) {
-    ASSERT_TRUE(o.done.Wait());
+    ASSERT_TRUE(o.done.WaitForNotificationWithTimeout(kWait));
     EXPECT_EQ(o.calls.load(), 1);
     ASSERT_TRUE(o.result.ok()) << o.result.status();
     if (adapter == nullptr) adapter = o.result->adapter();
@@ -68,7 +68,7 @@ TEST_F(BrickCacheTest, SlowLoadDoesNotDelayOtherBricks) {
   Outcome b;
   EXPECT_TRUE(cache_->Acquire(Key("b"), b.Callback()).has_value());
   EXPECT_TRUE(cache_->Preload(Key("c")).ok());
-  EXPECT_FALSE(a.done.notified());
+  EXPECT_FALSE(a.done.HasBeenNotified());
   EXPECT_FALSE(cache_->TryPin(Key("a")).has_value());
 
   loader_.Open("a");
@@ -176,8 +176,8 @@ TEST_F(BrickCacheTest, UnloadWhileLoadingServesWaitersThenDrops) {
   cache_->Unload(Key("a"));
   EXPECT_FALSE(cache_->Acquire(Key("a"), joiner.Callback()).has_value());
   loader_.Open("a");
-  ASSERT_TRUE(first.done.Wait());
-  ASSERT_TRUE(joiner.done.Wait());
+  ASSERT_TRUE(first.done.WaitForNotificationWithTimeout(kWait));
+  ASSERT_TRUE(joiner.done.WaitForNotificationWithTimeout(kWait));
   ASSERT_TRUE(first.result.ok());
   ASSERT_TRUE(joiner.result.ok());
   EXPECT_TRUE(cache_->Resident().empty());
@@ -242,7 +242,7 @@ TEST_F(BrickCacheTest, DestructorFailsQueuedAndRunningLoads) {
   absl::Status queued = b.WaitAndRelease();
   EXPECT_EQ(queued.code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(queued.message(), HasSubstr("b@1"));
-  EXPECT_FALSE(a.done.notified());
+  EXPECT_FALSE(a.done.HasBeenNotified());
   loader_.Open("a");
   destroy.join();
   absl::Status status = a.WaitAndRelease();
@@ -293,7 +293,7 @@ TEST_F(BrickCacheTest, ConcurrentUseKeepsTheInvariants) {
               ++callbacks;  // answered at once
               held.push_back(std::move(*pin));
             } else {
-              EXPECT_TRUE(outcome->done.Wait());
+              EXPECT_TRUE(outcome->done.WaitForNotificationWithTimeout(kWait));
               EXPECT_EQ(outcome->calls.load(), 1);
               ++callbacks;
               if (outcome->result.ok()) held.push_back(std::move(*outcome->result));

@@ -122,7 +122,7 @@ TEST_F(BrickCacheTest, AllPinnedAdmitsOverBudgetThenShrinksAsPinsDrop) {
   // Everything resident is pinned: c is admitted over budget, pinned.
   Outcome c;
   EXPECT_FALSE(cache_->Acquire(Key("c"), c.Callback()).has_value());
-  ASSERT_TRUE(c.done.Wait());
+  ASSERT_TRUE(c.done.WaitForNotificationWithTimeout(kWait));
   ASSERT_TRUE(c.result.ok()) << c.result.status();
   EXPECT_EQ(cache_->resident_bytes(), 3 * one_);
   EXPECT_EQ(cache_->stats().pinned_bytes, 3 * one_);

@@ -30,6 +30,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "router/brick_cache.h"
+#include "tests/common/event.h"
 
 namespace kiln {
 namespace brick_cache_testing {
@@ -39,29 +40,7 @@ using Pin = BrickCache::Pin;
 // Only for not hanging forever; nothing asserts how long anything took.
 inline constexpr absl::Duration kWait = absl::Seconds(120);
 
-// A one-shot event on std primitives (ThreadSanitizer cannot see Debian's
-// uninstrumented abseil synchronization).
-class Event {
- public:
-  void Notify() {
-    std::lock_guard<std::mutex> lock(mu_);
-    notified_ = true;
-    cv_.notify_all();
-  }
-  bool Wait(absl::Duration timeout = kWait) {
-    std::unique_lock<std::mutex> lock(mu_);
-    return cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [this] { return notified_; });
-  }
-  bool notified() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return notified_;
-  }
-
- private:
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool notified_ = false;
-};
+using common_testing::Event;
 
 // What one Acquire's ready callback received.
 struct Outcome {
@@ -78,7 +57,7 @@ struct Outcome {
   }
   // Waits for the callback, then gives up its Pin (if any) and returns the status.
   absl::Status WaitAndRelease() {
-    EXPECT_TRUE(done.Wait()) << "ready was not called";
+    EXPECT_TRUE(done.WaitForNotificationWithTimeout(kWait)) << "ready was not called";
     absl::Status status = result.status();
     result = absl::CancelledError("released by the test");
     return status;

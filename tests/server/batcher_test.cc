@@ -1,10 +1,14 @@
+// Batcher (server/batcher.h): what a batch computes (the same as each job run
+// on its own, mixed exits and normalize in one batch), an engine error failing
+// its whole batch, the hooks, and the lone-request fast path. The queue limit,
+// deadlines, cancellation, Drain, the destructor and what Create and Enqueue
+// refuse are in batcher_queue_test.cc.
 #include "server/batcher.h"
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -15,171 +19,16 @@
 #include "absl/status/status.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
-#include "engine/cpu/cpu_backend.h"
-#include "engine/model/embedding_model.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/server/batcher_test_util.h"
 
 namespace kiln {
 namespace {
 
 using ::testing::Contains;
 using ::testing::HasSubstr;
-
-// Only for waiting on completion; nothing asserts how long anything took.
-constexpr absl::Duration kWait = absl::Seconds(120);
-
-const std::vector<std::string> kTexts = {
-    "The quick brown fox jumps over the lazy dog.",
-    "Kiln serves embeddings over gRPC.",
-    "A lone request never waits for company.",
-    "Batches are cut by a token budget.",
-    "Transformers pool their hidden states into one vector per sentence.",
-    "short",
-    "What is the capital of France?",
-    "Paris is the capital and most populous city of France, on the Seine.",
-    "Deadlines and cancellations are checked before compute.",
-    "Early exits stop a sequence after layer K.",
-};
-
-// A one-shot event. std primitives rather than Event so the test
-// runs clean under ThreadSanitizer with Debian's uninstrumented abseil.
-class Event {
- public:
-  void Notify() {
-    std::lock_guard<std::mutex> lock(mu_);
-    notified_ = true;
-    cv_.notify_all();
-  }
-  bool HasBeenNotified() const {
-    std::lock_guard<std::mutex> lock(mu_);
-    return notified_;
-  }
-  bool WaitForNotificationWithTimeout(absl::Duration timeout) {
-    std::unique_lock<std::mutex> lock(mu_);
-    return cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout), [this] { return notified_; });
-  }
-  void WaitForNotification() {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [this] { return notified_; });
-  }
-
- private:
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  bool notified_ = false;
-};
-
-// The outcome of one job, filled by its done callback.
-struct Outcome {
-  Event finished;
-  absl::StatusOr<EmbedOutput> result = absl::UnknownError("done not called");
-  std::atomic<int> calls{0};
-};
-
-class BatcherTest : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() {
-    backend_ = CpuBackend::Create({.threads = 1}).release();
-    auto model = EmbeddingModel::Load(KILN_SOURCE_DIR "/models/all-MiniLM-L6-v2", backend_);
-    ASSERT_TRUE(model.ok()) << model.status();
-    model_ = model->release();
-  }
-  static void TearDownTestSuite() {
-    delete model_;
-    delete backend_;
-    model_ = nullptr;
-    backend_ = nullptr;
-  }
-
-  static std::unique_ptr<EmbedJob> MakeJob(const std::vector<std::string>& texts, int exit,
-                                           bool normalize, std::shared_ptr<Outcome> outcome) {
-    auto job = std::make_unique<EmbedJob>();
-    for (const std::string& text : texts) {
-      auto encoding = model_->Tokenize(text);
-      EXPECT_TRUE(encoding.ok()) << encoding.status();
-      job->inputs.push_back(*std::move(encoding));
-    }
-    job->exit = exit;
-    job->normalize = normalize;
-    job->done = [outcome](absl::StatusOr<EmbedOutput> result) {
-      outcome->result = std::move(result);
-      outcome->calls.fetch_add(1);
-      outcome->finished.Notify();
-    };
-    return job;
-  }
-
-  // What the model gives for these texts run on their own. Call only while no
-  // Batcher is driving the model.
-  static std::vector<float> Reference(const std::vector<std::string>& texts, int exit,
-                                      bool normalize) {
-    std::vector<Encoding> encodings;
-    for (const std::string& text : texts) encodings.push_back(*model_->Tokenize(text));
-    std::vector<float> out;
-    for (const Encoding& e : encodings) {
-      std::vector<float> row(model_->dim());
-      const SequenceInput seq{.ids = e.ids, .exit = exit, .normalize = normalize};
-      EXPECT_TRUE(model_->Forward({&seq, 1}, row.data()).ok());
-      out.insert(out.end(), row.begin(), row.end());
-    }
-    return out;
-  }
-
-  static std::unique_ptr<Batcher> MakeBatcher(Batcher::Options options = {},
-                                              Batcher::Hooks hooks = {}) {
-    auto batcher = Batcher::Create(options, model_, std::move(hooks));
-    EXPECT_TRUE(batcher.ok()) << batcher.status();
-    return batcher.ok() ? *std::move(batcher) : nullptr;
-  }
-
-  static double MaxAbsDiff(const std::vector<float>& a, const std::vector<float>& b) {
-    EXPECT_EQ(a.size(), b.size());
-    double m = 0;
-    for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
-      m = std::max(m, std::fabs(double(a[i]) - double(b[i])));
-    }
-    return m;
-  }
-
-  static CpuBackend* backend_;
-  static EmbeddingModel* model_;
-};
-
-CpuBackend* BatcherTest::backend_ = nullptr;
-EmbeddingModel* BatcherTest::model_ = nullptr;
-
-// Holds the engine worker inside a job's done callback, so the engine stays
-// busy and whatever is enqueued meanwhile stays queued (a batch that does not
-// reach the token budget waits for an idle engine).
-class EngineGate {
- public:
-  // Releases the engine, so a test that stops early does not hang the
-  // Batcher's destructor.
-  ~EngineGate() { Release(); }
-
-  std::unique_ptr<EmbedJob> Job(std::unique_ptr<EmbedJob> job) {
-    job->done = [state = state_](absl::StatusOr<EmbedOutput> result) {
-      state->status = result.status();
-      state->entered.Notify();
-      state->release.WaitForNotification();
-    };
-    return job;
-  }
-  bool WaitEntered() { return state_->entered.WaitForNotificationWithTimeout(kWait); }
-  void Release() {
-    if (!state_->release.HasBeenNotified()) state_->release.Notify();
-  }
-  // The gated job's own status; read only after Release and the Batcher's end.
-  const absl::Status& status() const { return state_->status; }
-
- private:
-  struct State {
-    Event entered, release;
-    absl::Status status;
-  };
-  std::shared_ptr<State> state_ = std::make_shared<State>();
-};
+using namespace batcher_testing;  // NOLINT: the helpers and fixture of this test
 
 TEST_F(BatcherTest, ConcurrentEnqueuesWithMixedExitsMatchOneAtATime) {
   constexpr int kThreads = 4, kJobsPerThread = 6;
@@ -266,111 +115,6 @@ TEST_F(BatcherTest, MixedExitsShareABatch) {
   EXPECT_THAT(batch_sequences, Contains(model_->num_layers()));
 }
 
-TEST_F(BatcherTest, FullQueueAnswersResourceExhaustedAtOnce) {
-  auto batcher = MakeBatcher({.max_queue_requests = 2});
-  ASSERT_NE(batcher, nullptr);
-  EngineGate gate;
-  ASSERT_TRUE(batcher->Enqueue(gate.Job(MakeJob({kTexts[0]}, 0, true, nullptr))).ok());
-  ASSERT_TRUE(gate.WaitEntered());
-
-  auto a = std::make_shared<Outcome>(), b = std::make_shared<Outcome>();
-  auto c = std::make_shared<Outcome>();
-  ASSERT_TRUE(batcher->Enqueue(MakeJob({kTexts[1]}, 0, true, a)).ok());
-  ASSERT_TRUE(batcher->Enqueue(MakeJob({kTexts[2]}, 0, true, b)).ok());
-  const absl::Status full = batcher->Enqueue(MakeJob({kTexts[3]}, 0, true, c));
-  EXPECT_EQ(full.code(), absl::StatusCode::kResourceExhausted);
-  EXPECT_THAT(full.message(),
-              HasSubstr("queue is full: 2 requests waiting (--max_queue_requests)"));
-  EXPECT_EQ(batcher->queue_size(), 2);
-
-  gate.Release();
-  ASSERT_TRUE(a->finished.WaitForNotificationWithTimeout(kWait));
-  ASSERT_TRUE(b->finished.WaitForNotificationWithTimeout(kWait));
-  EXPECT_TRUE(a->result.ok()) << a->result.status();
-  EXPECT_TRUE(b->result.ok()) << b->result.status();
-  batcher.reset();
-  EXPECT_EQ(c->calls.load(), 0) << "a rejected job's done is not called";
-}
-
-TEST_F(BatcherTest, PassedDeadlineIsDroppedWithDeadlineExceeded) {
-  auto batcher = MakeBatcher();
-  ASSERT_NE(batcher, nullptr);
-  auto outcome = std::make_shared<Outcome>();
-  auto job = MakeJob({kTexts[0]}, 0, true, outcome);
-  job->deadline = absl::Now() - absl::Seconds(1);
-  ASSERT_TRUE(batcher->Enqueue(std::move(job)).ok());
-  ASSERT_TRUE(outcome->finished.WaitForNotificationWithTimeout(kWait));
-  EXPECT_EQ(outcome->result.status().code(), absl::StatusCode::kDeadlineExceeded);
-  EXPECT_THAT(outcome->result.status().message(), HasSubstr("deadline passed while queued"));
-}
-
-TEST_F(BatcherTest, DeadlinePassingWhileQueuedIsNoticedWithoutOtherEvents) {
-  auto batcher = MakeBatcher();
-  ASSERT_NE(batcher, nullptr);
-  EngineGate gate;
-  ASSERT_TRUE(batcher->Enqueue(gate.Job(MakeJob({kTexts[0]}, 0, true, nullptr))).ok());
-  ASSERT_TRUE(gate.WaitEntered());
-  auto outcome = std::make_shared<Outcome>();
-  auto job = MakeJob({kTexts[1]}, 0, true, outcome);
-  job->deadline = absl::Now() + absl::Milliseconds(50);
-  ASSERT_TRUE(batcher->Enqueue(std::move(job)).ok());
-  // The engine stays busy, so only the policy's wake_at can end this job.
-  ASSERT_TRUE(outcome->finished.WaitForNotificationWithTimeout(kWait));
-  EXPECT_EQ(outcome->result.status().code(), absl::StatusCode::kDeadlineExceeded);
-  EXPECT_THAT(outcome->result.status().message(), HasSubstr("deadline passed while queued"));
-  gate.Release();
-}
-
-TEST_F(BatcherTest, CancelledJobIsDroppedWithCancelled) {
-  auto batcher = MakeBatcher();
-  ASSERT_NE(batcher, nullptr);
-  // Cancelled before it was even enqueued.
-  auto early = std::make_shared<Outcome>();
-  auto job = MakeJob({kTexts[0]}, 0, true, early);
-  job->cancelled = [] { return true; };
-  ASSERT_TRUE(batcher->Enqueue(std::move(job)).ok());
-  ASSERT_TRUE(early->finished.WaitForNotificationWithTimeout(kWait));
-  EXPECT_EQ(early->result.status().code(), absl::StatusCode::kCancelled);
-  EXPECT_THAT(early->result.status().message(), HasSubstr("client cancelled"));
-
-  // Cancelled while it waited behind a busy engine.
-  EngineGate gate;
-  ASSERT_TRUE(batcher->Enqueue(gate.Job(MakeJob({kTexts[1]}, 0, true, nullptr))).ok());
-  ASSERT_TRUE(gate.WaitEntered());
-  auto late = std::make_shared<Outcome>(), kept = std::make_shared<Outcome>();
-  auto flag = std::make_shared<std::atomic<bool>>(false);
-  job = MakeJob({kTexts[2]}, 0, true, late);
-  job->cancelled = [flag] { return flag->load(); };
-  ASSERT_TRUE(batcher->Enqueue(std::move(job)).ok());
-  ASSERT_TRUE(batcher->Enqueue(MakeJob({kTexts[3]}, 0, true, kept)).ok());
-  flag->store(true);
-  gate.Release();
-  ASSERT_TRUE(late->finished.WaitForNotificationWithTimeout(kWait));
-  ASSERT_TRUE(kept->finished.WaitForNotificationWithTimeout(kWait));
-  EXPECT_EQ(late->result.status().code(), absl::StatusCode::kCancelled);
-  EXPECT_THAT(late->result.status().message(), HasSubstr("client cancelled"));
-  EXPECT_TRUE(kept->result.ok()) << kept->result.status();
-}
-
-TEST_F(BatcherTest, WakeDropsACancelledJobWhileTheEngineIsBusy) {
-  auto batcher = MakeBatcher();
-  ASSERT_NE(batcher, nullptr);
-  EngineGate gate;
-  ASSERT_TRUE(batcher->Enqueue(gate.Job(MakeJob({kTexts[0]}, 0, true, nullptr))).ok());
-  ASSERT_TRUE(gate.WaitEntered());
-  auto outcome = std::make_shared<Outcome>();
-  auto flag = std::make_shared<std::atomic<bool>>(false);
-  auto job = MakeJob({kTexts[1]}, 0, true, outcome);
-  job->cancelled = [flag] { return flag->load(); };
-  ASSERT_TRUE(batcher->Enqueue(std::move(job)).ok());
-  flag->store(true);
-  batcher->Wake();  // as a reactor's OnCancel would
-  ASSERT_TRUE(outcome->finished.WaitForNotificationWithTimeout(kWait));
-  EXPECT_EQ(outcome->result.status().code(), absl::StatusCode::kCancelled);
-  EXPECT_EQ(batcher->queue_size(), 0);
-  gate.Release();
-}
-
 TEST_F(BatcherTest, NormalizeFalseGivesRawVectorsOfTheSameDirection) {
   const std::vector<std::string> texts = {kTexts[4], kTexts[7]};
   auto batcher = MakeBatcher();
@@ -424,70 +168,6 @@ TEST_F(BatcherTest, EngineErrorFailsEveryJobInTheBatch) {
   ASSERT_TRUE(batcher->Enqueue(MakeJob({kTexts[3]}, 0, true, after)).ok());
   ASSERT_TRUE(after->finished.WaitForNotificationWithTimeout(kWait));
   EXPECT_TRUE(after->result.ok()) << after->result.status();
-}
-
-TEST_F(BatcherTest, DrainFinishesQueuedWorkThenRefuses) {
-  auto batcher = MakeBatcher();
-  ASSERT_NE(batcher, nullptr);
-  std::vector<std::shared_ptr<Outcome>> outcomes;
-  for (int i = 0; i < 8; ++i) {
-    outcomes.push_back(std::make_shared<Outcome>());
-    ASSERT_TRUE(
-        batcher->Enqueue(MakeJob({kTexts[i % kTexts.size()]}, 0, true, outcomes.back())).ok());
-  }
-  EXPECT_TRUE(batcher->Drain(absl::Now() + kWait));
-  for (const auto& o : outcomes) {
-    EXPECT_TRUE(o->finished.HasBeenNotified()) << "Drain returned before a job finished";
-    EXPECT_TRUE(o->result.ok()) << o->result.status();
-  }
-  auto late = std::make_shared<Outcome>();
-  const absl::Status refused = batcher->Enqueue(MakeJob({kTexts[0]}, 0, true, late));
-  EXPECT_EQ(refused.code(), absl::StatusCode::kUnavailable);
-  EXPECT_THAT(refused.message(), HasSubstr("server is draining"));
-  batcher.reset();
-  EXPECT_EQ(late->calls.load(), 0);
-}
-
-TEST_F(BatcherTest, DrainReleasesABatchHeldForMaxQueueDelay) {
-  auto batcher = MakeBatcher({.policy = {.max_queue_delay = absl::Hours(1)}});
-  ASSERT_NE(batcher, nullptr);
-  auto outcome = std::make_shared<Outcome>();
-  ASSERT_TRUE(batcher->Enqueue(MakeJob({kTexts[0]}, 0, true, outcome)).ok());
-  EXPECT_TRUE(batcher->Drain(absl::Now() + kWait));
-  ASSERT_TRUE(outcome->finished.HasBeenNotified());
-  EXPECT_TRUE(outcome->result.ok()) << outcome->result.status();
-}
-
-TEST_F(BatcherTest, DrainPastDeadlineFailsQueuedJobsWithUnavailable) {
-  auto batcher = MakeBatcher();
-  ASSERT_NE(batcher, nullptr);
-  EngineGate gate;
-  ASSERT_TRUE(batcher->Enqueue(gate.Job(MakeJob({kTexts[0]}, 0, true, nullptr))).ok());
-  ASSERT_TRUE(gate.WaitEntered());
-  auto queued = std::make_shared<Outcome>();
-  ASSERT_TRUE(batcher->Enqueue(MakeJob({kTexts[1]}, 0, true, queued)).ok());
-
-  std::atomic<int> drained{-1};
-  std::thread drainer([&] { drained = batcher->Drain(absl::Now()) ? 1 : 0; });
-  ASSERT_TRUE(queued->finished.WaitForNotificationWithTimeout(kWait));
-  EXPECT_EQ(queued->result.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_THAT(queued->result.status().message(), HasSubstr("server is draining"));
-  EXPECT_EQ(drained.load(), -1) << "Drain returned while a batch was still in flight";
-  gate.Release();  // the in-flight batch ends; then Drain returns
-  drainer.join();
-  EXPECT_EQ(drained.load(), 0);
-  EXPECT_TRUE(gate.status().ok()) << gate.status();
-}
-
-TEST_F(BatcherTest, DestructorFailsQueuedJobsWithUnavailable) {
-  auto batcher = MakeBatcher({.policy = {.max_queue_delay = absl::Hours(1)}});
-  ASSERT_NE(batcher, nullptr);
-  auto held = std::make_shared<Outcome>();
-  ASSERT_TRUE(batcher->Enqueue(MakeJob({kTexts[0]}, 0, true, held)).ok());
-  batcher.reset();
-  ASSERT_TRUE(held->finished.HasBeenNotified());
-  EXPECT_EQ(held->result.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_EQ(held->calls.load(), 1);
 }
 
 TEST_F(BatcherTest, HooksAreCalled) {
@@ -629,38 +309,6 @@ TEST_F(BatcherTest, ExpiredLoneRequestOnTheFastPathStillGetsDeadlineExceeded) {
     ASSERT_TRUE(outcome->finished.WaitForNotificationWithTimeout(kWait));
     EXPECT_EQ(outcome->result.status().code(), absl::StatusCode::kDeadlineExceeded);
   }
-}
-
-TEST_F(BatcherTest, CreateRejectsBadOptions) {
-  auto batcher = Batcher::Create({.policy = {.max_batch_tokens = 0}}, model_);
-  EXPECT_EQ(batcher.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(batcher.status().message(), HasSubstr("--max_batch_tokens"));
-  batcher = Batcher::Create({.max_queue_requests = 0}, model_);
-  EXPECT_EQ(batcher.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(batcher.status().message(), HasSubstr("--max_queue_requests"));
-  batcher = Batcher::Create({.policy = {.max_queue_delay = -absl::Seconds(1)}}, model_);
-  EXPECT_EQ(batcher.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(batcher.status().message(), HasSubstr("--max_queue_delay_us"));
-  batcher = Batcher::Create({}, nullptr);
-  EXPECT_EQ(batcher.status().code(), absl::StatusCode::kInvalidArgument);
-}
-
-TEST_F(BatcherTest, EnqueueRejectsMalformedJobs) {
-  auto batcher = MakeBatcher();
-  ASSERT_NE(batcher, nullptr);
-  auto outcome = std::make_shared<Outcome>();
-  auto job = MakeJob({}, 0, true, outcome);
-  absl::Status status = batcher->Enqueue(std::move(job));
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(status.message(), HasSubstr("no inputs"));
-  job = MakeJob({kTexts[0]}, 0, true, outcome);
-  job->done = nullptr;
-  status = batcher->Enqueue(std::move(job));
-  EXPECT_EQ(status.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(status.message(), HasSubstr("done"));
-  EXPECT_EQ(batcher->Enqueue(nullptr).code(), absl::StatusCode::kInvalidArgument);
-  batcher.reset();
-  EXPECT_EQ(outcome->calls.load(), 0);
 }
 
 }  // namespace
