@@ -135,7 +135,7 @@ class BrickManager {
   // The first failure is returned, naming the brick.
   absl::Status Preload(absl::Span<const std::string> ids);
 
-  // --- operations (BrickAdmin, --brick_poll_s) ------------------------------
+  // --- operations (BrickAdmin, --brick_poll_s; brick_manager_ops.cc) --------
 
   // The version `version` of `id` resolves to (0 = latest), as Resolve does.
   absl::StatusOr<int> ResolveVersion(const std::string& id, int version) const;
