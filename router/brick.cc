@@ -15,6 +15,8 @@
 #include <utility>
 
 #include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
@@ -112,6 +114,24 @@ bool IsValidBrickId(absl::string_view id) {
                      [&](char c) { return lower_or_digit(c) || c == '.' || c == '_' || c == '-'; });
 }
 
+absl::StatusOr<std::pair<std::string, int>> SplitBrickPin(absl::string_view text) {
+  std::pair<std::string, int> pin{std::string(text), 0};
+  if (const size_t at = text.rfind('@'); at != absl::string_view::npos) {
+    pin.first = std::string(text.substr(0, at));
+    const absl::string_view version = text.substr(at + 1);
+    if (version.empty() || !std::all_of(version.begin(), version.end(), absl::ascii_isdigit) ||
+        !absl::SimpleAtoi(version, &pin.second) || pin.second < 1) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "\"", text, "\": the version after '@' must be a positive integer (ID or ID@VERSION)"));
+    }
+  }
+  if (!IsValidBrickId(pin.first)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("\"", text, "\": \"", pin.first, "\" is not a valid brick id"));
+  }
+  return pin;
+}
+
 absl::StatusOr<BrickManifest> ParseBrickManifest(absl::string_view json_text,
                                                  const std::string& path) {
   ASSIGN_OR_RETURN(const Json j, ParseJsonObject(json_text, path));
@@ -155,6 +175,24 @@ absl::StatusOr<BrickManifest> ParseBrickManifest(absl::string_view json_text,
         path, "base_model.fingerprint",
         absl::StrCat("must be 64 lowercase hex digits, got \"", m.base_fingerprint, "\""));
   }
+
+  if (const Json* pin = Member(j, "ffn_partition"); pin != nullptr) {
+    if (!pin->is_string()) {
+      return FieldError(path, "ffn_partition",
+                        absl::StrCat("must be a string \"ID@VERSION\", got ", Shown(*pin)));
+    }
+    m.ffn_partition = pin->get<std::string>();
+    absl::StatusOr<std::pair<std::string, int>> split = SplitBrickPin(m.ffn_partition);
+    if (!split.ok()) return FieldError(path, "ffn_partition", split.status().message());
+    if (split->second == 0) {
+      return FieldError(
+          path, "ffn_partition",
+          absl::StrCat("must name a version, \"ID@VERSION\", got \"", m.ffn_partition, "\""));
+    }
+    if (m.kind != kLoraKind) {
+      return FieldError(path, "ffn_partition", "only a \"lora\" brick can name one");
+    }
+  }
   return m;
 }
 
@@ -173,6 +211,7 @@ std::string BrickManifestToJson(const BrickManifest& m) {
   j["instructions"]["document"] = m.document_instructions;
   j["base_model"]["name"] = m.base_name;
   j["base_model"]["fingerprint"] = m.base_fingerprint;
+  if (!m.ffn_partition.empty()) j["ffn_partition"] = m.ffn_partition;
   return j.dump(2) + "\n";
 }
 

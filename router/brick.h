@@ -47,10 +47,15 @@ struct BrickManifest {
   std::vector<std::string> document_instructions;  // instructions.document
   std::string base_name;                           // base_model.name (informational)
   std::string base_fingerprint;                    // base_model.fingerprint, 64 lowercase hex
+  // Optional "ID@VERSION": the ffn_partition brick version this (LoRA) brick
+  // was trained to be used with at ffn_fraction < 1 (a recovery brick); the
+  // server refuses it with another partition. Empty = any.
+  std::string ffn_partition;
 };
 
 // Parses the text of a brick.json. `path` is used in messages only. Every field
-// of docs/BRICKS.md is required and type-checked; unknown fields are ignored
+// of docs/BRICKS.md but "ffn_partition" (optional, "ID@VERSION", LoRA bricks
+// only) is required, and each is type-checked; unknown fields are ignored
 // (so that later fields do not break older servers). "kind" must be "lora" or
 // "ffn_partition". Instruction lists may be empty, but each entry must be a
 // non-empty string. INVALID_ARGUMENT like
@@ -67,6 +72,11 @@ std::string BrickManifestToJson(const BrickManifest& manifest);
 
 // True if `id` matches [a-z0-9][a-z0-9._-]{0,63}.
 bool IsValidBrickId(absl::string_view id);
+
+// Splits "ID" into {ID, 0} and "ID@VERSION" into {ID, VERSION}. INVALID_ARGUMENT
+// quoting `text` when ID is not a valid brick id or VERSION is not a positive
+// decimal integer.
+absl::StatusOr<std::pair<std::string, int>> SplitBrickPin(absl::string_view text);
 
 // ---------------------------------------------------------------------------
 // Base-model fingerprint

@@ -5,9 +5,6 @@
 #include <filesystem>
 #include <utility>
 
-#include "absl/algorithm/container.h"
-#include "absl/strings/ascii.h"
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "common/logging.h"
 #include "common/status_macros.h"
@@ -18,24 +15,12 @@
 namespace kiln {
 
 absl::StatusOr<BrickKey> ParseFfnPartitionFlag(absl::string_view flag) {
-  BrickKey key;
-  if (flag.empty()) return key;
-  const size_t at = flag.rfind('@');
-  key.id = std::string(flag.substr(0, at));
-  if (at != absl::string_view::npos) {
-    const absl::string_view version = flag.substr(at + 1);
-    if (!absl::SimpleAtoi(version, &key.version) || key.version < 1 ||
-        !absl::c_all_of(version, absl::ascii_isdigit)) {
-      return absl::InvalidArgumentError(absl::StrCat("--ffn_partition \"", flag,
-                                                     "\": the version after '@' must be a positive "
-                                                     "integer (ID or ID@VERSION)"));
-    }
+  if (flag.empty()) return BrickKey{};
+  absl::StatusOr<std::pair<std::string, int>> pin = SplitBrickPin(flag);
+  if (!pin.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat("--ffn_partition ", pin.status().message()));
   }
-  if (!IsValidBrickId(key.id)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--ffn_partition \"", flag, "\": \"", key.id, "\" is not a valid brick id"));
-  }
-  return key;
+  return BrickKey{std::move(pin->first), pin->second};
 }
 
 absl::StatusOr<std::unique_ptr<BrickManager>> BrickManager::Create(const Options& options,
@@ -295,15 +280,34 @@ void BrickManager::Acquire(std::vector<Resolved> bricks, std::optional<BrickKey>
   }
 }
 
-absl::StatusOr<std::string> BrickManager::KindOf(const BrickKey& key) const {
+absl::StatusOr<BrickManager::ManifestFacts> BrickManager::FactsOf(const BrickKey& key) const {
   {
     std::lock_guard<std::mutex> lock(mu_);
-    if (auto it = kinds_.find(key); it != kinds_.end()) return it->second;
+    if (auto it = facts_.find(key); it != facts_.end()) return it->second;
   }
   ASSIGN_OR_RETURN(BrickManifest manifest, store_->ReadManifest(key.id, key.version));
+  ManifestFacts facts{.kind = manifest.kind, .ffn_partition = manifest.ffn_partition};
   std::lock_guard<std::mutex> lock(mu_);
-  kinds_[key] = manifest.kind;
-  return manifest.kind;
+  facts_[key] = facts;
+  return facts;
+}
+
+absl::StatusOr<std::string> BrickManager::KindOf(const BrickKey& key) const {
+  ASSIGN_OR_RETURN(ManifestFacts facts, FactsOf(key));
+  return facts.kind;
+}
+
+absl::Status BrickManager::CheckTrainedPartition(absl::Span<const Resolved> bricks,
+                                                 const BrickKey& partition) const {
+  for (size_t i = 0; i < bricks.size(); ++i) {
+    ASSIGN_OR_RETURN(ManifestFacts facts, FactsOf(bricks[i].key));
+    if (facts.ffn_partition.empty() || facts.ffn_partition == partition.ToString()) continue;
+    return absl::FailedPreconditionError(absl::StrCat(
+        "bricks[", i, "]: brick ", bricks[i].key.ToString(), " was trained for ffn_partition ",
+        facts.ffn_partition, ", but ffn_fraction on this server runs ", partition.ToString(),
+        " (--ffn_partition); send a version of the brick trained for it, or no ffn_fraction"));
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<int> BrickManager::FfnExperts() const {

@@ -127,6 +127,12 @@ class BrickManager {
   // flag names one); NOT_FOUND for a named id or pinned version that does
   // not exist.
   absl::StatusOr<BrickKey> FfnPartitionKey() const;
+  // FAILED_PRECONDITION naming bricks[i] when a brick's manifest names an
+  // ffn_partition it was trained for (BrickManifest::ffn_partition) other
+  // than `partition`, the one this request's ffn_fraction runs with; a
+  // manifest that cannot be read is its error.
+  absl::Status CheckTrainedPartition(absl::Span<const Resolved> bricks,
+                                     const BrickKey& partition) const;
   // Experts per layer of FfnPartitionKey()'s brick (its file is read once per
   // version); FfnPartitionKey's error when there is none.
   absl::StatusOr<int> FfnExperts() const;
@@ -194,7 +200,13 @@ class BrickManager {
   // The cache's Loader.
   absl::StatusOr<std::shared_ptr<const DeviceBrick>> Load(const BrickKey& key);
   absl::StatusOr<int> LatestVersion(const std::string& id) const;
-  // The manifest's kind of `key` (read once, then remembered).
+  // What the server needs from a version's manifest (read once, then
+  // remembered: a version's files never change).
+  struct ManifestFacts {
+    std::string kind;
+    std::string ffn_partition;  // BrickManifest::ffn_partition
+  };
+  absl::StatusOr<ManifestFacts> FactsOf(const BrickKey& key) const;
   absl::StatusOr<std::string> KindOf(const BrickKey& key) const;
 
   const Options options_;
@@ -212,8 +224,8 @@ class BrickManager {
   mutable std::mutex mu_;
   // Versions whose last load failed (cleared by a successful load).
   absl::flat_hash_map<BrickKey, std::string> failed_ ABSL_GUARDED_BY(mu_);
-  // Manifest kinds read by KindOf (a version's files never change).
-  mutable absl::flat_hash_map<BrickKey, std::string> kinds_ ABSL_GUARDED_BY(mu_);
+  // Manifest facts read by FactsOf.
+  mutable absl::flat_hash_map<BrickKey, ManifestFacts> facts_ ABSL_GUARDED_BY(mu_);
   mutable absl::flat_hash_map<BrickKey, int> experts_ ABSL_GUARDED_BY(mu_);
   // Per id, the versions that may serve as latest.
   std::map<std::string, std::set<int>> candidates_ ABSL_GUARDED_BY(mu_);

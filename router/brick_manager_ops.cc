@@ -150,7 +150,7 @@ absl::Status BrickManager::Delete(const std::string& id, int version) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     if (auto it = candidates_.find(id); it != candidates_.end()) it->second.erase(version);
-    kinds_.erase(BrickKey{id, version});
+    facts_.erase(BrickKey{id, version});
   }
   cache_->Unload({id, version});
   KLOG(INFO) << "deleted brick " << id << "@" << version;

@@ -268,6 +268,11 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
     absl::StatusOr<std::vector<BrickManager::Resolved>> resolved = bricks_->Resolve(refs);
     if (!resolved.ok()) return done(resolved.status());
     bricks = *std::move(resolved);
+    if (partition.has_value()) {
+      if (absl::Status st = bricks_->CheckTrainedPartition(bricks, *partition); !st.ok()) {
+        return done(st);
+      }
+    }
   }
   auto job = std::make_unique<EmbedJob>();
   job->exit = model_->ResolveExit(request.exit_layer());

@@ -175,13 +175,16 @@ def train_loop(args, n_rows, rng, opt, sched, step_loss):
     return time.time() - t0, time.process_time() - cpu0
 
 
-def publish(model, args, brick_id, description, instructions, tool="train_brick"):
+def publish(model, args, brick_id, description, instructions, tool="train_brick",
+            extra_manifest=None):
     """Writes model's LoRA weights as <out>/<brick_id>/<version>/ (docs/BRICKS.md).
 
     Builds the version folder beside its final place, checks the adapter,
     writes brick.json last and renames the folder into place (replacing an
     existing version: the caller has checked --force). instructions is
-    {"query": [...], "document": [...]}. Returns (final folder, size, tensors).
+    {"query": [...], "document": [...]}; extra_manifest, optional manifest
+    fields (e.g. {"ffn_partition": "ffn-e16@2"}). Returns (final folder, size,
+    tensors).
     """
     final = os.path.join(args.out, brick_id, str(args.version))
     tmp = os.path.join(args.out, brick_id, f".{args.version}.tmp")
@@ -205,6 +208,7 @@ def publish(model, args, brick_id, description, instructions, tool="train_brick"
         "description": description,
         "instructions": instructions,
         "base_model": {"name": BASE_NAME, "fingerprint": fingerprint(args.model)},
+        **(extra_manifest or {}),
     }
     with open(os.path.join(tmp, "brick.json"), "w") as f:
         json.dump(manifest, f, indent=2)

@@ -211,8 +211,12 @@ def main():
                    f"model's embeddings back toward the dense model's (distilled from the "
                    f"dense model by tools/train_sparse_recovery.py). Use it only with that "
                    f"fraction; no instructions: name it in bricks.")
+    # The partition version it was trained over, so that a server running
+    # another one refuses the pair (docs/BRICKS.md, "ffn_partition").
+    part_id, part_version = os.path.normpath(args.partition).split(os.sep)[-2:]
     final, size, nkeys = publish(model, args, brick_id, description,
-                                 {"query": [], "document": []}, tool="train_sparse_recovery")
+                                 {"query": [], "document": []}, tool="train_sparse_recovery",
+                                 extra_manifest={"ffn_partition": f"{part_id}@{part_version}"})
     print(f"train_sparse_recovery: {args.steps} steps in {wall:.0f} s wall, {cpu:.0f} CPU s, "
           f"on {platform.machine()}; adapter {size} bytes, {nkeys} tensors -> {final}",
           file=sys.stderr)

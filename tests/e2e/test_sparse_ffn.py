@@ -97,6 +97,30 @@ def test_recovery_brick_brings_the_sparse_model_back_toward_dense(start_server, 
     assert min(fixed) > 0.85, fixed
 
 
+def test_a_recovery_brick_is_refused_with_another_partition_version(start_server, tmp_path):
+    """ffn-recovery-50's manifests name the partition version each was trained
+    over (ffn_partition "ffn-e16@N"): on a server pinned to ffn-e16@1, the
+    latest brick (version 2, trained over ffn-e16@2) is refused with
+    FAILED_PRECONDITION naming it; its version 1 is served; dense requests
+    (no ffn_fraction) are not checked."""
+    root = _store(tmp_path / "bricks", ids=(PARTITION, RECOVERY))
+    for version in (1, 2):
+        manifest = json.loads((root / RECOVERY / str(version) / "brick.json").read_text())
+        assert manifest["ffn_partition"] == f"{PARTITION}@{version}", manifest
+    pinned: KilnServer = start_server(brick_dir=root, ffn_partition=f"{PARTITION}@1")
+    stub = pinned.stub
+    _expect(lambda: _embed(stub, ffn_fraction=0.5, bricks=[pb.BrickRef(id=RECOVERY)],
+                           routing=pb.ROUTING_EXPLICIT),
+            grpc.StatusCode.FAILED_PRECONDITION, "bricks[0]", f"{RECOVERY}@2",
+            f"trained for ffn_partition {PARTITION}@2", f"runs {PARTITION}@1", "--ffn_partition")
+    v1 = _embed(stub, ffn_fraction=0.5, bricks=[pb.BrickRef(id=RECOVERY, version=1)],
+                routing=pb.ROUTING_EXPLICIT)
+    assert [(b.id, b.version) for b in v1.bricks] == [(RECOVERY, 1)]
+    dense = _embed(stub, bricks=[pb.BrickRef(id=RECOVERY)], routing=pb.ROUTING_EXPLICIT)
+    assert [(b.id, b.version) for b in dense.bricks] == [(RECOVERY, 2)]
+    pinned.healthy_embed()
+
+
 def test_fraction_misuse_gets_clear_errors(start_server, tmp_path):
     # No partition brick in the store.
     only_lora: KilnServer = start_server(brick_dir=_store(tmp_path / "a", ("py-docstring",)))

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -81,6 +82,44 @@ TEST(BrickManifestTest, ToJsonRoundTrips) {
   EXPECT_EQ(again->document_instructions, m->document_instructions);
   EXPECT_EQ(again->base_fingerprint, m->base_fingerprint);
   EXPECT_EQ(again->description, m->description);
+}
+
+TEST(BrickManifestTest, FfnPartitionIsOptionalAndRoundTrips) {
+  auto none = ParseBrickManifest(Manifest().dump(), "a");
+  ASSERT_TRUE(none.ok()) << none.status();
+  EXPECT_EQ(none->ffn_partition, "");
+  EXPECT_THAT(BrickManifestToJson(*none), Not(HasSubstr("ffn_partition")));
+  Json j = Manifest();
+  j["ffn_partition"] = "ffn-e16@2";
+  auto m = ParseBrickManifest(j.dump(), "a");
+  ASSERT_TRUE(m.ok()) << m.status();
+  EXPECT_EQ(m->ffn_partition, "ffn-e16@2");
+  auto again = ParseBrickManifest(BrickManifestToJson(*m), "b");
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ(again->ffn_partition, "ffn-e16@2");
+}
+
+TEST(BrickManifestTest, RefusesAnFfnPartitionThatIsNotIdAtVersionOrOnAPartition) {
+  const std::vector<std::pair<Json, std::string>> cases = {
+      {Json(3), "must be a string"},           {Json("ffn-e16"), "must name a version"},
+      {Json("ffn-e16@0"), "positive integer"}, {Json("ffn-e16@x"), "positive integer"},
+      {Json("FFN@2"), "not a valid brick id"},
+  };
+  for (const auto& [value, message] : cases) {
+    Json j = Manifest();
+    j["ffn_partition"] = value;
+    auto m = ParseBrickManifest(j.dump(), "/x/brick.json");
+    EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument) << value.dump();
+    EXPECT_THAT(m.status().message(),
+                AllOf(HasSubstr("/x/brick.json: field \"ffn_partition\""), HasSubstr(message)))
+        << value.dump();
+  }
+  Json j = Manifest();
+  j["kind"] = "ffn_partition";
+  j["ffn_partition"] = "ffn-e16@2";
+  auto m = ParseBrickManifest(j.dump(), "/x/brick.json");
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(m.status().message(), HasSubstr("only a \"lora\" brick"));
 }
 
 TEST(BrickManifestTest, NamesFileAndFieldForNegativeVersion) {
