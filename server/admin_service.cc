@@ -366,12 +366,24 @@ grpc::ServerUnaryReactor* AdminService::MergeBricks(grpc::CallbackServerContext*
     absl::Status done = [&]() -> absl::Status {
       const EncoderConfig& base = bricks_->model().encoder;
       std::vector<std::vector<LoraHostModule>> modules;
+      // The merged brick is trained for the partition its inputs name, if
+      // any; inputs naming two different ones cannot be merged.
+      std::string partition_of;
       for (const BrickKey& key : inputs) {
         absl::StatusOr<BrickVersion> brick = bricks_->store().Resolve(key.id, key.version);
         if (!brick.ok()) return brick.status();
         if (brick->manifest.base_fingerprint != bricks_->fingerprint()) {
           return absl::FailedPreconditionError(
               absl::StrCat("brick ", key.ToString(), " was made for another base model"));
+        }
+        if (const std::string& p = brick->manifest.ffn_partition; !p.empty()) {
+          if (!manifest.ffn_partition.empty() && p != manifest.ffn_partition) {
+            return absl::FailedPreconditionError(absl::StrCat(
+                "brick ", key.ToString(), " was trained for ffn_partition ", p, " and brick ",
+                partition_of, " for ", manifest.ffn_partition, ": they cannot be merged"));
+          }
+          manifest.ffn_partition = p;
+          partition_of = key.ToString();
         }
         absl::StatusOr<std::vector<LoraHostModule>> m = ReadLoraBrick(brick->dir, base);
         if (!m.ok()) return m.status();

@@ -102,8 +102,8 @@ def test_a_recovery_brick_is_refused_with_another_partition_version(start_server
     over (ffn_partition "ffn-e16@N"): on a server pinned to ffn-e16@1, the
     latest brick (version 2, trained over ffn-e16@2) is refused with
     FAILED_PRECONDITION naming it; its version 1 is served; dense requests
-    (no ffn_fraction) are not checked."""
-    root = _store(tmp_path / "bricks", ids=(PARTITION, RECOVERY))
+    (no ffn_fraction) are not checked; a merge inherits the declaration."""
+    root = _store(tmp_path / "bricks", ids=(PARTITION, RECOVERY, "py-docstring"))
     for version in (1, 2):
         manifest = json.loads((root / RECOVERY / str(version) / "brick.json").read_text())
         assert manifest["ffn_partition"] == f"{PARTITION}@{version}", manifest
@@ -118,6 +118,26 @@ def test_a_recovery_brick_is_refused_with_another_partition_version(start_server
     assert [(b.id, b.version) for b in v1.bricks] == [(RECOVERY, 1)]
     dense = _embed(stub, bricks=[pb.BrickRef(id=RECOVERY)], routing=pb.ROUTING_EXPLICIT)
     assert [(b.id, b.version) for b in dense.bricks] == [(RECOVERY, 2)]
+
+    # MergeBricks: the merged brick inherits the partition its inputs name
+    # (and so is refused here too); inputs naming two different ones are
+    # refused.
+    pinned.admin.MergeBricks(pb.MergeBricksRequest(
+        inputs=[pb.BrickRef(id=RECOVERY, version=2, weight=0.5),
+                pb.BrickRef(id="py-docstring", version=1, weight=0.5)],
+        method="linear", output_id="healed-py", description="e2e merge"), timeout=120)
+    manifest = json.loads((root / "healed-py" / "1" / "brick.json").read_text())
+    assert manifest["ffn_partition"] == f"{PARTITION}@2", manifest
+    _expect(lambda: _embed(stub, ffn_fraction=0.5, bricks=[pb.BrickRef(id="healed-py")],
+                           routing=pb.ROUTING_EXPLICIT),
+            grpc.StatusCode.FAILED_PRECONDITION, "bricks[0]", "healed-py@1",
+            f"trained for ffn_partition {PARTITION}@2")
+    _expect(lambda: pinned.admin.MergeBricks(pb.MergeBricksRequest(
+        inputs=[pb.BrickRef(id=RECOVERY, version=1), pb.BrickRef(id=RECOVERY, version=2)],
+        method="linear", output_id="mixed", description="e2e merge"), timeout=120),
+            grpc.StatusCode.FAILED_PRECONDITION, f"{PARTITION}@1", f"{PARTITION}@2",
+            "cannot be merged")
+    assert not (root / "mixed").exists()
     pinned.healthy_embed()
 
 
