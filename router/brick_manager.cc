@@ -145,7 +145,7 @@ absl::StatusOr<int> BrickManager::ResolveVersion(const std::string& id, int vers
 }
 
 absl::StatusOr<std::vector<BrickManager::Resolved>> BrickManager::Resolve(
-    absl::Span<const Ref> refs) const {
+    absl::Span<const Ref> refs, const std::optional<BrickKey>& partition) const {
   if (static_cast<int>(refs.size()) > options_.max_bricks_per_request) {
     return absl::InvalidArgumentError(
         absl::StrCat("bricks: ", refs.size(), " bricks exceed the limit of ",
@@ -180,13 +180,23 @@ absl::StatusOr<std::vector<BrickManager::Resolved>> BrickManager::Resolve(
                           absl::StrCat(field, ": ", version.status().message()));
     }
     const BrickKey key{ref.id, *version};
-    // Only LoRA bricks go in a plan. (A manifest that cannot be read here is
-    // left for the load to report.)
-    if (absl::StatusOr<std::string> kind = KindOf(key); kind.ok() && *kind != kLoraKind) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, ": brick ", key.ToString(), " is an \"", *kind,
-                       "\" brick, not a lora brick (an ffn_partition brick applies through "
-                       "ffn_fraction)"));
+    // Only LoRA bricks go in a plan, and one trained for a partition only
+    // with that partition. (A manifest that cannot be read here is left for
+    // the load to report.)
+    if (absl::StatusOr<ManifestFacts> facts = FactsOf(key); facts.ok()) {
+      if (facts->kind != kLoraKind) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(field, ": brick ", key.ToString(), " is an \"", facts->kind,
+                         "\" brick, not a lora brick (an ffn_partition brick applies through "
+                         "ffn_fraction)"));
+      }
+      if (partition.has_value() && !facts->ffn_partition.empty() &&
+          facts->ffn_partition != partition->ToString()) {
+        return absl::FailedPreconditionError(absl::StrCat(
+            field, ": brick ", key.ToString(), " was trained for ffn_partition ",
+            facts->ffn_partition, ", but ffn_fraction on this server runs ", partition->ToString(),
+            " (--ffn_partition); send a version of the brick trained for it, or no ffn_fraction"));
+      }
     }
     out.push_back({.key = key, .weight = weight});
   }
@@ -295,19 +305,6 @@ absl::StatusOr<BrickManager::ManifestFacts> BrickManager::FactsOf(const BrickKey
 absl::StatusOr<std::string> BrickManager::KindOf(const BrickKey& key) const {
   ASSIGN_OR_RETURN(ManifestFacts facts, FactsOf(key));
   return facts.kind;
-}
-
-absl::Status BrickManager::CheckTrainedPartition(absl::Span<const Resolved> bricks,
-                                                 const BrickKey& partition) const {
-  for (size_t i = 0; i < bricks.size(); ++i) {
-    ASSIGN_OR_RETURN(ManifestFacts facts, FactsOf(bricks[i].key));
-    if (facts.ffn_partition.empty() || facts.ffn_partition == partition.ToString()) continue;
-    return absl::FailedPreconditionError(absl::StrCat(
-        "bricks[", i, "]: brick ", bricks[i].key.ToString(), " was trained for ffn_partition ",
-        facts.ffn_partition, ", but ffn_fraction on this server runs ", partition.ToString(),
-        " (--ffn_partition); send a version of the brick trained for it, or no ffn_fraction"));
-  }
-  return absl::OkStatus();
 }
 
 absl::StatusOr<int> BrickManager::FfnExperts() const {

@@ -102,8 +102,12 @@ class BrickManager {
   //    listed twice; a NaN, infinite or too large weight; a brick whose
   //    manifest kind is not "lora" (e.g. an ffn_partition brick);
   //  - NOT_FOUND: an unknown brick or version, naming it;
-  //  - FAILED_PRECONDITION: a brick folder that resolves outside the root.
-  absl::StatusOr<std::vector<Resolved>> Resolve(absl::Span<const Ref> refs) const;
+  //  - FAILED_PRECONDITION: a brick folder that resolves outside the root; with
+  //    `partition` (the request's ffn_fraction runs with it, FfnPartitionKey),
+  //    a brick whose manifest names another ffn_partition it was trained for
+  //    (BrickManifest::ffn_partition).
+  absl::StatusOr<std::vector<Resolved>> Resolve(
+      absl::Span<const Ref> refs, const std::optional<BrickKey>& partition = std::nullopt) const;
 
   // Pins every brick of `bricks` (loading the missing ones) and calls `done`
   // exactly once: before returning when all were resident, else on a loader
@@ -127,12 +131,6 @@ class BrickManager {
   // flag names one); NOT_FOUND for a named id or pinned version that does
   // not exist.
   absl::StatusOr<BrickKey> FfnPartitionKey() const;
-  // FAILED_PRECONDITION naming bricks[i] when a brick's manifest names an
-  // ffn_partition it was trained for (BrickManifest::ffn_partition) other
-  // than `partition`, the one this request's ffn_fraction runs with; a
-  // manifest that cannot be read is its error.
-  absl::Status CheckTrainedPartition(absl::Span<const Resolved> bricks,
-                                     const BrickKey& partition) const;
   // Experts per layer of FfnPartitionKey()'s brick (its file is read once per
   // version); FfnPartitionKey's error when there is none.
   absl::StatusOr<int> FfnExperts() const;

@@ -265,14 +265,10 @@ void KilnService::SubmitEmbed(grpc::CallbackServerContext* ctx, const EmbedReque
                       .version = static_cast<int>(b.version()),
                       .weight = b.has_weight() ? std::optional<float>(b.weight()) : std::nullopt});
     }
-    absl::StatusOr<std::vector<BrickManager::Resolved>> resolved = bricks_->Resolve(refs);
+    absl::StatusOr<std::vector<BrickManager::Resolved>> resolved =
+        bricks_->Resolve(refs, partition);
     if (!resolved.ok()) return done(resolved.status());
     bricks = *std::move(resolved);
-    if (partition.has_value()) {
-      if (absl::Status st = bricks_->CheckTrainedPartition(bricks, *partition); !st.ok()) {
-        return done(st);
-      }
-    }
   }
   auto job = std::make_unique<EmbedJob>();
   job->exit = model_->ResolveExit(request.exit_layer());
