@@ -57,9 +57,12 @@ absl::Status BrickManager::Validate(const std::string& dir) const {
     // What SparseFfn holds: a rearranged copy of each layer's FFN weights
     // and biases, plus the keys.
     const int64_t h = model_.encoder.hidden_size, ff = model_.encoder.intermediate_size;
+    // With a fill, also its folded rows and b2_filled ([experts + 1, h]).
+    const int64_t e = partition.experts;
+    const bool fill = !partition.layers.empty() && !partition.layers[0].fill.empty();
     const int64_t bytes = BrickCache::kEntryOverheadBytes +
                           static_cast<int64_t>(sizeof(float)) * model_.encoder.num_layers *
-                              (2 * ff * h + ff + h + static_cast<int64_t>(partition.experts) * h);
+                              (2 * ff * h + ff + h + e * h + (fill ? (e + 1) * h : 0));
     if (bytes > cache_->budget_bytes()) {
       return absl::ResourceExhaustedError(absl::StrCat(
           dir, ": the brick needs ", bytes, " bytes, more than the whole brick cache (",
