@@ -7,7 +7,9 @@ Instructions: tools/routing_instructions.json holds, per task (brick id) and
 side (query / document), >= 32 hand-written paraphrases a client developer
 might send. None is in any brick manifest (the manifests' examples are the
 router's keys, so testing on them would be testing on the training data);
---self-check verifies that, case- and whitespace-insensitively.
+--self-check verifies that, case- and whitespace-insensitively. The
+instruction file, the brick manifests, the test sets and QUALITY.md's
+reference column are read by tools/routing_inputs.py.
 
 (a) Routing accuracy. Every paraphrase is sent to Route. It is correct when
     the plan (RouteResponse.bricks) is exactly [the task's brick] (top-1; a
@@ -65,7 +67,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import sys
 import time
 from operator import mul
@@ -73,14 +74,11 @@ from operator import mul
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # generate_stubs and KILN_PROTO are re-exported for eval_sparse_ffn.py.
 from kiln_client import KILN_PROTO, ROOT, generate_stubs, open_channel, rpc_error  # noqa: E402,F401
+# The inputs; eval_sparse_ffn.py imports several of them from here.
+from routing_inputs import (DEFAULT_BRICKS, DEFAULT_INSTRUCTIONS, DEFAULT_SETS,  # noqa: E402
+                            SIDES, TASKS, load_instructions, load_manifests, load_rows,
+                            quality_md_reference, self_check)
 
-DEFAULT_INSTRUCTIONS = os.path.join(ROOT, "tools", "routing_instructions.json")
-DEFAULT_BRICKS = os.path.join(ROOT, "deploy", "bricks")
-DEFAULT_SETS = os.path.join(ROOT, ".cache", "retrieval")
-QUALITY_MD = os.path.join(ROOT, "docs", "QUALITY.md")
-TASKS = ("py-docstring", "man-synopsis", "deb-description")
-SIDES = ("query", "document")
-MIN_PER_SIDE = 30
 ROUTING_TARGET = 0.90
 AUTO_GAP_TARGET_POINTS = 1.0
 
@@ -88,119 +86,6 @@ try:
     import numpy as np
 except ImportError:  # the e2e venv has no numpy
     np = None
-
-
-# --- inputs -----------------------------------------------------------------
-
-def norm_instruction(s):
-    """For comparisons: case-folded, whitespace collapsed, trailing
-    punctuation and spaces dropped ("Command usage:" == "command usage")."""
-    return re.sub(r"\s+", " ", s).strip().casefold().rstrip(" :?.!;,-")
-
-
-def latest_version_dir(task_dir):
-    versions = [int(v) for v in os.listdir(task_dir)
-                if v.isdigit() and os.path.exists(os.path.join(task_dir, v, "brick.json"))]
-    return os.path.join(task_dir, str(max(versions))) if versions else None
-
-
-def load_manifests(bricks_dir):
-    """{task: {"version": int, "query": [...], "document": [...]}} (latest
-    version of each task's brick) and every example instruction of every
-    version of every brick (for the overlap check)."""
-    latest, every = {}, []
-    for brick_id in sorted(os.listdir(bricks_dir)):
-        task_dir = os.path.join(bricks_dir, brick_id)
-        if not os.path.isdir(task_dir):
-            continue
-        for v in sorted(os.listdir(task_dir)):
-            path = os.path.join(task_dir, v, "brick.json")
-            if not os.path.exists(path):
-                continue
-            with open(path) as f:
-                instr = json.load(f).get("instructions", {})
-            for side in SIDES:
-                every += [(brick_id, v, side, s) for s in instr.get(side, [])]
-        top = latest_version_dir(task_dir)
-        if top:
-            with open(os.path.join(top, "brick.json")) as f:
-                m = json.load(f)
-            latest[brick_id] = {"version": int(os.path.basename(top)),
-                                "query": m["instructions"]["query"],
-                                "document": m["instructions"]["document"]}
-    return latest, every
-
-
-def load_instructions(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def self_check(path, bricks_dir):
-    """Validates the instruction file; returns a list of problems."""
-    problems = []
-    try:
-        data = load_instructions(path)
-    except (OSError, ValueError) as e:
-        return [f"{path}: cannot read: {e}"]
-    _, every = load_manifests(bricks_dir)
-    manifest = {norm_instruction(s): f"{b}/{v} {side}: {s!r}" for b, v, side, s in every}
-    if not isinstance(data.get("_about"), str) or not data["_about"].strip():
-        problems.append('missing "_about" string')
-    seen = {}
-    for task in TASKS:
-        if task not in data:
-            problems.append(f"{task}: missing")
-            continue
-        for side in SIDES:
-            items = data[task].get(side)
-            if not isinstance(items, list):
-                problems.append(f"{task}.{side}: missing or not a list")
-                continue
-            if len(items) < MIN_PER_SIDE:
-                problems.append(f"{task}.{side}: {len(items)} instructions (< {MIN_PER_SIDE})")
-            for s in items:
-                if not isinstance(s, str) or not s.strip():
-                    problems.append(f"{task}.{side}: empty or non-string item {s!r}")
-                    continue
-                k = norm_instruction(s)
-                if k in manifest:
-                    problems.append(f"{task}.{side}: {s!r} equals manifest example {manifest[k]}")
-                if k in seen:
-                    problems.append(f"{task}.{side}: {s!r} duplicates {seen[k]}")
-                seen[k] = f"{task}.{side} {s!r}"
-    extra = set(data) - set(TASKS) - {"_about"}
-    if extra:
-        problems.append(f"unexpected keys: {sorted(extra)}")
-    return problems
-
-
-def load_rows(sets_dir, task, cap):
-    path = os.path.join(sets_dir, task, "test.jsonl")
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    return rows[:cap] if cap else rows
-
-
-def quality_md_reference():
-    """{task: MRR@10} from docs/QUALITY.md's "brick + instructions" column:
-    the bricks table, which is the first table whose rows read "| task (n) |"
-    (later tables, e.g. the routing one, reuse that row shape)."""
-    ref = {}
-    try:
-        with open(QUALITY_MD, encoding="utf-8") as f:
-            for line in f:
-                m = re.match(r"\|\s*([a-z0-9-]+) \((\d+)\)\s*\|(.*)", line)
-                if not m:
-                    continue
-                cells = [c.strip() for c in m.group(3).split("|")]
-                if len(cells) >= 3:
-                    v = re.search(r"\d+\.\d+", cells[2])
-                    if v and m.group(1) not in ref:
-                        ref[m.group(1)] = float(v.group(0))
-    except OSError:
-        pass
-    return ref
 
 
 # --- API ----------------------------------------------------------------------

@@ -13,6 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
+# test_k8s.py's helpers assert too; rewrite them so a failure shows its values.
+pytest.register_assert_rewrite("k8s_manifests")
+
 # The e2e conftest is loaded under another module name (both files are called
 # conftest.py); its fixtures and report hook become this conftest's own.
 _spec = importlib.util.spec_from_file_location("kiln_e2e_conftest",
