@@ -58,7 +58,10 @@ DEFAULT_OUT = os.path.join(ROOT, ".cache", "retrieval")
 
 # What each task is, and the instructions its brick carries (brick.json) and
 # is trained and evaluated with. The first instruction of each side is the
-# one evaluation uses.
+# one evaluation uses. "routing_examples" are further example instructions
+# of each side that go into brick.json for the router's keys only (the brick
+# is not trained with them): added 2026-11-30, after the router missed terse
+# and "man page" / "Debian package" wordings (docs/QUALITY.md, Routing).
 TASKS = {
     "py-docstring": {
         "description": "Python docstring -> function source retrieval "
@@ -72,6 +75,18 @@ TASKS = {
             "Represent this Python function for retrieval:",
             "Python source code:",
         ],
+        "routing_examples": {
+            "query": [
+                "Represent this Python docstring for code search:",
+                "Docstring of a Python function:",
+                "Natural-language description of what a Python function does:",
+            ],
+            "document": [
+                "Represent the source code of a Python function:",
+                "Python def with its body:",
+                "Implementation of a Python function or method:",
+            ],
+        },
     },
     "man-synopsis": {
         "description": "Man-page description -> command synopsis retrieval.",
@@ -84,6 +99,18 @@ TASKS = {
             "Represent this command synopsis for retrieval:",
             "Command usage:",
         ],
+        "routing_examples": {
+            "query": [
+                "Represent this man page NAME-line description for finding the command's synopsis:",
+                "One-line summary of a command from its manual page:",
+                "Short description of a Unix utility:",
+            ],
+            "document": [
+                "Represent the SYNOPSIS section of a man page:",
+                "Command-line syntax of a Unix program:",
+                "Usage line with a command's options and arguments:",
+            ],
+        },
     },
     "deb-description": {
         "description": "Debian package summary -> long package description retrieval.",
@@ -96,6 +123,18 @@ TASKS = {
             "Represent this package description for retrieval:",
             "Software package description:",
         ],
+        "routing_examples": {
+            "query": [
+                "Represent this Debian package's short description:",
+                "One-line summary of an apt package:",
+                "Short synopsis of a Debian software package:",
+            ],
+            "document": [
+                "Represent the long description of a Debian package:",
+                "Extended package description from the Debian archive:",
+                "Paragraphs describing what a Debian package provides:",
+            ],
+        },
     },
 }
 

@@ -3,11 +3,17 @@
 often Route picks the right brick for instructions it has never seen, and what
 ROUTING_AUTO costs in retrieval quality against naming the brick explicitly.
 
-Instructions: tools/routing_instructions.json holds, per task (brick id) and
-side (query / document), >= 32 hand-written paraphrases a client developer
-might send. None is in any brick manifest (the manifests' examples are the
-router's keys, so testing on them would be testing on the training data);
---self-check verifies that, case- and whitespace-insensitively. The
+Instructions: an instruction file holds, per task (brick id) and side
+(query / document), >= 30 hand-written paraphrases a client developer might
+send, and optionally "unrelated" ones. None is in any brick manifest (the
+manifests' examples are the router's keys, so testing on them would be
+testing on the training data); --self-check verifies that, case- and
+whitespace-insensitively. Two files: tools/routing_instructions.json (the
+default; its misroutes were read when the manifests' routing examples were
+written on 2026-11-30, so it is no longer held out) and
+tools/routing_instructions_heldout.json (written blind, by a writer who saw
+neither the manifests nor the first file: the honest measure; pass it with
+--instructions). The
 instruction file, the brick manifests, the test sets and QUALITY.md's
 reference column are read by tools/routing_inputs.py.
 
@@ -18,6 +24,10 @@ reference column are read by tools/routing_inputs.py.
     which differs from the plan only when --router_top_k > 1 or a score is
     below --router_min_score. Prints n / correct / accuracy per task and
     side, overall (target >= 90%), and every misroute with its candidates.
+
+    Instructions under the file's optional "unrelated" key are for tasks
+    no brick serves: each is sent to Route too, and the right plan is the
+    base model; every one routed to a brick is listed (false routes).
 
 (b) End-to-end retrieval, MRR@10 and recall@1 per task over
     .cache/retrieval/<task>/test.jsonl, every test query against all of the
@@ -191,6 +201,22 @@ class Evaluator:
                 "top1_candidate_correct": top1_total,
                 "target": ROUTING_TARGET, "misroutes": misroutes, "errors": errors}
 
+    def unrelated_routes(self, instructions):
+        """Routes every "unrelated" instruction; the right plan is the base
+        model. {"n", "routed_to_brick", "false_routes": [...], "max_top_score"}."""
+        false_routes, top_scores = [], []
+        for s in instructions:
+            r = self.route(s)
+            top = r.candidates[0] if r.candidates else None
+            top_scores.append(top.score if top else None)
+            if r.bricks:
+                false_routes.append({"instruction": s, "chosen": [b.id for b in r.bricks],
+                                     "top_score": round(top.score, 4) if top else None})
+        scored = [t for t in top_scores if t is not None]
+        return {"n": len(instructions), "routed_to_brick": len(false_routes),
+                "false_routes": false_routes,
+                "max_top_score": round(max(scored), 4) if scored else None}
+
     def embed_request(self, texts, instruction, mode, task):
         pb = self.pb
         kw = {"inputs": texts, "instruction": instruction}
@@ -307,6 +333,12 @@ def print_routing(r):
                   f"      -> {chosen}; {cands}; {m['reason']}")
     for e in r["errors"]:
         print(f"  error [{e['task']}/{e['side']}] {e['instruction']!r}: {e['error']}")
+    u = r.get("unrelated")
+    if u:
+        print(f"\nunrelated instructions routed to a brick: {u['routed_to_brick']} of {u['n']} "
+              f"(best score among them {fmt(u['max_top_score'], '.3f')})")
+        for f in u["false_routes"]:
+            print(f"  {f['instruction']!r} -> {','.join(f['chosen'])} ({f['top_score']:.3f})")
 
 
 def print_retrieval(ret):
@@ -465,6 +497,8 @@ def main():
         else:
             try:
                 results["routing"] = ev.routing_accuracy(tasks, instructions)
+                if instructions.get("unrelated"):
+                    results["routing"]["unrelated"] = ev.unrelated_routes(instructions["unrelated"])
                 print_routing(results["routing"])
                 acc = results["routing"]["accuracy"]
                 missed |= acc is None or acc < ROUTING_TARGET

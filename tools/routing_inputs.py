@@ -75,6 +75,20 @@ def self_check(path, bricks_dir):
     if not isinstance(data.get("_about"), str) or not data["_about"].strip():
         problems.append('missing "_about" string')
     seen = {}
+
+    def check_items(label, items):
+        """Each of items is a non-empty string, in no manifest, seen once."""
+        for s in items:
+            if not isinstance(s, str) or not s.strip():
+                problems.append(f"{label}: empty or non-string item {s!r}")
+                continue
+            k = norm_instruction(s)
+            if k in manifest:
+                problems.append(f"{label}: {s!r} equals manifest example {manifest[k]}")
+            if k in seen:
+                problems.append(f"{label}: {s!r} duplicates {seen[k]}")
+            seen[k] = f"{label} {s!r}"
+
     for task in TASKS:
         if task not in data:
             problems.append(f"{task}: missing")
@@ -86,17 +100,14 @@ def self_check(path, bricks_dir):
                 continue
             if len(items) < MIN_PER_SIDE:
                 problems.append(f"{task}.{side}: {len(items)} instructions (< {MIN_PER_SIDE})")
-            for s in items:
-                if not isinstance(s, str) or not s.strip():
-                    problems.append(f"{task}.{side}: empty or non-string item {s!r}")
-                    continue
-                k = norm_instruction(s)
-                if k in manifest:
-                    problems.append(f"{task}.{side}: {s!r} equals manifest example {manifest[k]}")
-                if k in seen:
-                    problems.append(f"{task}.{side}: {s!r} duplicates {seen[k]}")
-                seen[k] = f"{task}.{side} {s!r}"
-    extra = set(data) - set(TASKS) - {"_about"}
+            check_items(f"{task}.{side}", items)
+    # Optional: instructions for tasks no brick serves (the base model is right).
+    unrelated = data.get("unrelated", [])
+    if isinstance(unrelated, list):
+        check_items("unrelated", unrelated)
+    else:
+        problems.append("unrelated: not a list")
+    extra = set(data) - set(TASKS) - {"_about", "unrelated"}
     if extra:
         problems.append(f"unexpected keys: {sorted(extra)}")
     return problems

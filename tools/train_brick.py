@@ -250,8 +250,10 @@ def main():
         return torch.nn.functional.cross_entropy(q @ d.T * args.scale, labels)
 
     wall, cpu = train_loop(args, len(rows), rng, opt, sched, step_loss)
+    # brick.json's instructions: those trained with, then the routing-only examples.
+    extra = task.get("routing_examples", {})
     final, size, nkeys = publish(model, args, args.task, task["description"],
-                                 {"query": task["query"], "document": task["document"]})
+                                 {side: task[side] + extra.get(side, []) for side in ("query", "document")})
     print(f"train_brick: {args.task}: {args.steps} steps in {wall:.0f} s wall "
           f"({wall / args.steps:.2f} s/step), {cpu:.0f} CPU s, on {platform.machine()} with "
           f"{args.threads} threads, load average {os.getloadavg()[1]:.1f}; adapter {size} "

@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Unit tests of the routing evaluation's instruction files and its count of
+false routes (tools/routing_inputs.py, tools/eval_routing.py; standard
+library only: no grpc, no numpy, no server).
+
+The committed instruction files are checked against the committed brick
+manifests: a manifest example equal to a test instruction would make the
+routing evaluation test on the router's own keys.
+
+Run from the repo root: python3 tests/tools/eval_routing_test.py
+"""
+import json
+import os
+import sys
+import tempfile
+import types
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import eval_routing as evr  # noqa: E402
+import routing_inputs as ri  # noqa: E402
+
+BRICKS = os.path.join(ROOT, "deploy", "bricks")
+
+
+def instruction_file(**overrides):
+    """A valid instruction file's contents (30 made-up paraphrases per task
+    and side), with top-level keys replaced by overrides."""
+    data = {"_about": "test file"}
+    for task in ri.TASKS:
+        data[task] = {side: [f"{task} {side} paraphrase number {i}:" for i in range(30)]
+                      for side in ri.SIDES}
+    data.update(overrides)
+    return data
+
+
+class SelfCheckTest(unittest.TestCase):
+    def check(self, data):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "instructions.json")
+            with open(path, "w") as f:
+                json.dump(data, f)
+            return ri.self_check(path, BRICKS)
+
+    def test_committed_files_pass_against_the_committed_manifests(self):
+        for name in ("routing_instructions.json", "routing_instructions_heldout.json"):
+            path = os.path.join(ROOT, "tools", name)
+            self.assertEqual(ri.self_check(path, BRICKS), [], name)
+            data = ri.load_instructions(path)
+            self.assertGreaterEqual(len(data.get("unrelated", [])), 7, name)
+
+    def test_a_valid_file_passes(self):
+        self.assertEqual(self.check(instruction_file(unrelated=["Represent the tweet:"])), [])
+
+    def test_unrelated_equal_to_a_manifest_example_is_refused(self):
+        _, every = ri.load_manifests(BRICKS)
+        example = every[0][3]
+        problems = self.check(instruction_file(unrelated=[example.upper() + " "]))
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("unrelated", problems[0])
+        self.assertIn("equals manifest example", problems[0])
+
+    def test_unrelated_duplicating_a_task_instruction_is_refused(self):
+        problems = self.check(instruction_file(unrelated=["py-docstring query paraphrase number 3"]))
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("duplicates py-docstring.query", problems[0])
+
+    def test_unrelated_must_be_a_list_of_strings(self):
+        self.assertEqual(self.check(instruction_file(unrelated="query:")), ["unrelated: not a list"])
+        problems = self.check(instruction_file(unrelated=["", 3]))
+        self.assertEqual(len(problems), 2, problems)
+
+    def test_an_unknown_key_is_refused(self):
+        self.assertEqual(self.check(instruction_file(unrelatd=[])), ["unexpected keys: ['unrelatd']"])
+
+    def test_a_short_side_is_refused(self):
+        data = instruction_file()
+        data["man-synopsis"]["document"] = data["man-synopsis"]["document"][:29]
+        self.assertEqual(self.check(data), ["man-synopsis.document: 29 instructions (< 30)"])
+
+
+def route_response(plan, scores):
+    """A RouteResponse stand-in: bricks in the plan, candidates best first."""
+    return types.SimpleNamespace(
+        bricks=[types.SimpleNamespace(id=b) for b in plan],
+        candidates=[types.SimpleNamespace(id=i, score=s) for i, s in scores])
+
+
+class UnrelatedRoutesTest(unittest.TestCase):
+    def test_counts_every_instruction_given_a_brick(self):
+        answers = {
+            "Represent the tweet:": route_response([], [("py-docstring", 0.31), ("man-synopsis", 0.2)]),
+            "Represent the SQL query:": route_response(["py-docstring"], [("py-docstring", 0.43)]),
+            "query:": route_response([], [("deb-description", 0.389)]),
+            "passage:": route_response([], []),
+        }
+        ev = object.__new__(evr.Evaluator)
+        ev.route = answers.__getitem__
+        got = ev.unrelated_routes(list(answers))
+        self.assertEqual(got["n"], 4)
+        self.assertEqual(got["routed_to_brick"], 1)
+        self.assertEqual(got["false_routes"], [{"instruction": "Represent the SQL query:",
+                                                "chosen": ["py-docstring"], "top_score": 0.43}])
+        self.assertEqual(got["max_top_score"], 0.43)
+
+
+if __name__ == "__main__":
+    unittest.main()
