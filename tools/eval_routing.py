@@ -207,15 +207,14 @@ class Evaluator:
         false_routes, top_scores = [], []
         for s in instructions:
             r = self.route(s)
-            top = r.candidates[0] if r.candidates else None
-            top_scores.append(top.score if top else None)
-            if r.bricks:
+            if r.candidates:
+                top_scores.append(r.candidates[0].score)
+            if r.bricks:  # a chosen brick is always a candidate
                 false_routes.append({"instruction": s, "chosen": [b.id for b in r.bricks],
-                                     "top_score": round(top.score, 4) if top else None})
-        scored = [t for t in top_scores if t is not None]
+                                     "top_score": round(r.candidates[0].score, 4)})
         return {"n": len(instructions), "routed_to_brick": len(false_routes),
                 "false_routes": false_routes,
-                "max_top_score": round(max(scored), 4) if scored else None}
+                "max_top_score": round(max(top_scores), 4) if top_scores else None}
 
     def embed_request(self, texts, instruction, mode, task):
         pb = self.pb
