@@ -9,6 +9,8 @@
 #               tokens/s, counted FFN multiply-adds vs dense, mean cosine of
 #               each text's embedding to its dense one.
 #               Targets at 0.5: FFN time <= 0.60 x dense, cosine >= 0.97.
+#               Then fractions 1 and 0.5 again with the recovery brick RECOVERY
+#               (its latest version) on every sequence: what its LoRA costs.
 #   retrieval   a `kiln serve` with deploy/bricks, driven by
 #               tools/eval_sparse_ffn.py: MRR@10 on the three brick tasks'
 #               held-out sets (tools/build_retrieval_set.py) per fraction, base
@@ -51,6 +53,13 @@ mkdir -p "$out"
   echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg); commit $(git describe --always --dirty)"
   build/bin/kiln_bench_sparse_ffn --model="$model" --input="$texts" --threads="$threads" \
     --rounds="$rounds" --partition=deploy/bricks/ffn-e16/2
+  recovery_dir=""
+  [[ -n "${RECOVERY-ffn-recovery-50}" && -d "deploy/bricks/${RECOVERY-ffn-recovery-50}" ]] &&
+    recovery_dir="$(ls -d "deploy/bricks/${RECOVERY-ffn-recovery-50}"/*/ | sort -V | tail -n 1)"
+  if [[ -n "$recovery_dir" ]]; then
+    build/bin/kiln_bench_sparse_ffn --model="$model" --input="$texts" --threads="$threads" \
+      --rounds="$rounds" --partition=deploy/bricks/ffn-e16/2 --fractions=1,0.5 --lora="${recovery_dir%/}"
+  fi
 } | tee "$out/sparse_ffn.txt"
 
 [[ "${SKIP_RETRIEVAL:-0}" == 1 ]] && exit 0

@@ -31,9 +31,11 @@
 #include "absl/strings/str_format.h"
 #include "bench/bench_texts.h"
 #include "engine/cpu/cpu_backend.h"
+#include "engine/lora.h"
 #include "engine/model/embedding_model.h"
 #include "engine/safetensors.h"
 #include "engine/sparse_ffn.h"
+#include "router/brick.h"
 #include "router/ffn_partition.h"
 
 ABSL_FLAG(std::string, model, "models/all-MiniLM-L6-v2", "model folder");
@@ -46,6 +48,9 @@ ABSL_FLAG(std::vector<std::string>, fractions,
           std::vector<std::string>({"1", "0.75", "0.5", "0.25", "0.125"}),
           "FFN fractions; the first is the reference for cosines and MACs");
 ABSL_FLAG(int, max_batch_tokens, 2048, "token budget of one batch (the server's CPU default)");
+ABSL_FLAG(std::string, lora, "",
+          "a LoRA brick version folder applied to every sequence at every fraction "
+          "(e.g. deploy/bricks/ffn-recovery-50/2); empty = none");
 
 namespace kiln {
 namespace {
@@ -83,6 +88,26 @@ int Run() {
     return 2;
   }
 
+  // An optional LoRA brick on every sequence, as a client's plan would carry it.
+  std::unique_ptr<LoraAdapter> adapter;
+  std::vector<LoraPlan> plans;
+  const std::string lora_dir = absl::GetFlag(FLAGS_lora);
+  if (!lora_dir.empty()) {
+    const EncoderConfig& config = (*model)->config().encoder;
+    auto modules = ReadLoraBrick(lora_dir, config);
+    if (!modules.ok()) {
+      std::cerr << "kiln_bench_sparse_ffn: --lora: " << modules.status() << "\n";
+      return 2;
+    }
+    auto uploaded = LoraAdapter::Upload(config, *std::move(modules), backend.get(), lora_dir);
+    if (!uploaded.ok()) {
+      std::cerr << "kiln_bench_sparse_ffn: --lora: " << uploaded.status() << "\n";
+      return 2;
+    }
+    adapter = *std::move(uploaded);
+    plans.push_back({{adapter.get(), 1.0f}});
+  }
+
   absl::StatusOr<bench::BenchTexts> texts =
       bench::ReadBenchTexts(absl::GetFlag(FLAGS_input), **model);
   if (!texts.ok()) {
@@ -105,9 +130,12 @@ int Run() {
     for (const auto& [first, last] : batches) {
       seqs.clear();
       for (size_t i = first; i < last; ++i) {
-        seqs.push_back({.ids = encs[i].ids, .ffn = sparse->get(), .ffn_fraction = fractions[fi]});
+        seqs.push_back({.ids = encs[i].ids,
+                        .plan = plans.empty() ? -1 : 0,
+                        .ffn = sparse->get(),
+                        .ffn_fraction = fractions[fi]});
       }
-      absl::Status st = (*model)->Forward(seqs, out[fi].data() + first * dim);
+      absl::Status st = (*model)->Forward(seqs, out[fi].data() + first * dim, plans);
       if (!st.ok()) {
         std::cerr << "kiln_bench_sparse_ffn: " << st << "\n";
         std::exit(1);
@@ -122,10 +150,11 @@ int Run() {
   std::printf(
       "# kiln_bench_sparse_ffn: %s; %s; %u hardware threads\n"
       "# model %s, %zu texts, %lld tokens, %zu batches of <= %d tokens, %d experts x %d "
-      "neurons (%s), %d rounds\n",
-      bench::CpuModelName().c_str(), backend->Describe().c_str(), std::thread::hardware_concurrency(),
-      dir.c_str(), encs.size(), static_cast<long long>(tokens), batches.size(), budget, experts,
-      (*sparse)->group_size(), partition_dir.c_str(), absl::GetFlag(FLAGS_rounds));
+      "neurons (%s), LoRA %s, %d rounds\n",
+      bench::CpuModelName().c_str(), backend->Describe().c_str(),
+      std::thread::hardware_concurrency(), dir.c_str(), encs.size(), static_cast<long long>(tokens),
+      batches.size(), budget, experts, (*sparse)->group_size(), partition_dir.c_str(),
+      lora_dir.empty() ? "none" : lora_dir.c_str(), absl::GetFlag(FLAGS_rounds));
   for (size_t f = 0; f < fractions.size(); ++f) pass(f);  // warm-up
   std::vector<std::vector<PassResult>> results(fractions.size());
   for (int round = 0; round < absl::GetFlag(FLAGS_rounds); ++round) {

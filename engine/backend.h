@@ -95,6 +95,15 @@ struct ExpertFfnWeights {
   // [ff] host: the original neuron of each group-order position (LoRA B rows
   // of intermediate.dense and A columns of output.dense are indexed by it).
   absl::Span<const int32_t> neuron_ids;
+  // w1 and w2 in panels of 16 columns, for a backend whose ReadsExpertPanels()
+  // says so (the CPU's fused kernel); SparseFfn then passes these and leaves
+  // w1 and w2 null. Null otherwise:
+  // w1_panels: [experts][group_size / 16][hidden][16], element (e, p, j, c) =
+  //   w1[e * group_size + p * 16 + c][j];
+  // w2_panels: [experts][hidden / 16][group_size][16], element (e, q, j, c) =
+  //   expert e's w2 block [q * 16 + c][j].
+  const float* w1_panels = nullptr;
+  const float* w2_panels = nullptr;
 };
 
 class Backend {
@@ -201,6 +210,9 @@ class Backend {
   virtual void ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w, int top_k,
                          Activation act, float* y, absl::Span<const LowRankTask> ffn_in = {},
                          absl::Span<const LowRankTask> ffn_out = {}) = 0;
+  // Whether ExpertFfn reads ExpertFfnWeights::w1_panels / w2_panels for an
+  // FFN of this shape (then SparseFfn uploads them instead of w1 and w2).
+  virtual bool ReadsExpertPanels(int /*hidden*/, int /*group_size*/) const { return false; }
 
   // Bidirectional multi-head self-attention over a packed batch, with
   // grouped-query attention when kv_heads < heads.

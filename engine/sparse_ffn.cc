@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "engine/cpu/expert_panels.h"
 #include "engine/model/encoder.h"
 
 namespace kiln {
@@ -143,10 +144,24 @@ absl::StatusOr<std::unique_ptr<SparseFfn>> SparseFfn::Create(const Encoder& enco
       sparse->device_bytes_ += (fill_rows.size() + b2_filled.size()) * sizeof(float);
     }
     ASSIGN_OR_RETURN(layer.centroids, backend->Upload(partition.layers[l].centroids));
-    ASSIGN_OR_RETURN(layer.w1, backend->Upload(w1));
     ASSIGN_OR_RETURN(layer.b1, backend->Upload(b1));
-    ASSIGN_OR_RETURN(layer.w2, backend->Upload(w2));
     ASSIGN_OR_RETURN(layer.b2, backend->Upload(dense.b2));
+    // A backend that reads panels gets them instead of w1 and w2.
+    if (backend->ReadsExpertPanels(h, g)) {
+      std::vector<float> p1(w1.size()), p2(w2.size());
+      const size_t block = static_cast<size_t>(g) * h;
+      for (int e = 0; e < partition.experts; ++e) {
+        cpu::PackPanels(w1.data() + e * block, g, h, p1.data() + e * block);
+        cpu::PackPanels(w2.data() + e * block, h, g, p2.data() + e * block);
+      }
+      w1 = std::move(p1);
+      w2 = std::move(p2);
+      ASSIGN_OR_RETURN(layer.w1_panels, backend->Upload(w1));
+      ASSIGN_OR_RETURN(layer.w2_panels, backend->Upload(w2));
+    } else {
+      ASSIGN_OR_RETURN(layer.w1, backend->Upload(w1));
+      ASSIGN_OR_RETURN(layer.w2, backend->Upload(w2));
+    }
     layer.neuron_ids = ids;
     sparse->device_bytes_ += (partition.layers[l].centroids.size() + w1.size() + b1.size() +
                               w2.size() + dense.b2.size()) *
@@ -176,7 +191,9 @@ ExpertFfnWeights SparseFfn::layer(int layer) const {
           .b2 = L.b2.get(),
           .fill = L.fill.get(),
           .b2_filled = L.b2_filled.get(),
-          .neuron_ids = L.neuron_ids};
+          .neuron_ids = L.neuron_ids,
+          .w1_panels = L.w1_panels.get(),
+          .w2_panels = L.w2_panels.get()};
 }
 
 }  // namespace kiln

@@ -60,14 +60,15 @@ class SparseFfn final : public DeviceBrick {
   // this object). 0 <= layer < num_layers().
   ExpertFfnWeights layer(int layer) const;
 
-  // Bytes of device memory held: the rearranged FFN weights, the keys and the
-  // fill rows.
+  // Bytes of device memory held: the rearranged FFN weights (in panels where
+  // the backend reads them so), the keys and the fill rows.
   size_t device_bytes() const override { return device_bytes_; }
   const std::string& name() const override { return name_; }
 
  private:
   struct Layer {
     DeviceArray centroids, w1, b1, w2, b2;
+    DeviceArray w1_panels, w2_panels;  // instead of w1 and w2 where the backend reads them
     DeviceArray fill, b2_filled;      // empty without a fill (ExpertFfnWeights)
     std::vector<int32_t> neuron_ids;  // host: group order -> original neuron
   };

@@ -46,6 +46,8 @@ class CpuBackend final : public Backend {
   void ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w, int top_k, Activation act,
                  float* y, absl::Span<const LowRankTask> ffn_in,
                  absl::Span<const LowRankTask> ffn_out) override;
+  // Every shape the fused kernel fits (engine/cpu/expert_panels.h).
+  bool ReadsExpertPanels(int hidden, int group_size) const override;
   void GatherRows(const float* table, absl::Span<const int32_t> rows, int cols,
                   float* out) override;
   void AddLayerNorm(float* x, const float* residual, const float* gamma, const float* beta,

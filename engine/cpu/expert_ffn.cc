@@ -1,7 +1,9 @@
 // CpuBackend::ExpertFfn: the sparse FFN of an ffn_partition brick on the CPU
 // (contract in engine/backend.h). Each thread takes a block of rows, scores
 // them against the expert centroids, buckets them by their top-k experts and
-// runs every expert's two GEMMs on its own rows only.
+// runs every expert on its own rows only: with the weights in panels through
+// the fused kernel of expert_panels.h, otherwise (a shape that is not whole
+// panels) by gathering the rows for two OpenBLAS GEMMs.
 #include <cblas.h>
 #include <omp.h>
 
@@ -13,6 +15,7 @@
 
 #include "engine/cpu/activation.h"
 #include "engine/cpu/cpu_backend.h"
+#include "engine/cpu/expert_panels.h"
 #include "engine/cpu/expert_scratch.h"
 #include "engine/cpu/parallel.h"
 #include "engine/cpu/skinny_gemm.h"
@@ -47,8 +50,8 @@ std::pair<int, int> MemberRange(const int32_t* members, int n, int row_begin, in
 }
 
 // ExpertFfn splits the rows into one block per thread, capped so that k
-// expert outputs per row of a block would take at most this many bytes. Tall
-// blocks matter: each expert's two GEMMs get about rows * k / E of the
+// expert outputs per row of a block would take at most this many bytes. For
+// the gathered BLAS path tall blocks matter: each expert's two GEMMs get about rows * k / E of the
 // block's rows, and at the ~170 rows a 4 MB cap gave (16 experts, 2048-token
 // batch) the small GEMMs ran so far below the dense GEMM's efficiency that a
 // 0.75 fraction took as long as the dense FFN; one block per thread brought
@@ -61,6 +64,86 @@ constexpr int64_t kExpertBlockBytes = int64_t{64} << 20;
 
 namespace cpu {
 namespace {
+
+// For the fused kernel: the FFN LoRA tasks that touch rows [r0, r0 + n), with
+// what does not depend on the expert computed once per block (x a^T of
+// intermediate.dense's tasks; output.dense's h a^T starts at zero and each
+// expert adds its part), and room for each expert's cut of the other factor
+// (CutLoraForExpert).
+void PrepareLora(const float* x, int r0, int n, const ExpertFfnWeights& w,
+                 absl::Span<const LowRankTask> ffn_in, absl::Span<const LowRankTask> ffn_out,
+                 ExpertScratch& s) {
+  const int g = w.group_size, h = w.hidden;
+  auto span_of = [&](const LowRankTask& t) {
+    return std::pair<int, int>{std::max(t.row_begin, r0), std::min(t.row_end, r0 + n)};
+  };
+  size_t total = 0;
+  for (absl::Span<const LowRankTask> tasks : {ffn_in, ffn_out}) {
+    for (const LowRankTask& t : tasks) {
+      const auto [lo, hi] = span_of(t);
+      if (hi > lo) total += static_cast<size_t>(hi - lo + g) * t.rank;
+    }
+  }
+  s.lora.assign(total, 0.0f);
+  s.lora_in.clear();
+  s.lora_out.clear();
+  s.cut_in.clear();
+  s.cut_out.clear();
+  s.out_tasks.clear();
+  float* next = s.lora.data();
+  for (const LowRankTask& t : ffn_in) {
+    const auto [lo, hi] = span_of(t);
+    if (hi <= lo) continue;
+    float* xa = next;
+    float* bt = xa + static_cast<size_t>(hi - lo) * t.rank;
+    next = bt + static_cast<size_t>(g) * t.rank;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, hi - lo, t.rank, h, 1.0f,
+                x + static_cast<int64_t>(lo) * h, h, t.a, h, 0.0f, xa, t.rank);
+    s.lora_in.push_back(
+        {.row_begin = lo, .row_end = hi, .rank = t.rank, .scale = t.scale, .xa = xa, .bt = bt});
+    s.cut_in.emplace_back(&t, bt);
+  }
+  for (const LowRankTask& t : ffn_out) {
+    const auto [lo, hi] = span_of(t);
+    if (hi <= lo) continue;
+    float* ha = next;
+    float* at = ha + static_cast<size_t>(hi - lo) * t.rank;
+    next = at + static_cast<size_t>(g) * t.rank;
+    s.lora_out.push_back({.row_begin = lo, .row_end = hi, .rank = t.rank, .at = at, .ha = ha});
+    s.cut_out.emplace_back(&t, at);
+    s.out_tasks.push_back(&t);
+  }
+}
+
+// After the last expert: each output.dense task adds scale * (h a^T) b^T to
+// its rows of the block.
+void FinishLora(int hidden, float* y, ExpertScratch& s) {
+  for (size_t k = 0; k < s.lora_out.size(); ++k) {
+    const PanelLoraOut& p = s.lora_out[k];
+    const LowRankTask& t = *s.out_tasks[k];
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, p.row_end - p.row_begin, hidden, t.rank,
+                t.scale, p.ha, t.rank, t.b, t.rank, 1.0f,
+                y + static_cast<int64_t>(p.row_begin) * hidden, hidden);
+  }
+}
+
+// Cuts each task PrepareLora kept to expert e's neurons: intermediate.dense's
+// b rows (transposed to [rank][group]) and output.dense's a columns.
+void CutLoraForExpert(int e, const ExpertFfnWeights& w, ExpertScratch& s) {
+  const int g = w.group_size, ff = w.experts * g;
+  const int32_t* ids = w.neuron_ids.data() + static_cast<int64_t>(e) * g;
+  for (const auto& [t, bt] : s.cut_in) {
+    for (int q = 0; q < t->rank; ++q) {
+      for (int j = 0; j < g; ++j) bt[q * g + j] = t->b[static_cast<int64_t>(ids[j]) * t->rank + q];
+    }
+  }
+  for (const auto& [t, at] : s.cut_out) {
+    for (int q = 0; q < t->rank; ++q) {
+      const float* a_row = t->a + static_cast<int64_t>(q) * ff;
+      for (int j = 0; j < g; ++j) at[q * g + j] = a_row[ids[j]];
+    }
+  }
+}
 
 // ExpertFfn on rows [r0, r0 + n) of x, single-threaded (see the contract in
 // backend.h); LoRA task rows and the rows in `members` are absolute.
@@ -146,10 +229,25 @@ void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, in
       for (int c = 0; c < h; ++c) yr[c] -= fe[c];
     }
   }
+  // With panels, the fused kernel runs each expert straight from x into y
+  // (expert_panels.h); without, the gathered BLAS path below.
+  const bool fused = w.w1_panels != nullptr && w.w2_panels != nullptr;
+  if (fused) {
+    PrepareLora(x, r0, n, w, ffn_in, ffn_out, s);
+    s.he.resize(static_cast<size_t>(kExpertTileRows) * g);
+  }
   for (int e = 0; e < experts; ++e) {
     const int ne = s.offsets[e + 1] - s.offsets[e];
     if (ne == 0) continue;
     const int32_t* rows_e = s.members.data() + s.offsets[e];
+    if (fused) {
+      CutLoraForExpert(e, w, s);
+      PanelExpertFfn(x, rows_e, ne, h, g, w.w1_panels + static_cast<int64_t>(e) * g * h,
+                     w.b1 + static_cast<int64_t>(e) * g,
+                     w.w2_panels + static_cast<int64_t>(e) * h * g, act, y, s.he.data(), s.lora_in,
+                     s.lora_out);
+      continue;
+    }
     const int32_t* ids = w.neuron_ids.data() + static_cast<int64_t>(e) * g;
     s.xe.resize(static_cast<size_t>(ne) * h);
     for (int i = 0; i < ne; ++i) {
@@ -204,10 +302,15 @@ void ExpertFfnBlock(const float* x, int r0, int n, const ExpertFfnWeights& w, in
       for (int c = 0; c < h; ++c) yr[c] += src[c];
     }
   }
+  if (fused) FinishLora(h, y, s);
 }
 
 }  // namespace
 }  // namespace cpu
+
+bool CpuBackend::ReadsExpertPanels(int hidden, int group_size) const {
+  return cpu::ExpertPanelsFit(hidden, group_size);
+}
 
 void CpuBackend::ExpertFfn(const float* x, int rows, const ExpertFfnWeights& w, int top_k,
                            Activation act, float* y, absl::Span<const LowRankTask> ffn_in,

@@ -5,7 +5,10 @@
 #define KILN_ENGINE_CPU_EXPERT_SCRATCH_H_
 
 #include <cstdint>
+#include <utility>
 #include <vector>
+
+#include "engine/cpu/expert_panels.h"
 
 namespace kiln::cpu {
 
@@ -15,6 +18,14 @@ struct ExpertScratch {
   std::vector<float> scores, xe, he, tmp, gathered, out;
   std::vector<int32_t> choice, offsets, members, cursor;
   std::vector<char> taken;
+  // The fused kernel's FFN LoRA tasks on this block and their factors.
+  std::vector<float> lora;
+  std::vector<PanelLoraIn> lora_in;
+  std::vector<PanelLoraOut> lora_out;
+  // Each kept task with where its per-expert factor goes (CutLoraForExpert).
+  std::vector<std::pair<const LowRankTask*, float*>> cut_in, cut_out;
+  // The output.dense tasks kept, for the add after the last expert.
+  std::vector<const LowRankTask*> out_tasks;
 };
 
 }  // namespace kiln::cpu

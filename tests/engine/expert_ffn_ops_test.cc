@@ -27,7 +27,33 @@ struct ExpertCase {
   std::vector<std::pair<int, int>> lora_rows;  // one ffn_in and one ffn_out task each
   bool same_keys = false;                      // every expert's key identical: all rows tie
   bool fill = false;  // a partition fill: inactive neurons count at fill[n] (base W2 only)
+  // Also pass the weights in panels (ExpertFfnWeights::w1_panels / w2_panels)
+  // to a backend that reads them.
+  bool panels = false;
 };
+
+// w1 ([E * g, h], group order) and w2 ([E][h][g]) in the panels of
+// ExpertFfnWeights::w1_panels / w2_panels, packed here from backend.h's text.
+std::pair<std::vector<float>, std::vector<float>> Panels(const std::vector<float>& w1,
+                                                         const std::vector<float>& w2, int E, int g,
+                                                         int h) {
+  const int pw = 16;
+  std::vector<float> p1(w1.size()), p2(w2.size());
+  for (int e = 0; e < E; ++e) {
+    const size_t base = static_cast<size_t>(e) * g * h;
+    for (int p = 0; p < g / pw; ++p)
+      for (int j = 0; j < h; ++j)
+        for (int col = 0; col < pw; ++col)
+          p1[base + (static_cast<size_t>(p) * h + j) * pw + col] =
+              w1[(static_cast<size_t>(e) * g + p * pw + col) * h + j];
+    for (int q = 0; q < h / pw; ++q)
+      for (int j = 0; j < g; ++j)
+        for (int col = 0; col < pw; ++col)
+          p2[base + (static_cast<size_t>(q) * g + j) * pw + col] =
+              w2[base + static_cast<size_t>(q * pw + col) * g + j];
+  }
+  return {std::move(p1), std::move(p2)};
+}
 
 class ExpertFfnOpsTest : public BackendOpsTest {
  protected:
@@ -37,7 +63,7 @@ class ExpertFfnOpsTest : public BackendOpsTest {
 void ExpertFfnOpsTest::RunCase(const ExpertCase& c) {
   SCOPED_TRACE(testing::Message() << c.rows << " rows, " << c.experts << " experts of " << c.group
                                   << ", top " << c.top_k << (c.same_keys ? ", tied keys" : "")
-                                  << (c.fill ? ", fill" : ""));
+                                  << (c.fill ? ", fill" : "") << (c.panels ? ", panels" : ""));
   const int rows = c.rows, h = c.hidden, E = c.experts, g = c.group, ff = E * g, rank = 3;
   const float in_scale = 0.7f, out_scale = -1.3f;
   const auto x = QuantisedVector(static_cast<size_t>(rows) * h, 41),
@@ -187,6 +213,9 @@ void ExpertFfnOpsTest::RunCase(const ExpertCase& c) {
     b2_filled[o] = static_cast<float>(total);
   }
   auto dfill = Up(fill_rows), db2_filled = Up(b2_filled);
+  const bool panels = c.panels && backend_->ReadsExpertPanels(h, g);
+  const auto [p1, p2] = Panels(w1g, w2g, E, g, h);
+  auto dp1 = Up(p1), dp2 = Up(p2);
   const ExpertFfnWeights weights{.experts = E,
                                  .group_size = g,
                                  .hidden = h,
@@ -197,7 +226,9 @@ void ExpertFfnOpsTest::RunCase(const ExpertCase& c) {
                                  .b2 = db2.get(),
                                  .fill = c.fill ? dfill.get() : nullptr,
                                  .b2_filled = c.fill ? db2_filled.get() : nullptr,
-                                 .neuron_ids = ids};
+                                 .neuron_ids = ids,
+                                 .w1_panels = panels ? dp1.get() : nullptr,
+                                 .w2_panels = panels ? dp2.get() : nullptr};
   backend_->ExpertFfn(dx.get(), rows, weights, c.top_k, Activation::kGelu, dy.get(), in_tasks,
                       out_tasks);
   ExpectClose(Down(dy, want.size()), want, 1e-4f, mag, gemm_rel());
@@ -239,6 +270,43 @@ TEST_P(ExpertFfnOpsTest, WithAFillInactiveNeuronsCountAtTheirFill) {
   }
 }
 
+TEST_P(ExpertFfnOpsTest, WeightsInPanelsGiveTheSameResult) {
+  // The CPU's fused kernel (engine/cpu/expert_panels.h) runs when panels are
+  // given: rows in tiles of six with a partial last tile, one expert's rows
+  // anywhere in the batch, with and without a fill, above the parallel
+  // threshold with LoRA row ranges straddling its row blocks, and with
+  // overlapping LoRA tasks.
+  if (GetParam().device == DeviceKind::kCpu) {
+    ASSERT_TRUE(backend_->ReadsExpertPanels(48, 16));
+    ASSERT_FALSE(backend_->ReadsExpertPanels(48, 8));
+  }
+  const std::vector<ExpertCase> shapes = {
+      {.rows = 7, .hidden = 48, .experts = 6, .group = 16},
+      {.rows = 37, .hidden = 32, .experts = 4, .group = 32},
+      {.rows = 600, .hidden = 256, .experts = 8, .group = 64},
+      {.rows = 600,
+       .hidden = 256,
+       .experts = 8,
+       .group = 64,
+       .lora_rows = {{0, 250}, {250, 320}, {400, 600}}},
+      {.rows = 37, .hidden = 48, .experts = 6, .group = 16, .lora_rows = {{4, 30}}},
+      {.rows = 40,
+       .hidden = 32,
+       .experts = 4,
+       .group = 16,
+       .lora_rows = {{0, 40}, {10, 21}, {20, 21}}}};
+  for (ExpertCase c : shapes) {
+    c.panels = true;
+    for (const bool fill : {false, true}) {
+      c.fill = fill;
+      for (const int top_k : {1, c.experts / 2, c.experts}) {
+        c.top_k = top_k;
+        RunCase(c);
+      }
+    }
+  }
+}
+
 TEST_P(ExpertFfnOpsTest, OverlappingLoraRowRanges) {
   // FFN LoRA tasks on overlapping rows, as two bricks of one plan give them
   // (each task here owns its scratch, so none may clobber another's).
@@ -264,35 +332,9 @@ TEST_P(ExpertFfnOpsTest, TiesGoToTheLowerExpertIndex) {
   }
 }
 
-TEST_P(ExpertFfnOpsTest, ANanRowScoresNaNAndSpoilsOnlyItself) {
-  // A row with a NaN scores every expert NaN; it still takes exactly top_k
-  // experts (the CPU routes such rows on a separate path), its output is
-  // NaN, and every other row comes out as it does without it.
-  const int rows = 9, h = 16, E = 4, g = 8, ff = E * g, top_k = 2, bad = 4;
-  std::vector<int32_t> ids(ff);
-  std::iota(ids.begin(), ids.end(), 0);
-  std::shuffle(ids.begin(), ids.end(), std::mt19937(3));
-  auto keys = Up(RandomVector(E * h, 1)), w1 = Up(RandomVector(ff * h, 2, 0.3f)),
-       b1 = Up(RandomVector(ff, 3)), w2 = Up(RandomVector(ff * h, 4, 0.3f)),
-       b2 = Up(RandomVector(h, 5));
-  const ExpertFfnWeights weights{.experts = E,
-                                 .group_size = g,
-                                 .hidden = h,
-                                 .centroids = keys.get(),
-                                 .w1 = w1.get(),
-                                 .b1 = b1.get(),
-                                 .w2 = w2.get(),
-                                 .b2 = b2.get(),
-                                 .neuron_ids = ids};
-  std::vector<float> x = RandomVector(static_cast<size_t>(rows) * h, 6);
-  auto run = [&](const std::vector<float>& in) {
-    auto dx = Up(in), dy = Up(std::vector<float>(in.size(), 5.0f));
-    backend_->ExpertFfn(dx.get(), rows, weights, top_k, Activation::kGelu, dy.get());
-    return Down(dy, in.size());
-  };
-  const std::vector<float> clean = run(x);
-  x[static_cast<size_t>(bad) * h + 3] = std::nanf("");
-  const std::vector<float> spoiled = run(x);
+// Row `bad` of `spoiled` is all NaN; every other row equals `clean`'s.
+void ExpectOnlyRowSpoiled(const std::vector<float>& spoiled, const std::vector<float>& clean,
+                          int rows, int h, int bad) {
   for (int r = 0; r < rows; ++r) {
     for (int c = 0; c < h; ++c) {
       const size_t i = static_cast<size_t>(r) * h + c;
@@ -303,6 +345,47 @@ TEST_P(ExpertFfnOpsTest, ANanRowScoresNaNAndSpoilsOnlyItself) {
             << "row " << r << " col " << c;
       }
     }
+  }
+}
+
+TEST_P(ExpertFfnOpsTest, ANanRowScoresNaNAndSpoilsOnlyItself) {
+  // A row with a NaN scores every expert NaN; it still takes exactly top_k
+  // experts (the CPU routes such rows on a separate path), its output is
+  // NaN, and every other row comes out as it does without it: with the
+  // weights as they are and, where the backend reads them, in panels (the
+  // CPU's fused kernel runs the bad row in a tile with clean ones).
+  const int rows = 9, h = 16, E = 4, g = 16, ff = E * g, top_k = 2, bad = 4;
+  std::vector<int32_t> ids(ff);
+  std::iota(ids.begin(), ids.end(), 0);
+  std::shuffle(ids.begin(), ids.end(), std::mt19937(3));
+  const std::vector<float> hw1 = RandomVector(ff * h, 2, 0.3f), hw2 = RandomVector(ff * h, 4, 0.3f);
+  const auto [p1, p2] = Panels(hw1, hw2, E, g, h);
+  auto keys = Up(RandomVector(E * h, 1)), w1 = Up(hw1), b1 = Up(RandomVector(ff, 3)), w2 = Up(hw2),
+       b2 = Up(RandomVector(h, 5)), dp1 = Up(p1), dp2 = Up(p2);
+  for (const bool panels : {false, true}) {
+    SCOPED_TRACE(panels ? "panels" : "no panels");
+    if (panels && !backend_->ReadsExpertPanels(h, g)) continue;
+    const ExpertFfnWeights weights{.experts = E,
+                                   .group_size = g,
+                                   .hidden = h,
+                                   .centroids = keys.get(),
+                                   .w1 = w1.get(),
+                                   .b1 = b1.get(),
+                                   .w2 = w2.get(),
+                                   .b2 = b2.get(),
+                                   .neuron_ids = ids,
+                                   .w1_panels = panels ? dp1.get() : nullptr,
+                                   .w2_panels = panels ? dp2.get() : nullptr};
+    std::vector<float> x = RandomVector(static_cast<size_t>(rows) * h, 6);
+    auto run = [&](const std::vector<float>& in) {
+      auto dx = Up(in), dy = Up(std::vector<float>(in.size(), 5.0f));
+      backend_->ExpertFfn(dx.get(), rows, weights, top_k, Activation::kGelu, dy.get());
+      return Down(dy, in.size());
+    };
+    const std::vector<float> clean = run(x);
+    x[static_cast<size_t>(bad) * h + 3] = std::nanf("");
+    const std::vector<float> spoiled = run(x);
+    ExpectOnlyRowSpoiled(spoiled, clean, rows, h, bad);
   }
 }
 

@@ -36,7 +36,8 @@ TEST_F(SparseFfnTest, CreateBuildsEveryLayer) {
   EXPECT_EQ(sparse16_->group_size(), 96);
   EXPECT_EQ(sparse16_->num_layers(), 6);
   EXPECT_EQ(sparse16_->name(), "split16");
-  // Per layer: W1 and W2 copies, b1, b2 and the keys.
+  // Per layer: W1 and W2 copies (in panels, which the CPU backend reads
+  // instead), b1, b2 and the keys.
   EXPECT_EQ(sparse16_->device_bytes(),
             6u * (2 * 1536 * 384 + 1536 + 384 + 16 * 384) * sizeof(float));
 }
