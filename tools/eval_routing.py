@@ -203,10 +203,19 @@ class Evaluator:
 
     def unrelated_routes(self, instructions):
         """Routes every "unrelated" instruction; the right plan is the base
-        model. {"n", "routed_to_brick", "false_routes": [...], "max_top_score"}."""
-        false_routes, top_scores = [], []
+        model. {"n", "routed_to_brick", "false_routes": [...], "max_top_score",
+        "errors": [...]}. A failed Route is recorded, as routing_accuracy does,
+        and the rest still run; a server that is gone or too old stops it."""
+        false_routes, top_scores, errors = [], [], []
         for s in instructions:
-            r = self.route(s)
+            try:
+                r = self.route(s)
+            except self.grpc.RpcError as e:
+                errors.append({"instruction": s, "error": self.rpc_error(e)})
+                if e.code() in (self.grpc.StatusCode.UNIMPLEMENTED,
+                                self.grpc.StatusCode.UNAVAILABLE):
+                    raise
+                continue
             if r.candidates:
                 top_scores.append(r.candidates[0].score)
             if r.bricks:  # a chosen brick is always a candidate
@@ -214,7 +223,8 @@ class Evaluator:
                                      "top_score": round(r.candidates[0].score, 4)})
         return {"n": len(instructions), "routed_to_brick": len(false_routes),
                 "false_routes": false_routes,
-                "max_top_score": round(max(top_scores), 4) if top_scores else None}
+                "max_top_score": round(max(top_scores), 4) if top_scores else None,
+                "errors": errors}
 
     def embed_request(self, texts, instruction, mode, task):
         pb = self.pb
@@ -338,6 +348,8 @@ def print_routing(r):
               f"(best score among them {fmt(u['max_top_score'], '.3f')})")
         for f in u["false_routes"]:
             print(f"  {f['instruction']!r} -> {','.join(f['chosen'])} ({f['top_score']:.3f})")
+        for e in u.get("errors", []):
+            print(f"  error {e['instruction']!r}: {e['error']}")
 
 
 def print_retrieval(ret):

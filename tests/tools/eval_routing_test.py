@@ -104,6 +104,36 @@ class UnrelatedRoutesTest(unittest.TestCase):
                                                 "chosen": ["py-docstring"], "top_score": 0.43}])
         self.assertEqual(got["max_top_score"], 0.43)
 
+    def test_a_failed_route_is_recorded_and_the_rest_still_run(self):
+        codes = types.SimpleNamespace(**{c: types.SimpleNamespace(name=c) for c in (
+            "INVALID_ARGUMENT", "UNIMPLEMENTED", "UNAVAILABLE")})
+
+        class FakeRpcError(Exception):
+            def code(self):
+                return self.args[0]
+
+            def details(self):
+                return "instruction: too long"
+
+        def route(s):
+            if s == "bad":
+                raise FakeRpcError(codes.INVALID_ARGUMENT)
+            if s == "gone":
+                raise FakeRpcError(codes.UNAVAILABLE)
+            return route_response(["py-docstring"] if s == "SQL:" else [], [("py-docstring", 0.43)])
+
+        ev = object.__new__(evr.Evaluator)
+        ev.route = route
+        ev.grpc = types.SimpleNamespace(RpcError=FakeRpcError, StatusCode=codes)
+        got = ev.unrelated_routes(["tweet:", "bad", "SQL:"])
+        self.assertEqual(got["n"], 3)
+        self.assertEqual(got["routed_to_brick"], 1)
+        self.assertEqual(got["errors"], [{"instruction": "bad",
+                                          "error": "INVALID_ARGUMENT: instruction: too long"}])
+        # A server that is gone stops the run rather than fill it with errors.
+        with self.assertRaises(FakeRpcError):
+            ev.unrelated_routes(["tweet:", "gone", "SQL:"])
+
 
 if __name__ == "__main__":
     unittest.main()
