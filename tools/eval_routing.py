@@ -146,6 +146,11 @@ class Evaluator:
     def rpc_error(self, e):
         return rpc_error(e)
 
+    def stops_run(self, e):
+        """Whether an RpcError means the server is gone or too old for this
+        tool, so the run stops instead of recording it and going on."""
+        return e.code() in (self.grpc.StatusCode.UNIMPLEMENTED, self.grpc.StatusCode.UNAVAILABLE)
+
     def connect(self):
         self.grpc.channel_ready_future(self.channel).result(timeout=self.args.connect_timeout)
         self.info = self.stub.Info(self.pb.InfoRequest(), timeout=30)
@@ -169,8 +174,7 @@ class Evaluator:
                     except self.grpc.RpcError as e:
                         errors.append({"task": task, "side": side, "instruction": s,
                                        "error": self.rpc_error(e)})
-                        if e.code() in (self.grpc.StatusCode.UNIMPLEMENTED,
-                                        self.grpc.StatusCode.UNAVAILABLE):
+                        if self.stops_run(e):
                             raise
                         n += 1
                         continue
@@ -212,8 +216,7 @@ class Evaluator:
                 r = self.route(s)
             except self.grpc.RpcError as e:
                 errors.append({"instruction": s, "error": self.rpc_error(e)})
-                if e.code() in (self.grpc.StatusCode.UNIMPLEMENTED,
-                                self.grpc.StatusCode.UNAVAILABLE):
+                if self.stops_run(e):
                     raise
                 continue
             if r.candidates:

@@ -283,8 +283,8 @@ def main():
                 try:
                     q, d, st = ev.run_cell(task, data[task], manifests[task], setting, f)
                 except ev.grpc.RpcError as e:
-                    cell["error"] = f"{e.code().name}: {e.details()}"
-                    if e.code() in (ev.grpc.StatusCode.UNAVAILABLE, ev.grpc.StatusCode.UNIMPLEMENTED):
+                    cell["error"] = ev.rpc_error(e)
+                    if ev.stops_run(e):
                         aborted = cell["error"]
                 except RuntimeError as e:
                     cell["error"] = str(e)
