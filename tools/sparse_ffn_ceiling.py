@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
 """How good can expert selection over an ffn_partition brick get? Runs the
 default model in PyTorch with each layer's FFN masked to k of E expert
-groups per token, choosing the groups two ways:
+groups per token, choosing the groups two or three ways:
 
   centroid  what Kiln serves: dot(token's FFN input, group centroid), top k
   oracle    the groups with the largest summed |activation| of this very
             token (needs the dense FFN first, so no speed-up: an upper bound
             for any router over this partition)
+  oracle-fill  (a partition with a fill only) the groups whose skipping
+            would move this token's FFN output most: largest
+            ||W2_g (activation_g - fill_g)||, the oracle for the filled
+            scheme (greedy per layer)
 
 and prints the mean and minimum cosine between each text's masked and dense
 embedding (mean pooling + L2, as served). If even the oracle is far from 1,
 the loss comes from the partition and the model, not from the router.
 
+A partition with a fill (layer.{i}.fill) has its skipped neurons at their
+fill value, as served; --no-fill zeroes them instead.
+
 Texts: the first --per-task pairs (query and document) of each brick task's
 held-out set (tools/build_retrieval_set.py), max length 128.
 
-Usage: .venv/bin/python tools/sparse_ffn_ceiling.py [--partition DIR]
+Usage: .venv/bin/python tools/sparse_ffn_ceiling.py [--partition DIR] [--no-fill]
          [--fractions 0.75,0.5,0.25,0.125] [--per-task 40] [--sets .cache/retrieval]
 """
 import argparse
@@ -43,6 +50,8 @@ def main() -> int:
     ap.add_argument("--per-task", type=int, default=40)
     ap.add_argument("--sets", default=os.path.join(ROOT, ".cache", "retrieval"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-fill", action="store_true",
+                    help="zero the skipped neurons even if the partition has a fill")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -51,6 +60,8 @@ def main() -> int:
     part = load_file(os.path.join(args.partition, "ffn_partition.safetensors"))
     layers = model.encoder.layer
     experts = part["layer.0.groups"].shape[0]
+    use_fill = "layer.0.fill" in part and not args.no_fill
+    selections = ("centroid", "oracle") + (("oracle-fill",) if use_fill else ())
     texts = []
     for task in TASKS:
         with open(os.path.join(args.sets, task, "test.jsonl")) as f:
@@ -72,29 +83,34 @@ def main() -> int:
         for i, layer in enumerate(layers):
             groups = part[f"layer.{i}.groups"].long()
             centroids = part[f"layer.{i}.centroids"]
+            fill = part[f"layer.{i}.fill"] if use_fill else torch.zeros(groups.numel())
+            w2 = layer.output.dense.weight.detach()[:, groups]  # [hidden, E, group]
 
-            def forward(x, i=i, groups=groups, centroids=centroids):
+            def forward(x, i=i, groups=groups, centroids=centroids, fill=fill, w2=w2):
                 act = original[i](x)
                 if how == "centroid":
                     score = x @ centroids.T
-                else:
+                elif how == "oracle":
                     score = act.abs()[..., groups].sum(-1)
+                else:
+                    moved = (act - fill)[..., groups]  # [batch, tokens, E, group]
+                    score = torch.einsum("btej,hej->bteh", moved, w2).norm(dim=-1)
                 keep = torch.zeros(*x.shape[:-1], experts)
                 keep.scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
                 neuron_mask = torch.zeros_like(act)
                 neuron_mask[..., groups.reshape(-1)] = keep.repeat_interleave(groups.shape[1], -1)
-                return act * neuron_mask
+                return act * neuron_mask + fill * (1.0 - neuron_mask)
 
             layer.intermediate.forward = forward
 
     dense = embed()
     print(f"# {len(texts)} texts ({args.per_task} pairs per task), partition {args.partition}, "
-          f"E = {experts}, torch {torch.__version__}")
+          f"E = {experts}, fill {'on' if use_fill else 'off'}, torch {torch.__version__}")
     print("| fraction | groups | selection | mean cos to dense | min cos |")
     print("|---|---|---|---|---|")
     for frac in (float(f) for f in args.fractions.split(",")):
         k = max(1, min(experts, math.ceil(frac * experts - 1e-3)))
-        for how in ("centroid", "oracle"):
+        for how in selections:
             install(k, how)
             cos = (embed() * dense).sum(-1)
             for i, layer in enumerate(layers):
