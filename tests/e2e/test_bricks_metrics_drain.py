@@ -17,8 +17,9 @@ import grpc
 import pytest
 
 from bricks_e2e import _assert_distinct, _assert_same, _embed, _expect, _ref, _texts, _vectors
-from kiln_e2e import (FX_A, FX_B, SERVING, KilnServer, Prometheus, add_brick, channel,
-                      parse_metrics, pb, pb_grpc)
+from kiln_e2e import (FX_A, FX_B, SERVING, KilnServer, add_brick, channel, parse_metrics, pb,
+                      pb_grpc)
+from prometheus_e2e import Prometheus
 
 
 # --- metrics --------------------------------------------------------------------------
