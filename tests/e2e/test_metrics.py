@@ -3,16 +3,14 @@ families, and a real Prometheus server scraping it."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
-import time
-import urllib.parse
 
 import grpc
 import pytest
 
-from kiln_e2e import KilnServer, free_ports, http_get, parse_metrics, pb, stop_process
+from kiln_e2e import KilnServer, parse_metrics, pb
+from prometheus_e2e import Prometheus
 
 FAMILIES = {
     "kiln_requests_total": "counter",
@@ -81,54 +79,12 @@ def test_metrics_page_is_valid_and_complete(start_server):
 
 
 def test_prometheus_scrapes_the_server(start_server, tmp_path):
-    prometheus = shutil.which("prometheus")
-    assert prometheus, "prometheus not on PATH (run_e2e.sh installs Debian's prometheus package)"
     server: KilnServer = start_server()
     _traffic(server)
-
-    (web_port,) = free_ports(1)
-    config = tmp_path / "prometheus.yml"
-    config.write_text(f"""\
-global:
-  scrape_interval: 1s
-  scrape_timeout: 1s
-  evaluation_interval: 1s
-scrape_configs:
-  - job_name: kiln
-    static_configs:
-      - targets: ['127.0.0.1:{server.metrics_port}']
-""")
-    log = open(tmp_path / "prometheus.log", "wb")
-    proc = subprocess.Popen(
-        [prometheus, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-         f"--web.listen-address=127.0.0.1:{web_port}", "--log.level=warn"],
-        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
-    api = f"http://127.0.0.1:{web_port}/api/v1"
-    last = None
-    try:
-        deadline = time.monotonic() + 60
-        result = []
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (
-                f"prometheus exited {proc.returncode}: "
-                f"{(tmp_path / 'prometheus.log').read_text(errors='replace')[-3000:]}")
-            try:
-                q = urllib.parse.urlencode({"query": "kiln_requests_total"})
-                last = json.loads(http_get(f"{api}/query?{q}", timeout=5))
-                result = last.get("data", {}).get("result", [])
-                if last.get("status") == "success" and result:
-                    break
-            except OSError as e:  # not listening yet
-                last = repr(e)
-            time.sleep(0.5)
-        assert result, f"no kiln_requests_total in Prometheus after 60 s; last answer: {last}"
+    with Prometheus(tmp_path, [f"127.0.0.1:{server.metrics_port}"]) as prom:
+        result = prom.wait_for("kiln_requests_total")
         series = {(r["metric"].get("rpc"), r["metric"].get("code")) for r in result}
         assert ("Embed", "ok") in {(a, (b or "").lower()) for a, b in series}, series
         assert all(r["metric"].get("job") == "kiln" for r in result)
-
-        targets = json.loads(http_get(f"{api}/targets", timeout=5))
-        active = targets["data"]["activeTargets"]
+        active = prom.targets()
         assert [t["health"] for t in active] == ["up"], active
-    finally:
-        stop_process(proc)
-        log.close()
