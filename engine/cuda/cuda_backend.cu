@@ -20,9 +20,6 @@ namespace {
 // cuBLAS's recommended workspace on Hopper; without one set explicitly it
 // allocates per stream from its own pool.
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;
-// Grid cap (blocks per SM) for the grid-stride element-wise kernels: enough
-// to fill the device, few enough that each thread does several elements.
-constexpr int kBlocksPerSm = 16;
 // engine/device.cc's GemmPrecisionName, repeated: the plugin uses nothing
 // of the binary that loads it.
 const char* PrecisionName(GemmPrecision p) {

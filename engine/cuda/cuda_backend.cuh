@@ -64,6 +64,9 @@ struct CublasApi;
 
 // Threads per block for the simple element-wise kernels.
 inline constexpr int kBlock = 256;
+// Grid cap (blocks per SM) for the grid-stride element-wise kernels: enough
+// to fill the device, few enough that each thread does several elements.
+inline constexpr int kBlocksPerSm = 16;
 
 inline int CeilDiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 

@@ -12,8 +12,6 @@ namespace cuda {
 namespace {
 
 constexpr int kWarp = 32;
-// Grid cap (blocks per SM) for the grid-stride kernels, as cuda_backend.cu.
-constexpr int kBlocksPerSm = 16;
 // AddLayerNorm keeps its row in registers: up to 16 values in each of up to
 // 1024 threads, so rows of up to 16384 columns (BERT-style hidden sizes are
 // 384 to 2048).

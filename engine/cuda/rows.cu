@@ -11,9 +11,6 @@ namespace kiln {
 namespace cuda {
 namespace {
 
-// Grid cap (blocks per SM) for the grid-stride kernels, as cuda_backend.cu.
-constexpr int kBlocksPerSm = 16;
-
 // One thread per output element (grid-stride), as EmbeddingSumKernel.
 __global__ void GatherRowsKernel(const float* __restrict__ table, const int32_t* __restrict__ rows,
                                  int64_t n, int cols, float* __restrict__ out) {
