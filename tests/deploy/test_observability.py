@@ -29,7 +29,8 @@ import grpc
 import pytest
 import yaml
 
-from kiln_e2e import REPO, KilnServer, Prometheus, http_get, parse_metrics, pb
+from kiln_e2e import REPO, KilnServer, http_get, parse_metrics, pb
+from prometheus_e2e import Prometheus
 
 DASHBOARD = REPO / "deploy" / "grafana" / "kiln.json"
 ALERTS = REPO / "deploy" / "prometheus" / "kiln-alerts.yml"
