@@ -22,7 +22,6 @@ namespace {
 
 using kiln::v1::EmbedRequest;
 using kiln::v1::EmbedResponse;
-using kiln::v1::EmbedStreamResponse;
 
 absl::Time DeadlineOf(const grpc::CallbackServerContext* ctx) {
   const auto deadline = ctx->deadline();
@@ -31,55 +30,6 @@ absl::Time DeadlineOf(const grpc::CallbackServerContext* ctx) {
   }
   return absl::FromChrono(deadline);
 }
-
-// Answers one EmbedStream: each message is handled in turn (read, embed,
-// write, read the next), so responses come back in request order.
-class EmbedStreamReactor final : public grpc::ServerBidiReactor<EmbedRequest, EmbedStreamResponse> {
- public:
-  EmbedStreamReactor(KilnService* service, grpc::CallbackServerContext* ctx)
-      : service_(service), ctx_(ctx), request_id_(RequestId(ctx)) {
-    StartRead(&request_);
-  }
-
-  void OnReadDone(bool ok) override {
-    if (!ok) {  // the client half-closed (or the call broke): we are done
-      Finish(grpc::Status::OK);
-      return;
-    }
-    const absl::Time start = absl::Now();
-    service_->SubmitEmbed(
-        ctx_, request_, request_id_, [this, start](absl::StatusOr<EmbedResponse> result) {
-          response_.Clear();
-          grpc::Status st = ToGrpcStatus(result.status());
-          if (result.ok()) {
-            *response_.mutable_response() = *std::move(result);
-          } else {
-            response_.mutable_error()->set_code(st.error_code());
-            response_.mutable_error()->set_message(st.error_message());
-            LogRpcFailure("EmbedStream", request_id_, st);
-          }
-          service_->metrics()->RecordRequest("EmbedStream", st.error_code(), absl::Now() - start);
-          StartWrite(&response_);
-        });
-  }
-
-  void OnWriteDone(bool ok) override {
-    if (!ok) {
-      Finish(grpc::Status(grpc::StatusCode::CANCELLED, "stream closed while writing"));
-      return;
-    }
-    StartRead(&request_);
-  }
-
-  void OnDone() override { delete this; }
-
- private:
-  KilnService* service_;
-  grpc::CallbackServerContext* ctx_;
-  std::string request_id_;
-  EmbedRequest request_;
-  EmbedStreamResponse response_;
-};
 
 // Embed's reactor: the default unary reactor plus OnCancel, which wakes the
 // batcher so a cancelled request leaves the queue at once instead of at the
@@ -430,11 +380,6 @@ grpc::ServerUnaryReactor* KilnService::Embed(grpc::CallbackServerContext* ctx,
                 reactor->Finish(st);
               });
   return reactor;
-}
-
-grpc::ServerBidiReactor<EmbedRequest, EmbedStreamResponse>* KilnService::EmbedStream(
-    grpc::CallbackServerContext* ctx) {
-  return new EmbedStreamReactor(this, ctx);
 }
 
 grpc::ServerUnaryReactor* KilnService::Tokenize(grpc::CallbackServerContext* ctx,
