@@ -26,8 +26,6 @@ Usage: .venv/bin/python tools/sparse_ffn_ceiling.py [--partition DIR] [--no-fill
          [--fractions 0.75,0.5,0.25,0.125] [--per-task 40] [--sets .cache/retrieval]
 """
 import argparse
-import json
-import math
 import os
 import sys
 
@@ -38,8 +36,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("py-docstring", "man-synopsis", "deb-description")
+from sparse_ffn_torch import ROOT, keep_for, read_texts  # noqa: E402
 
 
 def main() -> int:
@@ -62,14 +59,7 @@ def main() -> int:
     experts = part["layer.0.groups"].shape[0]
     use_fill = "layer.0.fill" in part and not args.no_fill
     selections = ("centroid", "oracle") + (("oracle-fill",) if use_fill else ())
-    texts = []
-    for task in TASKS:
-        with open(os.path.join(args.sets, task, "test.jsonl")) as f:
-            for i, line in enumerate(f):
-                if i >= args.per_task:
-                    break
-                row = json.loads(line)
-                texts += [row["query"], row["document"]]
+    texts = read_texts(args.sets, "test", args.per_task)
     enc = tok(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
     mask = enc["attention_mask"].unsqueeze(-1).float()
     original = [layer.intermediate.forward for layer in layers]
@@ -109,7 +99,7 @@ def main() -> int:
     print("| fraction | groups | selection | mean cos to dense | min cos |")
     print("|---|---|---|---|---|")
     for frac in (float(f) for f in args.fractions.split(",")):
-        k = max(1, min(experts, math.ceil(frac * experts - 1e-3)))
+        k = keep_for(frac, experts)
         for how in selections:
             install(k, how)
             cos = (embed() * dense).sum(-1)
