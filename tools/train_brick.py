@@ -51,6 +51,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from batching import batches  # noqa: E402
 from brick_fingerprint import fingerprint  # noqa: E402
 from build_retrieval_set import DEFAULT_OUT, TASKS, load_split  # noqa: E402
 from eval_bricks_torch import DEFAULT_BRICKS, DEFAULT_MODEL, embed, load_base  # noqa: E402
@@ -61,15 +62,6 @@ TARGET_MODULES = (r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)"
                   r"|attention\.output\.dense|intermediate\.dense|output\.dense)")
 BASE_NAME = "all-MiniLM-L6-v2"
 HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def batches(n, size, rng):
-    """Endless index batches: seeded shuffles, one epoch after another."""
-    while True:
-        order = list(range(n))
-        rng.shuffle(order)
-        for s in range(0, n - size + 1, size):
-            yield order[s:s + size]
 
 
 def check_adapter(folder, max_bytes, tool="train_brick"):
@@ -144,8 +136,8 @@ def optimizer(model, args):
     return opt, sched
 
 
-def train_loop(args, n_rows, rng, opt, sched, step_loss):
-    """Runs --steps steps over batches(n_rows, --batch, rng).
+def train_loop(args, n_rows, rng, opt, sched, step_loss, batch_iter=None):
+    """Runs --steps steps over batch_iter (default batches(n_rows, --batch, rng)).
 
     step_loss(idx) returns the batch's loss tensor, or (loss, {name: float})
     whose extra numbers are averaged and printed with the loss every 25 steps.
@@ -153,7 +145,8 @@ def train_loop(args, n_rows, rng, opt, sched, step_loss):
     """
     t0, cpu0 = time.time(), time.process_time()
     running, extras = [], {}
-    for step, idx in enumerate(batches(n_rows, args.batch, rng)):
+    batch_iter = batch_iter or batches(n_rows, args.batch, rng)
+    for step, idx in enumerate(batch_iter):
         if step == args.steps:
             break
         loss = step_loss(idx)

@@ -48,7 +48,7 @@ Usage:
          [--seed 1234] [--threads 2] [--out DIR] [--id ID] [--version 1] [--distill 1]
          [--precision auto|bf16|fp32] [--recommended-exit 3] [--force]
          [--chunks 4] [--teacher self|base] [--name-queries] [--symmetric]
-         [--subset F] [--extra-pairs JSONL]
+         [--subset F] [--extra-pairs JSONL] [--module-blocks K]
   .venv/bin/python tools/train_exits.py --eval [BRICK_DIR ...] [--eval-pairs 300]
 The second form prints MRR@10 at exits 1..N of the base model and of each
 brick (no instructions) on the first --eval-pairs pairs of the test split,
@@ -67,6 +67,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_brick import (add_training_args, lora_model, optimizer, publish,  # noqa: E402
                          seed_everything, train_loop)
+from batching import group_batches  # noqa: E402
 from build_retrieval_set import TASKS, load_split  # noqa: E402
 from eval_bricks_torch import ROOT, load_base, mean_pool, merge_brick, ranking_metrics  # noqa: E402
 
@@ -218,6 +219,10 @@ def main():
     ap.add_argument("--symmetric", action="store_true",
                     help="contrastive loss in both directions at every exit (query -> "
                          "documents and document -> queries)")
+    ap.add_argument("--module-blocks", type=int, default=0, metavar="K",
+                    help="hard in-batch negatives: build each batch from blocks of up to K "
+                         "pairs of one module (the train split's `group`), so a query "
+                         "competes with functions of its own module; 0 = random batches")
     ap.add_argument("--eval", nargs="*", metavar="BRICK_DIR",
                     help="sanity evaluation only: base model and these bricks")
     ap.add_argument("--eval-pairs", type=int, default=300)
@@ -322,7 +327,13 @@ def main():
                 extra[f"kl{l}"] = kl.item()
         return loss, extra
 
-    wall, cpu = train_loop(args, len(rows), rng, opt, sched, step_loss)
+    batch_iter = None
+    if args.module_blocks > 0:
+        # Pairs without a module (--extra-pairs, --name-queries) count as
+        # their own function's module, so they still form blocks.
+        batch_iter = group_batches([r.get("group", r["id"].split(":")[0]) for r in rows],
+                                   args.batch, args.module_blocks, rng)
+    wall, cpu = train_loop(args, len(rows), rng, opt, sched, step_loss, batch_iter)
 
     if args.objective == "multi-exit":
         weighting = f"weighted l/{n}" if args.exit_weights == "linear" else "equal weights"

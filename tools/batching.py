@@ -1,0 +1,32 @@
+"""Training batches of row indices for the brick trainers (standard library
+only, so tests/tools/batching_test.py runs without PyTorch)."""
+
+
+def batches(n, size, rng):
+    """Endless index batches: seeded shuffles, one epoch after another."""
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for s in range(0, n - size + 1, size):
+            yield order[s:s + size]
+
+
+def group_batches(groups, size, block, rng):
+    """Endless index batches of hard negatives: each epoch shuffles the rows
+    of every group (a row's module, say), cuts each group into blocks of at
+    most `block` rows, shuffles the blocks and fills batches of `size` from
+    them in that order, so a batch holds a few groups' rows side by side
+    instead of a random sample. groups[i] is row i's group."""
+    by_group = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    while True:
+        blocks = []
+        for g in sorted(by_group):
+            rows = list(by_group[g])
+            rng.shuffle(rows)
+            blocks += [rows[s:s + block] for s in range(0, len(rows), block)]
+        rng.shuffle(blocks)
+        order = [i for b in blocks for i in b]
+        for s in range(0, len(order) - size + 1, size):
+            yield order[s:s + size]
