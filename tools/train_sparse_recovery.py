@@ -34,6 +34,11 @@ the texts tools/sparse_ffn_ceiling.py uses: mean and minimum cosine to the
 dense embedding at each --eval-fractions, and at fraction 1 (how far the
 brick moves the dense model, where it is not meant to be used).
 
+--full-weights (a ceiling, not a brick): trains every weight of the
+encoder instead of a LoRA, the teacher being a frozen copy of the base
+model, and only prints the cosines: how far adapting the whole model, which
+no brick can express, gets at --fraction. Nothing is published.
+
 Precision: bf16 autocast on CPUs that multiply bf16 natively (as
 tools/train_exits.py), float32 LoRA weights and optimizer.
 
@@ -41,8 +46,11 @@ Usage:
   nice -n 10 .venv/bin/python tools/train_sparse_recovery.py [--fraction 0.5]
       [--steps 400] [--batch 64] [--lr 1e-3] [--rank 8] [--hidden-weight 1]
       [--out DIR] [--id ffn-recovery-50] [--version 1] [--eval-only BRICK_DIR]
+      [--full-weights --lr 5e-5]
 """
 import argparse
+import contextlib
+import copy
 import math
 import os
 import platform
@@ -125,6 +133,10 @@ def main():
     ap.add_argument("--eval-fractions", default="1,0.75,0.5,0.25")
     ap.add_argument("--eval-only", metavar="BRICK_DIR", help="only evaluate this brick")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    ap.add_argument("--full-weights", action="store_true",
+                    help="ceiling experiment: train all encoder weights (no LoRA; pass a "
+                         "full fine-tuning --lr such as 5e-5), print the cosines, publish "
+                         "nothing")
     add_training_args(ap, out_default=os.path.join(ROOT, ".cache", "bricks"))
     ap.set_defaults(steps=400, batch=64, lr=1e-3)
     args = ap.parse_args()
@@ -156,21 +168,38 @@ def main():
         return
 
     final = os.path.join(args.out, brick_id, str(args.version))
-    if os.path.exists(final) and not args.force:
+    if os.path.exists(final) and not args.force and not args.full_weights:
         sys.exit(f"train_sparse_recovery: {final} exists (use --force or another --version)")
     rng = seed_everything(args)
     texts = read_texts(args.sets, "train")
-    tok, model = lora_model(args)
+    if args.full_weights:
+        tok, model = load_base(args.model)
+        teacher = copy.deepcopy(model)  # dense: the masks go on model's layers only
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("encoder."))
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+        def dense_model():
+            return contextlib.nullcontext(teacher)
+    else:
+        tok, model = lora_model(args)
+
+        @contextlib.contextmanager
+        def dense_model():
+            with model.disable_adapter():
+                sparse.set_fraction(1.0)
+                yield model
     sparse = SparseFfn(layers_of(model), args.partition)
     print(f"train_sparse_recovery: {brick_id}: fraction {args.fraction} "
           f"({math.ceil(args.fraction * sparse.experts - 1e-3)}/{sparse.experts} groups), "
           f"{len(texts)} train texts, {args.steps} steps x {args.batch} texts, lr {args.lr}, "
-          f"rank {args.rank}, hidden weight {args.hidden_weight}, "
+          f"{'all encoder weights' if args.full_weights else f'rank {args.rank}'}, "
+          f"hidden weight {args.hidden_weight}, "
           f"relation weight {args.relation_weight} (T {args.relation_temperature}), "
           f"{'bf16' if bf16 else 'fp32'}, {args.threads} threads", file=sys.stderr)
-    with model.disable_adapter():
-        sparse.set_fraction(1.0)
-        dense = embed_all(model, tok, eval_texts, args.max_length)
+    with dense_model() as d:
+        dense = embed_all(d, tok, eval_texts, args.max_length)
     print_cosines("before", cosines(model, sparse, tok, eval_texts, fractions,
                                     args.max_length, dense))
 
@@ -183,9 +212,8 @@ def main():
             batch = [texts[2 * i + side] for i in idx[:args.batch // 2] for side in (0, 1)]
         else:
             batch = [texts[i] for i in idx]
-        with model.disable_adapter():
-            sparse.set_fraction(1.0)
-            t_pooled, t_hidden, mask = encode(model, tok, batch, args.max_length, bf16, False)
+        with dense_model() as d:
+            t_pooled, t_hidden, mask = encode(d, tok, batch, args.max_length, bf16, False)
         sparse.set_fraction(args.fraction)
         s_pooled, s_hidden, _ = encode(model, tok, batch, args.max_length, bf16, True)
         emb = (1 - (s_pooled * t_pooled).sum(-1)).mean()
@@ -204,6 +232,10 @@ def main():
     wall, cpu = train_loop(args, rows, rng, opt, sched, step_loss)
     print_cosines("after", cosines(model, sparse, tok, eval_texts, fractions,
                                    args.max_length, dense))
+    if args.full_weights:
+        print(f"train_sparse_recovery: --full-weights: {args.steps} steps in {wall:.0f} s wall, "
+              f"{cpu:.0f} CPU s, on {platform.machine()}; nothing published", file=sys.stderr)
+        return
     part_name = "/".join(os.path.normpath(args.partition).split(os.sep)[-2:])
     description = (f"Recovery brick for the sparse FFN: composed with ffn_fraction "
                    f"{args.fraction:g} over the {part_name} partition"
