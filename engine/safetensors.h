@@ -29,6 +29,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "engine/float16.h"
 
 namespace kiln {
 
@@ -178,14 +179,6 @@ struct SafetensorsTensorData {
 absl::StatusOr<std::string> SerializeSafetensors(
     absl::Span<const SafetensorsTensorData> tensors,
     const std::map<std::string, std::string>& metadata = {});
-
-// Scalar conversions between float32 and the 16-bit float formats. Narrowing rounds to nearest,
-// ties to even; values past the largest finite half (65504) become +-inf; NaN stays NaN (quiet)
-// with its sign. Widening is exact (half subnormals included).
-float HalfToFloat(uint16_t h);
-float BFloat16ToFloat(uint16_t b);
-uint16_t FloatToHalf(float f);
-uint16_t FloatToBFloat16(float f);
 
 }  // namespace kiln
 
