@@ -126,13 +126,14 @@ def lora_model(args):
 
 
 def optimizer(model, args):
-    """AdamW (weight decay 0.01) on the LoRA weights, and its schedule:
+    """AdamW (weight decay 0.01) on the trainable weights (the LoRA's), and its schedule:
     linear warm-up over --warmup of the steps, then linear decay to 0."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     warm = max(1, int(args.steps * args.warmup))
+    decay = max(1, args.steps - warm)  # --steps 1 leaves no decay steps
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (args.steps - s) / (args.steps - warm)))
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (args.steps - s) / decay))
     return opt, sched
 
 
