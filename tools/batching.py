@@ -2,8 +2,16 @@
 only, so tests/tools/batching_test.py runs without PyTorch)."""
 
 
+def check_enough(n, size):
+    """Both generators yield only whole batches: fewer rows than one batch
+    would loop forever without yielding."""
+    if size < 1 or n < size:
+        raise ValueError(f"{n} rows cannot fill one batch of {size}")
+
+
 def batches(n, size, rng):
     """Endless index batches: seeded shuffles, one epoch after another."""
+    check_enough(n, size)
     while True:
         order = list(range(n))
         rng.shuffle(order)
@@ -17,6 +25,9 @@ def group_batches(groups, size, block, rng):
     most `block` rows, shuffles the blocks and fills batches of `size` from
     them in that order, so a batch holds a few groups' rows side by side
     instead of a random sample. groups[i] is row i's group."""
+    check_enough(len(groups), size)
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
     by_group = {}
     for i, g in enumerate(groups):
         by_group.setdefault(g, []).append(i)

@@ -249,6 +249,9 @@ def main():
         args.precision = "bf16" if cpu_has_bf16() else "fp32"
     rng = seed_everything(args)
     rows = load_split(TASK, "train", args.sets)
+    if args.module_blocks < 0:
+        sys.exit(f"train_exits: --module-blocks must be >= 0 (0 = random batches), got "
+                 f"{args.module_blocks}")
     if not 0 < args.subset <= 1:
         sys.exit(f"train_exits: --subset must be in (0, 1], got {args.subset}")
     if args.subset < 1:
@@ -261,7 +264,7 @@ def main():
         rows += extra
     pairs = len(rows)
     if args.name_queries:
-        rows += [{"query": q, "document": r["document"], "id": r["id"]}
+        rows += [{"query": q, "document": r["document"], "id": r["id"], "group": r["group"]}
                  for r in rows[:pairs] for q in [name_query(r["document"])] if q]
         print(f"train_exits: --name-queries: {len(rows) - pairs} name pairs added to "
               f"{pairs} docstring pairs", file=sys.stderr)
@@ -329,10 +332,7 @@ def main():
 
     batch_iter = None
     if args.module_blocks > 0:
-        # Pairs without a module (--extra-pairs, --name-queries) count as
-        # their own function's module, so they still form blocks.
-        batch_iter = group_batches([r.get("group", r["id"].split(":")[0]) for r in rows],
-                                   args.batch, args.module_blocks, rng)
+        batch_iter = group_batches([r["group"] for r in rows], args.batch, args.module_blocks, rng)
     wall, cpu = train_loop(args, len(rows), rng, opt, sched, step_loss, batch_iter)
 
     if args.objective == "multi-exit":

@@ -40,6 +40,12 @@ class BatchesTest(unittest.TestCase):
         self.assertTrue(set(flat) <= set(range(10)))
 
 
+    def test_fewer_rows_than_one_batch_is_refused(self):
+        # It would otherwise loop forever without yielding.
+        with self.assertRaisesRegex(ValueError, "3 rows cannot fill one batch of 4"):
+            next(batches(3, 4, random.Random(0)))
+
+
 class GroupBatchesTest(unittest.TestCase):
     # Three modules of 40, 10 and 30 rows.
     GROUPS = ["a"] * 40 + ["b"] * 10 + ["c"] * 30
@@ -71,6 +77,12 @@ class GroupBatchesTest(unittest.TestCase):
             mean[name] = sum(len(runs([self.GROUPS[i] for i in b])) for b in take(it, 20)) / 20
         self.assertGreater(mean["plain"], 6)
         self.assertLessEqual(mean["group"], 4)
+
+    def test_bad_sizes_are_refused(self):
+        with self.assertRaisesRegex(ValueError, "2 rows cannot fill one batch of 16"):
+            next(group_batches(["a", "b"], 16, 8, random.Random(0)))
+        with self.assertRaisesRegex(ValueError, "block must be >= 1, got 0"):
+            next(group_batches(self.GROUPS, 16, 0, random.Random(0)))
 
     def test_same_seed_same_batches(self):
         a = take(group_batches(self.GROUPS, 16, 8, random.Random(3)), 12)
