@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The emergent-brick (MoEfication) curve on this machine, for the shipped
-# ffn_partition brick of the default model (deploy/bricks/ffn-e16, E = 16):
+# ffn_partition brick of the default model (deploy/bricks/ffn-e16, E = 16;
+# its latest version, the one the server runs, unless PARTITION names a
+# version folder):
 #
 #   engine      build/bin/kiln_bench_sparse_ffn on the 512 benchmark texts
 #               (bench/make_bench_texts.py) in batches cut by the server's
@@ -22,7 +24,8 @@
 #
 # Usage: bench/sparse_ffn.sh
 # Env:   THREADS (default: nproc), ROUNDS (3), MAX_INPUTS (0 = all), SKIP_RETRIEVAL (0),
-#        RECOVERY (ffn-recovery-50)
+#        RECOVERY (ffn-recovery-50), PARTITION (engine part only; default: the
+#        latest deploy/bricks/ffn-e16/<version>)
 # Output: bench/out/sparse_ffn.txt (engine), bench/out/sparse_ffn_retrieval.json
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -39,6 +42,10 @@ die() { log "$*"; exit 1; }
 [[ "$threads" =~ ^[1-9][0-9]*$ ]] || die "THREADS must be a positive integer, got '$threads'"
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || die "ROUNDS must be a positive integer, got '$rounds'"
 [[ "$max_inputs" =~ ^[0-9]+$ ]] || die "MAX_INPUTS must be a non-negative integer, got '$max_inputs'"
+partition="${PARTITION:-$(ls -d deploy/bricks/ffn-e16/*/ | sort -V | tail -n 1)}"
+partition="${partition%/}"
+[[ -f "$partition/ffn_partition.safetensors" ]] ||
+  die "PARTITION must be an ffn_partition version folder, got '$partition'"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 venv="$(tools/setup_venv.sh | tail -n 1)"
@@ -50,15 +57,15 @@ mkdir -p "$out"
 "$venv/bin/python" bench/make_bench_texts.py "$texts" --model "$model"
 
 {
-  echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg); commit $(git describe --always --dirty)"
+  echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg); commit $(git describe --always --dirty); partition $partition"
   build/bin/kiln_bench_sparse_ffn --model="$model" --input="$texts" --threads="$threads" \
-    --rounds="$rounds" --partition=deploy/bricks/ffn-e16/2
+    --rounds="$rounds" --partition="$partition"
   recovery_dir=""
   [[ -n "${RECOVERY-ffn-recovery-50}" && -d "deploy/bricks/${RECOVERY-ffn-recovery-50}" ]] &&
     recovery_dir="$(ls -d "deploy/bricks/${RECOVERY-ffn-recovery-50}"/*/ | sort -V | tail -n 1)"
   if [[ -n "$recovery_dir" ]]; then
     build/bin/kiln_bench_sparse_ffn --model="$model" --input="$texts" --threads="$threads" \
-      --rounds="$rounds" --partition=deploy/bricks/ffn-e16/2 --fractions=1,0.5 --lora="${recovery_dir%/}"
+      --rounds="$rounds" --partition="$partition" --fractions=1,0.5 --lora="${recovery_dir%/}"
   fi
 } | tee "$out/sparse_ffn.txt"
 

@@ -3,7 +3,7 @@
 // server's batcher cuts them), every sequence at one FFN fraction per pass.
 //
 //   kiln_bench_sparse_ffn --model=DIR --input=FILE [--threads=N] [--rounds=R]
-//                         [--partition=deploy/bricks/ffn-e16/2]
+//                         [--partition=deploy/bricks/ffn-e16/3]
 //                         [--fractions=1,0.75,0.5,0.25,0.125]
 //                         [--max_batch_tokens=2048]
 //
@@ -15,7 +15,8 @@
 // starting fraction rotating per round so drift hits all alike.
 //
 // The partition is an ffn_partition brick folder (--partition; by default the
-// one shipped for the default model, made by `kiln bricks split-ffn`).
+// version served by default for the default model: co-activation groups with
+// a fill, docs/BRICKS.md).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -42,7 +43,7 @@ ABSL_FLAG(std::string, model, "models/all-MiniLM-L6-v2", "model folder");
 ABSL_FLAG(std::string, input, "bench/out/texts.txt", "texts, one per line");
 ABSL_FLAG(int, threads, 0, "compute threads; 0 = all cores");
 ABSL_FLAG(int, rounds, 3, "timed rounds (every fraction once per round)");
-ABSL_FLAG(std::string, partition, "deploy/bricks/ffn-e16/2",
+ABSL_FLAG(std::string, partition, "deploy/bricks/ffn-e16/3",
           "ffn_partition brick version folder (brick.json + ffn_partition.safetensors)");
 ABSL_FLAG(std::vector<std::string>, fractions,
           std::vector<std::string>({"1", "0.75", "0.5", "0.25", "0.125"}),

@@ -27,19 +27,17 @@ Usage: .venv/bin/python tools/calibrate_ffn_fill.py
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-from safetensors.torch import load_file, save_file  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-from sparse_ffn_torch import ROOT, SparseFfn, keep_for, read_texts  # noqa: E402
+from sparse_ffn_torch import ROOT, SparseFfn, keep_for, read_texts, write_partition  # noqa: E402
 
 
 def embed(model, tok, texts, max_length, sparse=None, count_special=False):
@@ -127,20 +125,7 @@ def main() -> int:
             f"calibrated at fraction {args.fraction:g} on {len(calib)} train texts "
             f"(tools/calibrate_ffn_fill.py).")
     manifest["description"] = manifest.get("description", "").split(" Fill:")[0] + note
-    parent = os.path.dirname(os.path.normpath(args.out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{version}.")
-    save_file(tensors, os.path.join(tmp, "ffn_partition.safetensors"),
-              metadata={"format": "kiln.ffn_partition"})
-    with open(os.path.join(tmp, "brick.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a brick folder is not
-    for name in os.listdir(tmp):
-        os.chmod(os.path.join(tmp, name), 0o644)
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    os.rename(tmp, args.out)
+    write_partition(tensors, manifest, args.out)
     print(f"calibrate_ffn_fill: wrote {args.out} (fill magnitude: mean |fill| per layer "
           + ", ".join(f"{f.abs().mean():.3f}" for f in fill) + ")", file=sys.stderr)
 

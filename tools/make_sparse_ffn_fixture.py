@@ -2,7 +2,8 @@
 """Writes the sparse-FFN parity fixture tests/engine/testdata/sparse_ffn.json:
 the default model's embeddings at ffn_fraction 0.5 and 0.25 over the shipped
 partition (deploy/bricks/ffn-e16), version 1 (no fill: skipped neurons are
-zero) and version 2 (with its fill), computed by an independent
+zero), version 2 (with its fill) and version 3 (co-activation groups, with
+a fill), computed by an independent
 implementation: transformers' BertModel in PyTorch with every layer's FFN
 masked as tools/sparse_ffn_torch.py describes (top groups by centroid score,
 the fill through output.dense's base weight). tests/engine/sparse_ffn_parity_test.cc
@@ -56,6 +57,7 @@ TEXTS = [
     "schedule commands to run periodically at fixed times",
 ]
 FRACTIONS = (0.5, 0.25)
+HAS_FILL = {1: False, 2: True, 3: True}  # version -> whether it must have a fill
 
 
 def main() -> int:
@@ -71,12 +73,12 @@ def main() -> int:
     result = {"generator": f"transformers {transformers.__version__}, torch {torch.__version__}",
               "fractions": list(FRACTIONS), "texts": [], "input_ids": [], "versions": {}}
     runs = {}
-    for version in (1, 2):
+    for version, has_fill in HAS_FILL.items():
         model = AutoModel.from_pretrained(args.model).eval()
         sparse = SparseFfn(model.encoder.layer, os.path.join(args.partition_dir, str(version)))
-        if sparse.has_fill != (version == 2):
+        if sparse.has_fill != has_fill:
             sys.exit(f"make_sparse_ffn_fixture: ffn-e16/{version} should "
-                     f"{'' if version == 2 else 'not '}have a fill")
+                     f"{'' if has_fill else 'not '}have a fill")
         for text in TEXTS:
             enc = tok([text], return_tensors="pt")
             for frac in FRACTIONS:
@@ -87,14 +89,14 @@ def main() -> int:
                 emb = torch.nn.functional.normalize(h.mean(1), dim=-1)[0]
                 runs[(version, text, frac)] = (emb.tolist(), sparse.min_gap)
     for text in TEXTS:
-        gap = min(runs[(v, text, f)][1] for v in (1, 2) for f in FRACTIONS)
+        gap = min(runs[(v, text, f)][1] for v in HAS_FILL for f in FRACTIONS)
         if gap < args.min_gap:
             print(f"make_sparse_ffn_fixture: dropped (routing gap {gap:.2g}): {text!r}",
                   file=sys.stderr)
             continue
         result["texts"].append(text)
         result["input_ids"].append(tok(text)["input_ids"])
-    for version in (1, 2):
+    for version in HAS_FILL:
         result["versions"][str(version)] = {
             str(f): [[float(f"{x:.9g}") for x in runs[(version, t, f)][0]]
                      for t in result["texts"]] for f in FRACTIONS}

@@ -14,13 +14,15 @@ LoRA on output.dense sees zero there, as in the engine.
 import json
 import math
 import os
+import shutil
+import tempfile
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("py-docstring", "man-synopsis", "deb-description")
-PARTITION = os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "2")
+PARTITION = os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "3")  # the served default
 
 
 def read_texts(sets, split, per_task=None):
@@ -34,6 +36,25 @@ def read_texts(sets, split, per_task=None):
                 row = json.loads(line)
                 texts += [row["query"], row["document"]]
     return texts
+
+
+def write_partition(tensors, manifest, out):
+    """Writes an ffn_partition version folder `out` (replacing it) through a
+    temporary sibling, renamed into place when complete."""
+    parent = os.path.dirname(os.path.normpath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.normpath(out))}.")
+    save_file(tensors, os.path.join(tmp, "ffn_partition.safetensors"),
+              metadata={"format": "kiln.ffn_partition"})
+    with open(os.path.join(tmp, "brick.json"), "w") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a brick folder is not
+    for name in os.listdir(tmp):
+        os.chmod(os.path.join(tmp, name), 0o644)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.rename(tmp, out)
 
 
 def keep_for(fraction, experts):

@@ -328,7 +328,7 @@ LORA_BRICKS = ("py-docstring", "man-synopsis", "deb-description", "py-exits")
 PARTITION = "ffn-e16"
 BROKEN = "broken"
 # In the cache a LoRA brick of deploy/bricks costs 1331200 bytes, the
-# partition (version 2, with its fill) 28665856 (its expert tables and fill
+# partition (version 3, with its fill) 28665856 (its expert tables and fill
 # rows): the partition and one LoRA brick fit, two LoRA bricks and the
 # partition do not, so switching between a LoRA brick and a sparse-FFN
 # request evicts.

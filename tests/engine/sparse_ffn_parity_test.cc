@@ -3,7 +3,8 @@
 // (tools/make_sparse_ffn_fixture.py, transformers' BertModel with each FFN
 // masked as tools/sparse_ffn_torch.py does) at ffn_fraction 0.5 and 0.25
 // over the shipped partition deploy/bricks/ffn-e16, version 1 (skipped
-// neurons zero) and version 2 (with its fill). The fixture keeps only texts
+// neurons zero), version 2 (with its fill) and version 3 (co-activation
+// groups, with a fill). The fixture keeps only texts
 // whose routing has no near tie, so both sides choose the same groups.
 #include <algorithm>
 #include <cmath>
@@ -42,7 +43,7 @@ TEST(SparseFfnParityTest, MatchesPyTorchWithAndWithoutTheFill) {
     ASSERT_EQ(enc->ids, ids.back()) << "text " << i << ": Kiln's tokenizer disagrees";
   }
   const int dim = (*model)->dim();
-  for (const std::string version : {"1", "2"}) {
+  for (const std::string version : {"1", "2", "3"}) {
     const std::string dir = kSource + "/deploy/bricks/ffn-e16/" + version;
     auto partition = ReadFfnPartitionBrick(dir, (*model)->config().encoder);
     ASSERT_TRUE(partition.ok()) << partition.status();
