@@ -39,7 +39,7 @@ std::vector<double> NormalisedRows(absl::Span<const float> rows, int n, int dim)
 
 // Cluster means of the rows assigned to each cluster, in double.
 std::vector<double> ClusterMeans(const std::vector<double>& rows, int n, int dim, int k,
-                                 const std::vector<int32_t>& assignment) {
+                                 absl::Span<const int32_t> assignment) {
   std::vector<double> sums(static_cast<size_t>(k) * dim, 0.0);
   std::vector<int> counts(k, 0);
   for (int i = 0; i < n; ++i) {
@@ -162,6 +162,38 @@ absl::StatusOr<BalancedKMeansResult> BalancedKMeans(absl::Span<const float> rows
   }
   result.centroids.assign(centroids.begin(), centroids.end());
   return result;
+}
+
+absl::StatusOr<std::vector<float>> NormalisedRowMeans(absl::Span<const float> rows, int n, int dim,
+                                                      absl::Span<const int32_t> assignment, int k) {
+  if (n < 1) return absl::InvalidArgumentError(absl::StrCat("n: must be >= 1, got ", n));
+  if (dim < 1) return absl::InvalidArgumentError(absl::StrCat("dim: must be >= 1, got ", dim));
+  if (k < 1) return absl::InvalidArgumentError(absl::StrCat("k: must be >= 1, got ", k));
+  if (rows.size() != static_cast<size_t>(n) * dim) {
+    return absl::InvalidArgumentError(absl::StrCat("rows: has ", rows.size(), " values, expected ",
+                                                   n, " x ", dim, " = ",
+                                                   static_cast<size_t>(n) * dim));
+  }
+  if (assignment.size() != static_cast<size_t>(n)) {
+    return absl::InvalidArgumentError(absl::StrCat("assignment: has ", assignment.size(),
+                                                   " entries, expected one per row (", n, ")"));
+  }
+  std::vector<int> counts(k, 0);
+  for (int i = 0; i < n; ++i) {
+    if (assignment[i] < 0 || assignment[i] >= k) {
+      return absl::InvalidArgumentError(absl::StrCat("assignment: row ", i, " is in cluster ",
+                                                     assignment[i], ", outside 0..", k - 1));
+    }
+    ++counts[assignment[i]];
+  }
+  for (int c = 0; c < k; ++c) {
+    if (counts[c] == 0) {
+      return absl::InvalidArgumentError(absl::StrCat("assignment: cluster ", c, " has no row"));
+    }
+  }
+  const std::vector<double> means =
+      ClusterMeans(NormalisedRows(rows, n, dim), n, dim, k, assignment);
+  return std::vector<float>(means.begin(), means.end());
 }
 
 }  // namespace kiln

@@ -46,6 +46,16 @@ struct BalancedKMeansResult {
 absl::StatusOr<BalancedKMeansResult> BalancedKMeans(absl::Span<const float> rows, int n, int dim,
                                                     int k, uint64_t seed, int max_iterations);
 
+// The [k * dim] means of each cluster's L2-normalised rows (a zero row stays
+// zero), computed in double as BalancedKMeans computes its centroids: for
+// BalancedKMeans' own rows and assignment, exactly its `centroids`. SplitFfn
+// uses it to give groups found on other rows (e.g. activations) the router
+// keys of the weight rows. INVALID_ARGUMENT, naming the argument: n, dim or
+// k < 1; rows.size() != n * dim; assignment.size() != n; an assignment
+// outside 0..k-1; a cluster with no row.
+absl::StatusOr<std::vector<float>> NormalisedRowMeans(absl::Span<const float> rows, int n, int dim,
+                                                      absl::Span<const int32_t> assignment, int k);
+
 }  // namespace kiln
 
 #endif  // KILN_ROUTER_BALANCED_KMEANS_H_

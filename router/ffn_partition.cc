@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <memory>
 #include <system_error>
 #include <utility>
@@ -129,13 +130,63 @@ bool ParseTensorName(absl::string_view name, int* layer, PartTensor* kind) {
   return absl::SimpleAtoi(name, layer);
 }
 
+constexpr char kFeaturesSuffix[] = ".features";
+
+std::string FeaturesName(int layer) { return absl::StrCat(kLayerPrefix, layer, kFeaturesSuffix); }
+
+// A features file for a model with `num_layers` layers has no
+// layer.{i}.features with i >= num_layers: such a file was made for a deeper
+// model. Other tensors are ignored.
+absl::Status CheckFeatureLayers(const SafetensorsFile& features, int num_layers) {
+  for (const TensorInfo& t : features.tensors()) {
+    absl::string_view name = t.name;
+    if (!absl::ConsumePrefix(&name, kLayerPrefix) || !absl::ConsumeSuffix(&name, kFeaturesSuffix)) {
+      continue;
+    }
+    int layer = 0;
+    if (absl::SimpleAtoi(name, &layer) && layer >= num_layers) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          features.path(), ": tensor '", t.name, "' is for layer ", layer, ", but the model has ",
+          num_layers, " layers (features made for another model?)"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+// The width F of layer i's features [ff, F], after checking the shape.
+absl::StatusOr<int> FeatureWidth(const SafetensorsFile& features, int layer, int ff) {
+  const std::string name = FeaturesName(layer);
+  const TensorInfo* t = features.Find(name);
+  const std::string where = absl::StrCat(features.path(), ": tensor '", name, "'");
+  if (t == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(features.path(), ": no tensor '", name,
+                     "' (the features file needs one per layer, [FFN width, F])"));
+  }
+  if (t->shape.size() != 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, ": has ", t->shape.size(), " dimensions, expected 2 ([FFN width, F])"));
+  }
+  if (t->shape[0] != ff) {
+    return absl::FailedPreconditionError(absl::StrCat(where, ": has ", t->shape[0],
+                                                      " rows, expected one per FFN neuron (", ff,
+                                                      "; features made for another model?)"));
+  }
+  if (t->shape[1] < 1 || t->shape[1] > std::numeric_limits<int>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        where, ": has ", t->shape[1], " columns, expected 1 to ", std::numeric_limits<int>::max()));
+  }
+  return static_cast<int>(t->shape[1]);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------
 // SplitFfn
 
 absl::StatusOr<FfnPartition> SplitFfn(const SafetensorsFile& weights, const EncoderConfig& config,
-                                      int experts, uint64_t seed, SplitFfnStats* stats) {
+                                      int experts, uint64_t seed, SplitFfnStats* stats,
+                                      const SafetensorsFile* features) {
   const int ff = config.intermediate_size;
   const int hidden = config.hidden_size;
   if (experts < 1) {
@@ -150,6 +201,7 @@ absl::StatusOr<FfnPartition> SplitFfn(const SafetensorsFile& weights, const Enco
   partition.hidden_size = hidden;
   partition.intermediate_size = ff;
   if (stats != nullptr) *stats = SplitFfnStats{};
+  if (features != nullptr) RETURN_IF_ERROR(CheckFeatureLayers(*features, config.num_layers));
   for (int i = 0; i < config.num_layers; ++i) {
     std::string name = absl::StrCat("encoder.layer.", i, ".intermediate.dense.weight");
     if (weights.Find(name) == nullptr && weights.Find("bert." + name) != nullptr) {
@@ -157,11 +209,25 @@ absl::StatusOr<FfnPartition> SplitFfn(const SafetensorsFile& weights, const Enco
     }
     const int64_t shape[] = {ff, hidden};
     ASSIGN_OR_RETURN(const std::vector<float> w, weights.ReadFloat32(name, shape));
-    absl::StatusOr<BalancedKMeansResult> km = BalancedKMeans(
-        w, ff, hidden, experts, seed + static_cast<uint64_t>(i), kSplitFfnMaxIterations);
+    // The rows to cluster: the weight's, or the features file's for this layer.
+    const SafetensorsFile& source = features != nullptr ? *features : weights;
+    const std::string source_name = features != nullptr ? FeaturesName(i) : name;
+    std::vector<float> feature_rows;
+    int dim = hidden;
+    if (features != nullptr) {
+      ASSIGN_OR_RETURN(dim, FeatureWidth(*features, i, ff));
+      ASSIGN_OR_RETURN(feature_rows, features->ReadFloat32(source_name));
+    }
+    absl::StatusOr<BalancedKMeansResult> km =
+        BalancedKMeans(features != nullptr ? feature_rows : w, ff, dim, experts,
+                       seed + static_cast<uint64_t>(i), kSplitFfnMaxIterations);
     if (!km.ok()) {
-      return absl::Status(km.status().code(), absl::StrCat(weights.path(), ": tensor '", name,
+      return absl::Status(km.status().code(), absl::StrCat(source.path(), ": tensor '", source_name,
                                                            "': ", km.status().message()));
+    }
+    if (features != nullptr) {
+      // The router keys stay the weight rows' means, whatever grouped them.
+      ASSIGN_OR_RETURN(km->centroids, NormalisedRowMeans(w, ff, hidden, km->assignment, experts));
     }
     FfnPartition::Layer layer;
     layer.groups.reserve(ff);

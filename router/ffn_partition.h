@@ -38,18 +38,29 @@ struct SplitFfnStats {
 
 // For every encoder layer i of `config`, reads the FFN input weight
 // encoder.layer.{i}.intermediate.dense.weight [intermediate, hidden] (or the
-// same name with a "bert." prefix) from `weights`, and clusters its rows (one
-// per FFN neuron) with BalancedKMeans(k = experts, seed = seed + i,
-// kSplitFfnMaxIterations). Layer i's groups are the clusters with their
-// neurons in ascending order; its centroids are the clusters' means of
-// L2-normalised rows (a token scores group e by dot(hidden state,
+// same name with a "bert." prefix) from `weights`, and splits its neurons with
+// BalancedKMeans(k = experts, seed = seed + i, kSplitFfnMaxIterations):
+//   - without `features`, on the weight's rows (one per FFN neuron;
+//     MoEfication's parameter clustering);
+//   - with `features`, on the rows of its tensor layer.{i}.features
+//     [intermediate, F] (F32, F16 or BF16, any F >= 1): one row per neuron,
+//     whatever describes it, e.g. its activations on F calibration tokens
+//     (MoEfication's co-activation clustering; tools/coactivation_partition.py).
+// Layer i's groups are the clusters with their neurons in ascending order;
+// its centroids (router keys) are, either way, the clusters' means of the
+// L2-normalised weight rows (a token scores group e by dot(hidden state,
 // centroid_e)). `stats`, when not null, receives the per-layer iteration
 // counts. Errors: INVALID_ARGUMENT "--experts: 7 does not divide the FFN
 // width 1536" (or "must be >= 1"); the safetensors reader's error (naming the
 // tensor and the file) for a missing tensor or a shape that differs from
-// `config`.
+// `config`; for `features`, naming the file and tensor: FAILED_PRECONDITION
+// for a features tensor whose rows differ from the FFN width, or one for a
+// layer the model does not have (made for another model); INVALID_ARGUMENT
+// for a missing layer.{i}.features, one that is not 2-D, or a NaN or
+// infinite element.
 absl::StatusOr<FfnPartition> SplitFfn(const SafetensorsFile& weights, const EncoderConfig& config,
-                                      int experts, uint64_t seed, SplitFfnStats* stats = nullptr);
+                                      int experts, uint64_t seed, SplitFfnStats* stats = nullptr,
+                                      const SafetensorsFile* features = nullptr);
 
 // Checks the invariants of engine/ffn_partition.h: experts >= 1 dividing
 // intermediate_size, hidden_size >= 1, at least one layer, every layer's

@@ -75,11 +75,26 @@ int RunSplitFfn(const std::vector<std::string>& args, std::ostream& out, std::os
                 2);
   }
 
+  std::unique_ptr<SafetensorsFile> features;
+  if (!options->features.empty()) {
+    absl::StatusOr<std::unique_ptr<SafetensorsFile>> opened =
+        SafetensorsFile::Open(options->features);
+    if (!opened.ok()) return Fail(err, FlagError("features", opened.status().message()), 2);
+    features = *std::move(opened);
+  }
+
   const auto start = std::chrono::steady_clock::now();
   SplitFfnStats stats;
   absl::StatusOr<FfnPartition> partition =
-      SplitFfn(**weights, encoder, options->experts, options->seed, &stats);
-  if (!partition.ok()) return Fail(err, partition.status(), 1);
+      SplitFfn(**weights, encoder, options->experts, options->seed, &stats, features.get());
+  if (!partition.ok()) {
+    // Bad content in the model folder or the features file is the user's input.
+    const absl::StatusCode code = partition.status().code();
+    const bool bad_input = code == absl::StatusCode::kInvalidArgument ||
+                           code == absl::StatusCode::kFailedPrecondition ||
+                           code == absl::StatusCode::kNotFound;
+    return Fail(err, partition.status(), bad_input ? 2 : 1);
+  }
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
@@ -87,9 +102,19 @@ int RunSplitFfn(const std::vector<std::string>& args, std::ostream& out, std::os
   manifest.id = options->id;
   manifest.version = options->version;
   manifest.kind = kFfnPartitionKind;
-  manifest.description =
-      absl::StrCat("FFN neurons of ", config->model_id, " split into ", options->experts,
-                   " experts per layer (balanced k-means, seed ", options->seed, ").");
+  if (!options->description.empty()) {
+    manifest.description = options->description;
+  } else if (features != nullptr) {
+    manifest.description =
+        absl::StrCat("FFN neurons of ", config->model_id, " split into ", options->experts,
+                     " experts per layer (balanced k-means of the rows of ",
+                     fs::path(options->features).filename().string(), ", seed ", options->seed,
+                     "); router keys: the means of each group's normalised input-weight rows.");
+  } else {
+    manifest.description =
+        absl::StrCat("FFN neurons of ", config->model_id, " split into ", options->experts,
+                     " experts per layer (balanced k-means, seed ", options->seed, ").");
+  }
   manifest.base_name = config->model_id;
   manifest.base_fingerprint = *fingerprint;
   absl::Status written = WriteFfnPartitionBrick(dir.string(), *partition, manifest);
@@ -97,10 +122,13 @@ int RunSplitFfn(const std::vector<std::string>& args, std::ostream& out, std::os
 
   const int g = encoder.intermediate_size / options->experts;
   out << absl::StrFormat(
-      "split %s: %d layers, FFN width %d into %d experts of %d neurons, seed %d "
-      "(%.1f s)\n",
+      "split %s: %d layers, FFN width %d into %d experts of %d neurons, seed %d, "
+      "clustering %s (%.1f s)\n",
       config->model_id, encoder.num_layers, encoder.intermediate_size, options->experts, g,
-      options->seed, seconds);
+      options->seed,
+      features != nullptr ? absl::StrCat("the rows of ", options->features)
+                          : std::string("the FFN input weight's rows"),
+      seconds);
   for (size_t i = 0; i < stats.iterations.size(); ++i) {
     out << absl::StrFormat("  layer %d: balanced k-means %s after %d iteration(s)\n", i,
                            stats.converged[i] ? "converged" : "stopped (not converged)",
@@ -148,6 +176,12 @@ absl::StatusOr<SplitFfnOptions> ParseSplitFfnFlags(const std::vector<std::string
       o.id = value;
     } else if (name == "version") {
       ASSIGN_OR_RETURN(o.version, PositiveInt(name, value));
+    } else if (name == "features") {
+      if (value.empty()) return FlagError(name, "needs a file name");
+      o.features = value;
+    } else if (name == "description") {
+      if (value.empty()) return FlagError(name, "must not be empty");
+      o.description = value;
     } else {
       return FlagError(name, "unknown flag");
     }

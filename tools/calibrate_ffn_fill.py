@@ -37,7 +37,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-from sparse_ffn_torch import ROOT, SparseFfn, keep_for, read_texts, write_partition  # noqa: E402
+from sparse_ffn_torch import (ROOT, SparseFfn, counted_tokens, keep_for, read_texts,  # noqa: E402
+                              write_partition)
 
 
 def embed(model, tok, texts, max_length, sparse=None, count_special=False):
@@ -50,11 +51,7 @@ def embed(model, tok, texts, max_length, sparse=None, count_special=False):
                   return_tensors="pt")
         mask = enc["attention_mask"].unsqueeze(-1).float()
         if sparse is not None and sparse.stats is not None:
-            ids = enc["input_ids"]
-            count = enc["attention_mask"].bool()
-            if not count_special:
-                count &= (ids != tok.cls_token_id) & (ids != tok.sep_token_id)
-            sparse.count_mask = count.float()
+            sparse.count_mask = counted_tokens(enc, tok, count_special).float()
         with torch.no_grad():
             h = model(**enc).last_hidden_state
         out.append(torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1))

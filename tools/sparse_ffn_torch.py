@@ -25,13 +25,16 @@ TASKS = ("py-docstring", "man-synopsis", "deb-description")
 PARTITION = os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "3")  # the served default
 
 
-def read_texts(sets, split, per_task=None):
-    """Queries and documents (alternating) of the brick tasks' split."""
+def read_texts(sets, split, per_task=None, start=0):
+    """Queries and documents (alternating) of the brick tasks' split: per
+    task, the pairs start .. start + per_task - 1 (all from start if None)."""
     texts = []
     for task in TASKS:
         with open(os.path.join(sets, task, f"{split}.jsonl")) as f:
             for i, line in enumerate(f):
-                if per_task is not None and i >= per_task:
+                if i < start:
+                    continue
+                if per_task is not None and i >= start + per_task:
                     break
                 row = json.loads(line)
                 texts += [row["query"], row["document"]]
@@ -55,6 +58,16 @@ def write_partition(tensors, manifest, out):
     if os.path.exists(out):
         shutil.rmtree(out)
     os.rename(tmp, out)
+
+
+def counted_tokens(enc, tok, count_special=False):
+    """[batch, length] bool: the tokens a calibration counts in a tokenized
+    batch `enc`: not padding, and not [CLS] or [SEP] unless count_special."""
+    count = enc["attention_mask"].bool()
+    if not count_special:
+        ids = enc["input_ids"]
+        count &= (ids != tok.cls_token_id) & (ids != tok.sep_token_id)
+    return count
 
 
 def keep_for(fraction, experts):

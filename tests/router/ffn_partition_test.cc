@@ -35,8 +35,6 @@ namespace fs = std::filesystem;
 using ::testing::AllOf;
 using ::testing::HasSubstr;
 
-const std::string kModelDir = std::string(KILN_SOURCE_DIR) + "/models/all-MiniLM-L6-v2";
-
 // Gaussian rows from a seeded generator (the test's own data, not the code
 // under test's generator).
 std::vector<float> RandomRows(int n, int dim, uint64_t seed) {
@@ -375,12 +373,7 @@ TEST_F(FfnPartitionFileTest, UnknownTensorsAreIgnored) {
 class SplitFfnTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
-    auto config = LoadModelConfig(kModelDir);
-    ASSERT_TRUE(config.ok()) << config.status();
-    config_ = new ModelConfig(*config);
-    auto file = SafetensorsFile::Open(kModelDir + "/model.safetensors");
-    ASSERT_TRUE(file.ok()) << file.status();
-    weights_ = file->release();
+    ASSERT_TRUE(ffn_partition_testing::LoadDefaultModel(&config_, &weights_));
     stats_ = new SplitFfnStats;
     auto p = SplitFfn(*weights_, config_->encoder, 16, 0, stats_);
     ASSERT_TRUE(p.ok()) << p.status();
@@ -438,15 +431,13 @@ TEST_F(SplitFfnTest, SixteenExpertsArePermutationsWithUnitIshCentroids) {
 
 TEST_F(SplitFfnTest, CentroidIsTheMeanOfTheGroupsNormalisedWeightRows) {
   ASSERT_NE(partition_, nullptr);
-  const std::string name = "encoder.layer.2.intermediate.dense.weight";
-  const std::string found = weights_->Find(name) != nullptr ? name : "bert." + name;
-  auto w = weights_->ReadFloat32(found, {1536, 384});
-  ASSERT_TRUE(w.ok()) << w.status();
+  const std::vector<float> w = ffn_partition_testing::DefaultWeightRows(*weights_, 2);
+  ASSERT_EQ(w.size(), 1536u * 384);
   const FfnPartition::Layer& layer = partition_->layers[2];
   for (int e : {0, 7, 15}) {
     std::vector<double> mean(384, 0.0);
     for (int j = 0; j < 96; ++j) {
-      const float* row = w->data() + static_cast<size_t>(layer.groups[e * 96 + j]) * 384;
+      const float* row = w.data() + static_cast<size_t>(layer.groups[e * 96 + j]) * 384;
       double sq = 0;
       for (int d = 0; d < 384; ++d) sq += double{row[d]} * row[d];
       for (int d = 0; d < 384; ++d) mean[d] += row[d] / std::sqrt(sq) / 96;

@@ -10,14 +10,17 @@
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "engine/ffn_partition.h"
+#include "engine/model/config.h"
 #include "engine/safetensors.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -130,6 +133,35 @@ class FfnPartitionFileTest : public ::testing::Test {
   fs::path dir_;
   std::string path_;
 };
+
+// The default model (models/all-MiniLM-L6-v2), for the SplitFfn tests:
+// sets *config and *weights (owned by the caller) and returns true, or
+// records a test failure naming what did not load and returns false.
+inline bool LoadDefaultModel(ModelConfig** config, SafetensorsFile** weights) {
+  const std::string dir = std::string(KILN_SOURCE_DIR) + "/models/all-MiniLM-L6-v2";
+  auto c = LoadModelConfig(dir);
+  if (!c.ok()) {
+    ADD_FAILURE() << c.status();
+    return false;
+  }
+  auto file = SafetensorsFile::Open(dir + "/model.safetensors");
+  if (!file.ok()) {
+    ADD_FAILURE() << file.status();
+    return false;
+  }
+  *config = new ModelConfig(*std::move(c));
+  *weights = file->release();
+  return true;
+}
+
+// Layer `layer`'s FFN input weight [1536, 384] of the default model.
+inline std::vector<float> DefaultWeightRows(const SafetensorsFile& weights, int layer) {
+  const std::string name = absl::StrCat("encoder.layer.", layer, ".intermediate.dense.weight");
+  const std::string found = weights.Find(name) != nullptr ? name : "bert." + name;
+  auto w = weights.ReadFloat32(found, {1536, 384});
+  EXPECT_TRUE(w.ok()) << w.status();
+  return w.ok() ? *std::move(w) : std::vector<float>{};
+}
 
 }  // namespace ffn_partition_testing
 }  // namespace kiln

@@ -27,6 +27,31 @@ def safetensors_header(path: str) -> dict:
         return json.loads(f.read(n))
 
 
+def write_features(path: str, tensors: dict) -> None:
+    """A safetensors file of {name: (dtype, shape, raw little-endian bytes)}."""
+    header, offset = {}, 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape,
+                        "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for _, _, data in tensors.values():
+            f.write(data)
+
+
+def read_tensor(path: str, name: str):
+    """(dtype, shape, raw bytes) of tensor `name` in a safetensors file."""
+    header = safetensors_header(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        begin, end = header[name]["data_offsets"]
+        f.seek(8 + n + begin)
+        return header[name]["dtype"], header[name]["shape"], f.read(end - begin)
+
+
 class KilnBricksCliTest(unittest.TestCase):
     def setUp(self):
         self.out = tempfile.mkdtemp(prefix="kiln_bricks_cli_")
@@ -92,6 +117,42 @@ class KilnBricksCliTest(unittest.TestCase):
         rc, _, err = split_ffn(f"--model={self.out}/nope", f"--out={self.out}")
         self.assertEqual(rc, 2)
         self.assertIn("nope", err)
+
+    def test_weight_rows_as_features_give_the_plain_split_and_bad_ones_exit_2(self):
+        # The FFN input weights themselves as the features: the same rows,
+        # so the same groups and keys, byte for byte, as without --features.
+        weights = os.path.join(MODEL, "model.safetensors")
+        names = {i: f"encoder.layer.{i}.intermediate.dense.weight" for i in range(6)}
+        if names[0] not in safetensors_header(weights):
+            names = {i: "bert." + name for i, name in names.items()}
+        features = os.path.join(self.out, "acts.safetensors")
+        write_features(features, {f"layer.{i}.features": read_tensor(weights, name)
+                                  for i, name in names.items()})
+        rc, _, err = split_ffn(f"--model={MODEL}", "--experts=8", f"--out={self.out}")
+        self.assertEqual(rc, 0, err)
+        rc, out, err = split_ffn(f"--model={MODEL}", "--experts=8", f"--out={self.out}",
+                                 "--version=2", f"--features={features}",
+                                 "--description=test split")
+        self.assertEqual(rc, 0, err)
+        self.assertIn("clustering the rows of " + features, out)
+        plain, by_features = (os.path.join(self.out, "ffn-e8", v) for v in ("1", "2"))
+        with open(os.path.join(by_features, "brick.json")) as f:
+            self.assertEqual(json.load(f)["description"], "test split")
+        with open(os.path.join(plain, "ffn_partition.safetensors"), "rb") as a, \
+                open(os.path.join(by_features, "ffn_partition.safetensors"), "rb") as b:
+            self.assertEqual(a.read(), b.read())
+
+        bad = os.path.join(self.out, "bad.safetensors")
+        write_features(bad, {f"layer.{i}.features": ("F32", [1024, 2], bytes(1024 * 2 * 4))
+                             for i in range(6)})
+        for flag, fragment in [(f"--features={self.out}/none", "--features: "),
+                               (f"--features={bad}", "has 1024 rows, expected one per FFN neuron"),
+                               ("--features=", "--features: needs a file name"),
+                               ("--description=", "--description: must not be empty")]:
+            rc, _, err = split_ffn(f"--model={MODEL}", f"--out={self.out}", flag)
+            self.assertEqual(rc, 2, flag)
+            self.assertIn(fragment, err)
+        self.assertFalse(os.path.exists(os.path.join(self.out, "ffn-e16")))
 
     def test_unknown_subcommand_exits_2(self):
         p = subprocess.run([KILN, "bricks", "frobnicate"], capture_output=True, timeout=60)
