@@ -79,12 +79,13 @@ import json
 import os
 import sys
 import time
-from operator import mul
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # generate_stubs and KILN_PROTO are re-exported for eval_sparse_ffn.py.
 from kiln_client import KILN_PROTO, ROOT, generate_stubs, open_channel, rpc_error  # noqa: E402,F401
 # The inputs; eval_sparse_ffn.py imports several of them from here.
+# The ranking metrics and numpy (None in the e2e venv) are eval_retrieval's.
+from eval_retrieval import fmt, mrr_at, np, ranks_of_right, recall_at  # noqa: E402
 from routing_inputs import (DEFAULT_BRICKS, DEFAULT_INSTRUCTIONS, DEFAULT_SETS,  # noqa: E402
                             SIDES, TASKS, load_instructions, load_manifests, load_rows,
                             quality_md_reference, self_check)
@@ -92,10 +93,6 @@ from routing_inputs import (DEFAULT_BRICKS, DEFAULT_INSTRUCTIONS, DEFAULT_SETS, 
 ROUTING_TARGET = 0.90
 AUTO_GAP_TARGET_POINTS = 1.0
 
-try:
-    import numpy as np
-except ImportError:  # the e2e venv has no numpy
-    np = None
 
 
 # --- API ----------------------------------------------------------------------
@@ -110,24 +107,13 @@ def api_features(pb):
 # --- scoring ------------------------------------------------------------------
 
 def mrr_at_10(q, d):
-    """{"mrr@10", "recall@1", "n"}; q[i]'s right document is d[i]."""
-    n = len(q)
-    if n == 0:
+    """{"mrr@10", "recall@1", "n"}, rounded to 4 places; q[i]'s right
+    document is d[i] (eval_retrieval's ranking: ties count against it)."""
+    ranks = ranks_of_right(q, d)
+    if not ranks:
         return {"mrr@10": None, "recall@1": None, "n": 0}
-    if np is not None:
-        qa, da = np.asarray(q, dtype=np.float64), np.asarray(d, dtype=np.float64)
-        sims = qa @ da.T
-        right = np.diag(sims)[:, None]
-        ranks = (sims >= right).sum(1).tolist()
-    else:
-        ranks = []
-        for i, qv in enumerate(q):
-            sims = [sum(map(mul, qv, dv)) for dv in d]
-            r = sims[i]
-            ranks.append(sum(1 for s in sims if s >= r))
-    rr = [1.0 / r if r <= 10 else 0.0 for r in ranks]
-    return {"mrr@10": round(sum(rr) / n, 4),
-            "recall@1": round(sum(1 for r in ranks if r == 1) / n, 4), "n": n}
+    return {"mrr@10": round(mrr_at(ranks, 10), 4), "recall@1": round(recall_at(ranks, 1), 4),
+            "n": len(ranks)}
 
 
 # --- the evaluation -----------------------------------------------------------
@@ -319,10 +305,6 @@ class Evaluator:
                 round((m - ref[task]) * 100, 2) if m is not None and task in ref else None)
             out[task] = entry
         return out
-
-
-def fmt(x, spec=".4f"):
-    return "-" if x is None else format(x, spec)
 
 
 def print_routing(r):

@@ -63,7 +63,7 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 import eval_routing  # noqa: E402
 from eval_routing import (DEFAULT_BRICKS, DEFAULT_SETS, TASKS,  # noqa: E402
-                          generate_stubs, load_manifests, load_rows, mrr_at_10,
+                          fmt, generate_stubs, load_manifests, load_rows, mrr_at_10,
                           quality_md_reference)
 
 np = eval_routing.np
@@ -105,10 +105,6 @@ def cosines(a, b):
         den = math.sqrt(sum(t * t for t in u)) * math.sqrt(sum(t * t for t in v))
         out.append(sum(p * q for p, q in zip(u, v)) / den if den > 0 else 0.0)
     return out
-
-
-def fmt(x, spec=".4f"):
-    return "-" if x is None else format(x, spec)
 
 
 class SparseEval:
