@@ -108,6 +108,9 @@ def select(args, tok, made):
     model keeps the highest mean cosine to dense at --select-fraction without
     a fill, on the --select-per-task train pairs after the calibration ones."""
     texts = read_texts(args.sets, "train", args.select_per_task, start=args.per_task)
+    if not texts:
+        sys.exit(f"coactivation_partition: no train pairs after the first {args.per_task} per "
+                 f"task to choose among --candidates with (lower --per-task)")
     dense = None
     best = None
     for kseed, folder in made:
