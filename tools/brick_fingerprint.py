@@ -14,7 +14,7 @@ router/brick.cc (BaseModelFingerprint) computes the same in C++.
 
 Usage:
   python3 tools/brick_fingerprint.py [MODEL_DIR]      (default models/all-MiniLM-L6-v2)
-Or, from Python: fingerprint(model_dir) -> str.
+Or, from Python: fingerprint(model_dir) -> str; sha256_file(path) -> str.
 """
 import argparse
 import hashlib
@@ -63,6 +63,16 @@ def fingerprint_bytes(model_dir):
 def fingerprint(model_dir):
     """Lowercase hex SHA-256 of fingerprint_bytes(model_dir)."""
     return hashlib.sha256(fingerprint_bytes(model_dir)).hexdigest()
+
+
+def sha256_file(path):
+    """Lowercase hex SHA-256 of a file's bytes, read 1 MiB at a time (the
+    checksums that fixtures and result files record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def main():

@@ -37,8 +37,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-from sparse_ffn_torch import (ROOT, SparseFfn, counted_tokens, keep_for, read_texts,  # noqa: E402
-                              write_partition)
+from sparse_ffn_torch import (ROOT, SparseFfn, add_calibration_args, counted_tokens,  # noqa: E402
+                              keep_for, read_texts, write_partition)
 
 
 def embed(model, tok, texts, max_length, sparse=None, count_special=False):
@@ -60,7 +60,6 @@ def embed(model, tok, texts, max_length, sparse=None, count_special=False):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
     ap.add_argument("--partition", default=os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "1"),
                     help="the ffn_partition version folder to add a fill to")
     ap.add_argument("--out", default=os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "2"),
@@ -69,14 +68,9 @@ def main() -> int:
                     help="the ffn_fraction whose routing decides which tokens skip a group")
     ap.add_argument("--per-task", type=int, default=300,
                     help="calibration pairs per task, from the train splits")
-    ap.add_argument("--sets", default=os.path.join(ROOT, ".cache", "retrieval"))
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--eval-per-task", type=int, default=40)
-    ap.add_argument("--eval-fractions", default="0.75,0.5,0.25,0.125")
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--count-special", action="store_true",
                     help="also count [CLS] and [SEP] in the means (worse; for comparison)")
-    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_calibration_args(ap, eval_fractions="0.75,0.5,0.25,0.125")
     args = ap.parse_args()
     if not 0 < args.fraction < 1:
         sys.exit(f"calibrate_ffn_fill: --fraction must be in (0, 1), got {args.fraction}")

@@ -65,7 +65,8 @@ from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 from calibrate_ffn_fill import embed  # noqa: E402
-from sparse_ffn_torch import ROOT, SparseFfn, counted_tokens, read_texts  # noqa: E402
+from sparse_ffn_torch import (ROOT, SparseFfn, add_calibration_args, counted_tokens,  # noqa: E402
+                              read_texts)
 
 
 def collect_activations(model, tok, texts, max_length, tokens, seed):
@@ -130,7 +131,6 @@ def select(args, tok, made):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
     ap.add_argument("--out", required=True,
                     help="the new version folder, <brick_dir>/<id>/<version> (the id and "
                          "version of the manifest come from it)")
@@ -148,16 +148,13 @@ def main() -> int:
                          "--select-fraction, without a fill, on --select-per-task further "
                          "train pairs per task (not the calibration pairs, not the test "
                          "split) is kept")
-    ap.add_argument("--select-fraction", type=float, default=0.5)
-    ap.add_argument("--select-per-task", type=int, default=40)
+    ap.add_argument("--select-fraction", type=float, default=0.5,
+                    help="the ffn_fraction at which the candidates are compared")
+    ap.add_argument("--select-per-task", type=int, default=40,
+                    help="train pairs per task the candidates are compared on")
     ap.add_argument("--kiln", default=os.path.join(ROOT, "build", "bin", "kiln"),
                     help="the kiln binary whose `bricks split-ffn` clusters the neurons")
-    ap.add_argument("--sets", default=os.path.join(ROOT, ".cache", "retrieval"))
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--eval-per-task", type=int, default=40)
-    ap.add_argument("--eval-fractions", default="0.75,0.5,0.25")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_calibration_args(ap, eval_fractions="0.75,0.5,0.25")
     args = ap.parse_args()
     tool = "coactivation_partition"
     for name in ("experts", "per_task", "tokens", "candidates", "select_per_task"):

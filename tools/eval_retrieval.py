@@ -61,7 +61,6 @@ request.
 import argparse
 import datetime
 import gzip
-import hashlib
 import json
 import math
 import os
@@ -73,6 +72,7 @@ from operator import mul
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
+from brick_fingerprint import sha256_file  # noqa: E402
 from kiln_client import ROOT, generate_stubs, open_channel, rpc_error  # noqa: E402
 
 DEFAULT_SETS = (
@@ -226,14 +226,6 @@ def load_pairs(path, max_inputs=0):
     if not rows:
         raise UsageError(f"{path}: no pairs")
     return rows
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def host_cpu():

@@ -28,7 +28,6 @@ Defaults: --model models/all-MiniLM-L6-v2,
 Runs offline (HF_HUB_OFFLINE=1, local_files_only).
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -40,6 +39,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoTokenizer, BertModel  # noqa: E402
+
+from brick_fingerprint import sha256_file  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_SEQ_LENGTH = 256
@@ -204,14 +205,6 @@ TEXTS = [
     "        return (x - mu) / np.sqrt(var + self.eps) * self.gamma + self.beta\n",
     "data " * 600,
 ]
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fmt(x):

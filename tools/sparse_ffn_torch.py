@@ -25,6 +25,22 @@ TASKS = ("py-docstring", "man-synopsis", "deb-description")
 PARTITION = os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "3")  # the served default
 
 
+def add_calibration_args(ap, eval_fractions):
+    """The flags the partition-making tools share: the model, the retrieval
+    sets, the texts' length, the held-out evaluation and the threads."""
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"),
+                    help="the dense model folder")
+    ap.add_argument("--sets", default=os.path.join(ROOT, ".cache", "retrieval"),
+                    help="root of the brick tasks' <task>/{train,test}.jsonl")
+    ap.add_argument("--max-length", type=int, default=128, help="tokens per text, at most")
+    ap.add_argument("--eval-per-task", type=int, default=40,
+                    help="test pairs per task for the cosine-to-dense report")
+    ap.add_argument("--eval-fractions", default=eval_fractions,
+                    help="comma-separated ffn_fractions of that report")
+    ap.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
+    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
 def read_texts(sets, split, per_task=None, start=0):
     """Queries and documents (alternating) of the brick tasks' split: per
     task, the pairs start .. start + per_task - 1 (all from start if None)."""

@@ -118,6 +118,19 @@ class KilnBricksCliTest(unittest.TestCase):
         self.assertEqual(rc, 2)
         self.assertIn("nope", err)
 
+    def test_model_without_ffn_weights_exits_2_naming_the_tensor(self):
+        # A model folder whose config reads, but whose weights file lacks
+        # the FFN input weights: the user's input, not a crash or a 1.
+        model = os.path.join(self.out, "model")
+        shutil.copytree(MODEL, model, ignore=shutil.ignore_patterns("model.safetensors", "*.onnx"))
+        weights = os.path.join(model, "model.safetensors")
+        write_features(weights, {"embeddings.LayerNorm.weight": ("F32", [384], bytes(384 * 4))})
+        rc, out, err = split_ffn(f"--model={model}", f"--out={self.out}")
+        self.assertEqual(rc, 2, out + err)
+        self.assertIn(weights, err)
+        self.assertIn("intermediate.dense.weight", err)
+        self.assertFalse(os.path.exists(os.path.join(self.out, "ffn-e16")))
+
     def test_weight_rows_as_features_give_the_plain_split_and_bad_ones_exit_2(self):
         # The FFN input weights themselves as the features: the same rows,
         # so the same groups and keys, byte for byte, as without --features.
