@@ -46,11 +46,16 @@ Usage:
   nice -n 10 .venv/bin/python tools/train_sparse_recovery.py [--fraction 0.5]
       [--steps 400] [--batch 64] [--lr 1e-3] [--rank 8] [--hidden-weight 1]
       [--out DIR] [--id ffn-recovery-50] [--version 1] [--eval-only BRICK_DIR]
-      [--full-weights --lr 5e-5]
+      [--init BRICK_DIR] [--full-weights --lr 5e-5]
+
+--init BRICK_DIR continues training from a published recovery brick (its
+LoRA weights; the rank and alpha must match --rank and --alpha) with a
+fresh schedule: a longer run in pieces, each of which fits a session.
 """
 import argparse
 import contextlib
 import copy
+import json
 import math
 import os
 import platform
@@ -64,6 +69,8 @@ from eval_bricks_torch import ROOT, load_base, merge_brick  # noqa: E402
 from sparse_ffn_torch import PARTITION, SparseFfn, read_texts  # noqa: E402
 
 import torch  # noqa: E402
+from peft import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 def encode(model, tok, texts, max_length, bf16, grad):
     """(pooled L2 embeddings [n, d], hidden states per layer, attention mask)."""
@@ -84,6 +91,35 @@ def relation_loss(student, teacher, temperature):
     t = (teacher @ teacher.T)[off].view(len(teacher), -1) / temperature
     return torch.nn.functional.kl_div(torch.log_softmax(s, -1), torch.log_softmax(t, -1),
                                       log_target=True, reduction="batchmean")
+
+
+def load_lora(model, brick_dir, args):
+    """Sets the PEFT model's LoRA weights to those of the brick in brick_dir
+    (published by this tool or train_brick.py); exits naming the file at
+    fault if its rank, alpha or tensors do not match the model's."""
+    path = os.path.join(brick_dir, "adapter_config.json")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+        tensors = load_file(os.path.join(brick_dir, "adapter_model.safetensors"))
+    except (OSError, ValueError) as e:
+        sys.exit(f"train_sparse_recovery: --init {brick_dir}: {e}")
+    if (cfg.get("r"), cfg.get("lora_alpha")) != (args.rank, args.alpha):
+        sys.exit(f"train_sparse_recovery: {path}: rank {cfg.get('r')} alpha "
+                 f"{cfg.get('lora_alpha')}, but --rank {args.rank} --alpha {args.alpha}")
+    own = get_peft_model_state_dict(model)
+    if sorted(own) != sorted(tensors):
+        missing = sorted(set(own) ^ set(tensors))[:3]
+        sys.exit(f"train_sparse_recovery: --init {brick_dir}: its tensors differ from the "
+                 f"LoRA's (e.g. {missing})")
+    for key, value in tensors.items():
+        if value.shape != own[key].shape:
+            sys.exit(f"train_sparse_recovery: --init {brick_dir}: {key} is "
+                     f"{list(value.shape)}, the LoRA's is {list(own[key].shape)}")
+    result = set_peft_model_state_dict(model, {k: v.float() for k, v in tensors.items()})
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        sys.exit(f"train_sparse_recovery: --init {brick_dir}: keys not loaded: {unexpected[:3]}")
 
 
 def layers_of(model):
@@ -132,6 +168,9 @@ def main():
     ap.add_argument("--eval-per-task", type=int, default=40)
     ap.add_argument("--eval-fractions", default="1,0.75,0.5,0.25")
     ap.add_argument("--eval-only", metavar="BRICK_DIR", help="only evaluate this brick")
+    ap.add_argument("--init", metavar="BRICK_DIR",
+                    help="start from this brick's LoRA weights (same --rank and --alpha) "
+                         "instead of a fresh LoRA; the schedule starts afresh")
     ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
     ap.add_argument("--full-weights", action="store_true",
                     help="ceiling experiment: train all encoder weights (no LoRA; pass a "
@@ -148,6 +187,9 @@ def main():
     if not args.relation_temperature > 0:
         sys.exit(f"train_sparse_recovery: --relation-temperature must be > 0, got "
                  f"{args.relation_temperature}")
+    if args.init and (args.full_weights or args.eval_only):
+        sys.exit("train_sparse_recovery: --init trains a LoRA brick; it does not go with "
+                 "--full-weights or --eval-only")
     if args.relation_weight > 0 and args.batch < 4:
         sys.exit(f"train_sparse_recovery: --relation-weight needs --batch >= 4, got {args.batch}")
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_bf16())
@@ -184,6 +226,8 @@ def main():
             return contextlib.nullcontext(teacher)
     else:
         tok, model = lora_model(args)
+        if args.init:
+            load_lora(model, args.init, args)
 
         @contextlib.contextmanager
         def dense_model():
