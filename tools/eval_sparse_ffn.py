@@ -62,8 +62,9 @@ import time
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 import eval_routing  # noqa: E402
+from eval_retrieval import fmt  # noqa: E402
 from eval_routing import (DEFAULT_BRICKS, DEFAULT_SETS, TASKS,  # noqa: E402
-                          fmt, generate_stubs, load_manifests, load_rows, mrr_at_10,
+                          generate_stubs, load_manifests, load_rows, mrr_at_10,
                           quality_md_reference)
 
 np = eval_routing.np
