@@ -70,6 +70,17 @@ inline constexpr int kBlocksPerSm = 16;
 
 inline int CeilDiv(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
+inline constexpr int kWarp = 32;
+
+// Sum of v over the 32 lanes of a full warp, returned to every lane (a
+// butterfly of shuffles: a fixed order, so the same inputs give the same
+// bits). Every lane must call it.
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
 // A caching device allocator: freed blocks go to a free list keyed by their
 // (rounded) size and are handed out again; cudaMalloc runs only when no free
 // block fits. On cudaMalloc failure the cached free blocks are released and

@@ -11,18 +11,11 @@ namespace kiln {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = 32;
 // AddLayerNorm keeps its row in registers: up to 16 values in each of up to
 // 1024 threads, so rows of up to 16384 columns (BERT-style hidden sizes are
 // 384 to 2048).
 constexpr int kLayerNormMaxThreads = 1024;
 constexpr int kLayerNormMaxCols = kLayerNormMaxThreads * 16;
-
-__device__ __forceinline__ float WarpSum(float v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2)
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 // Sum of `v` over the block (blockDim.x a multiple of 32), returned to every
 // thread. Every thread must call it. Fixed reduction order, so the same

@@ -8,14 +8,7 @@ namespace kiln {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kShrinkWarpsPerBlock = 8;
-
-__device__ __forceinline__ float WarpSum(float v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2)
-    v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 // One warp per work item (task, row); the grid has exactly enough warps for
 // the flattened work list, and each warp finds its task by a linear scan of
