@@ -25,7 +25,6 @@ Usage: .venv/bin/python tools/calibrate_ffn_fill.py
          [--fraction 0.5] [--per-task 300] [--eval-per-task 40]
 """
 import argparse
-import json
 import os
 import sys
 
@@ -38,7 +37,7 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 from sparse_ffn_torch import (ROOT, SparseFfn, add_calibration_args, counted_tokens,  # noqa: E402
-                              keep_for, read_texts, write_partition)
+                              derived_partition, keep_for, read_texts, write_partition)
 
 
 def embed(model, tok, texts, max_length, sparse=None, count_special=False):
@@ -76,23 +75,8 @@ def main() -> int:
         sys.exit(f"calibrate_ffn_fill: --fraction must be in (0, 1), got {args.fraction}")
     if args.per_task < 1:
         sys.exit(f"calibrate_ffn_fill: --per-task must be >= 1, got {args.per_task}")
-    version = os.path.basename(os.path.normpath(args.out))
-    if not version.isdigit() or version.startswith("0"):
-        sys.exit(f"calibrate_ffn_fill: --out must end in a version folder (1, 2, ...), "
-                 f"got {args.out}")
-    if os.path.exists(args.out) and not args.force:
-        sys.exit(f"calibrate_ffn_fill: {args.out} exists (use --force or another --out)")
-    src = os.path.join(args.partition, "ffn_partition.safetensors")
-    manifest_path = os.path.join(args.partition, "brick.json")
-    for path in (src, manifest_path):
-        if not os.path.isfile(path):
-            sys.exit(f"calibrate_ffn_fill: {path}: no such file (--partition must be an "
-                     f"ffn_partition version folder)")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    if manifest.get("kind") != "ffn_partition":
-        sys.exit(f"calibrate_ffn_fill: {manifest_path}: kind is {manifest.get('kind')!r}, "
-                 f"not 'ffn_partition'")
+    src, manifest = derived_partition("calibrate_ffn_fill", args.partition, args.out,
+                                      args.force)
     torch.set_num_threads(args.threads)
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -111,7 +95,6 @@ def main() -> int:
                if not name.endswith(".fill")}
     for i, f in enumerate(fill):
         tensors[f"layer.{i}.fill"] = f.contiguous()
-    manifest["version"] = int(version)
     note = (f" Fill: each skipped neuron counts at its mean activation when skipped, "
             f"calibrated at fraction {args.fraction:g} on {len(calib)} train texts "
             f"(tools/calibrate_ffn_fill.py).")

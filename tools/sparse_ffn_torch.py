@@ -15,6 +15,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 
 import torch
@@ -39,6 +40,33 @@ def add_calibration_args(ap, eval_fractions):
                     help="comma-separated ffn_fractions of that report")
     ap.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def derived_partition(tool, partition, out, force):
+    """Checks the arguments of a tool that writes a new version of an
+    ffn_partition brick from an existing one: `partition` must be a version
+    folder (ffn_partition.safetensors and a brick.json of kind
+    ffn_partition), `out` must end in a version number and not exist unless
+    `force`. Exits naming the flag or file at fault; returns (the
+    safetensors path, the manifest with its version set to out's)."""
+    version = os.path.basename(os.path.normpath(out))
+    if not version.isdigit() or version.startswith("0"):
+        sys.exit(f"{tool}: --out must end in a version folder (1, 2, ...), got {out}")
+    if os.path.exists(out) and not force:
+        sys.exit(f"{tool}: {out} exists (use --force or another --out)")
+    src = os.path.join(partition, "ffn_partition.safetensors")
+    manifest_path = os.path.join(partition, "brick.json")
+    for path in (src, manifest_path):
+        if not os.path.isfile(path):
+            sys.exit(f"{tool}: {path}: no such file (--partition must be an "
+                     f"ffn_partition version folder)")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    if manifest.get("kind") != "ffn_partition":
+        sys.exit(f"{tool}: {manifest_path}: kind is {manifest.get('kind')!r}, "
+                 f"not 'ffn_partition'")
+    manifest["version"] = int(version)
+    return src, manifest
 
 
 def read_texts(sets, split, per_task=None, start=0):
