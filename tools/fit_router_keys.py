@@ -102,10 +102,12 @@ def held_out(args, tok, partitions):
     for each (label, partition folder)."""
     texts = read_texts(args.sets, "test", args.eval_per_task)
     fractions = [float(f) for f in args.eval_fractions.split(",")]
-    out = {}
+    out, dense = {}, None
     for label, folder in partitions:
+        # A fresh model per partition: SparseFfn's hooks cannot be removed.
         model = AutoModel.from_pretrained(args.model).eval()
-        dense = embed(model, tok, texts, args.max_length)
+        if dense is None:
+            dense = embed(model, tok, texts, args.max_length)
         sparse = SparseFfn(model.encoder.layer, folder)
         out[label] = {}
         for f in fractions:
