@@ -32,12 +32,41 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from calibration_args import (ROOT, add_calibration_args, add_derived_args,  # noqa: E402
+                              check_derived_args)
+
+TOOL = "calibrate_ffn_fill"
+
+
+def parse_args():
+    """The checked arguments (standard library only), with args.source and
+    args.manifest: the partition's safetensors and the new manifest."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bricks = os.path.join(ROOT, "deploy", "bricks", "ffn-e16")
+    add_derived_args(ap, os.path.join(bricks, "1"), "the ffn_partition version folder to add "
+                     "a fill to", out=os.path.join(bricks, "2"))
+    ap.add_argument("--fraction", type=float, default=0.5,
+                    help="the ffn_fraction whose routing decides which tokens skip a group")
+    ap.add_argument("--count-special", action="store_true",
+                    help="also count [CLS] and [SEP] in the means (worse; for comparison)")
+    add_calibration_args(ap, eval_fractions="0.75,0.5,0.25,0.125")
+    args = ap.parse_args()
+    if not 0 < args.fraction < 1:
+        sys.exit(f"{TOOL}: --fraction must be in (0, 1), got {args.fraction}")
+    check_derived_args(TOOL, args)
+    return args
+
+
+if __name__ == "__main__":
+    # Before PyTorch loads: a bad argument is refused at once.
+    ARGS = parse_args()
+
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-from sparse_ffn_torch import (ROOT, SparseFfn, add_calibration_args, counted_tokens,  # noqa: E402
-                              derived_partition, keep_for, read_texts, write_partition)
+from sparse_ffn_torch import (SparseFfn, counted_tokens, keep_for, read_texts,  # noqa: E402
+                              write_partition)
 
 
 def embed(model, tok, texts, max_length, sparse=None, count_special=False):
@@ -57,26 +86,8 @@ def embed(model, tok, texts, max_length, sparse=None, count_special=False):
     return torch.cat(out)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--partition", default=os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "1"),
-                    help="the ffn_partition version folder to add a fill to")
-    ap.add_argument("--out", default=os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "2"),
-                    help="the new version folder (its name is the version number)")
-    ap.add_argument("--fraction", type=float, default=0.5,
-                    help="the ffn_fraction whose routing decides which tokens skip a group")
-    ap.add_argument("--per-task", type=int, default=300,
-                    help="calibration pairs per task, from the train splits")
-    ap.add_argument("--count-special", action="store_true",
-                    help="also count [CLS] and [SEP] in the means (worse; for comparison)")
-    add_calibration_args(ap, eval_fractions="0.75,0.5,0.25,0.125")
-    args = ap.parse_args()
-    if not 0 < args.fraction < 1:
-        sys.exit(f"calibrate_ffn_fill: --fraction must be in (0, 1), got {args.fraction}")
-    if args.per_task < 1:
-        sys.exit(f"calibrate_ffn_fill: --per-task must be >= 1, got {args.per_task}")
-    src, manifest = derived_partition("calibrate_ffn_fill", args.partition, args.out,
-                                      args.force)
+def main(args) -> int:
+    src, manifest = args.source, args.manifest
     torch.set_num_threads(args.threads)
 
     tok = AutoTokenizer.from_pretrained(args.model)
@@ -109,7 +120,7 @@ def main() -> int:
     sparse.fill = fill
     print("| fraction | groups | mean cos, no fill | min | mean cos, fill | min |")
     print("|---|---|---|---|---|---|")
-    for frac in (float(x) for x in args.eval_fractions.split(",")):
+    for frac in args.eval_fractions:
         row = []
         for use in (False, True):
             sparse.use_fill = use
@@ -123,4 +134,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ARGS))

@@ -60,13 +60,79 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from calibration_args import (ROOT, add_calibration_args, check_calibration_args,  # noqa: E402
+                              check_out)
+
+TOOL = "coactivation_partition"
+
+
+def parse_args():
+    """The checked arguments (standard library only), with args.out
+    normalised and args.brick_id, args.version taken from it."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True,
+                    help="the new version folder, <brick_dir>/<id>/<version> (the id and "
+                         "version of the manifest come from it)")
+    ap.add_argument("--experts", type=int, default=16, help="groups per layer (E)")
+    ap.add_argument("--per-task", type=int, default=300,
+                    help="calibration pairs per task, from the train splits")
+    ap.add_argument("--tokens", type=int, default=8192,
+                    help="calibration tokens that describe each neuron")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="token sample, and layer i's initial centroids (seed + i)")
+    ap.add_argument("--candidates", type=int, default=8,
+                    help="partitions to make, with k-means seeds --seed .. --seed + N - 1 "
+                         "(the token sample stays --seed); with N > 1 the one whose "
+                         "embeddings keep the highest mean cosine to dense at "
+                         "--select-fraction, without a fill, on --select-per-task further "
+                         "train pairs per task (not the calibration pairs, not the test "
+                         "split) is kept")
+    ap.add_argument("--select-fraction", type=float, default=0.5,
+                    help="the ffn_fraction at which the candidates are compared")
+    ap.add_argument("--select-per-task", type=int, default=40,
+                    help="train pairs per task the candidates are compared on")
+    ap.add_argument("--kiln", default=os.path.join(ROOT, "build", "bin", "kiln"),
+                    help="the kiln binary whose `bricks split-ffn` clusters the neurons")
+    add_calibration_args(ap, eval_fractions="0.75,0.5,0.25")
+    args = ap.parse_args()
+    tool = TOOL
+    for name in ("experts", "per_task", "tokens", "candidates", "select_per_task"):
+        if getattr(args, name) < 1:
+            sys.exit(f"{tool}: --{name.replace('_', '-')} must be >= 1, "
+                     f"got {getattr(args, name)}")
+    if not 0 < args.select_fraction < 1:
+        sys.exit(f"{tool}: --select-fraction must be in (0, 1), got {args.select_fraction}")
+    if args.seed < 0:
+        sys.exit(f"{tool}: --seed must be >= 0, got {args.seed}")
+    out = os.path.normpath(args.out)
+    version, brick_id = os.path.basename(out), os.path.basename(os.path.dirname(out))
+    if not version.isdigit() or version.startswith("0") or not brick_id:
+        sys.exit(f"{tool}: --out must be <brick_dir>/<id>/<version> (version 1, 2, ...), "
+                 f"got {args.out}")
+    check_out(tool, out, args.force)
+    if not (os.path.isfile(args.kiln) and os.access(args.kiln, os.X_OK)):
+        sys.exit(f"{tool}: --kiln {args.kiln} is not an executable (build it: cmake --build build)")
+    config = check_calibration_args(tool, args)
+    ff = config.get("intermediate_size")
+    if not isinstance(ff, int) or ff < 1:
+        sys.exit(f"{tool}: {os.path.join(args.model, 'config.json')}: no intermediate_size "
+                 f"(the FFN width)")
+    if ff % args.experts:
+        sys.exit(f"{tool}: --experts {args.experts} does not divide the FFN width {ff}")
+    args.out, args.version, args.brick_id = out, version, brick_id
+    return args
+
+
+if __name__ == "__main__":
+    # Before PyTorch loads: a bad argument is refused at once.
+    ARGS = parse_args()
+
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 from calibrate_ffn_fill import embed  # noqa: E402
-from sparse_ffn_torch import (ROOT, SparseFfn, add_calibration_args, counted_tokens,  # noqa: E402
-                              read_texts)
+from sparse_ffn_torch import SparseFfn, counted_tokens, read_texts  # noqa: E402
 
 
 def collect_activations(model, tok, texts, max_length, tokens, seed):
@@ -129,59 +195,13 @@ def select(args, tok, made):
     return best[2]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True,
-                    help="the new version folder, <brick_dir>/<id>/<version> (the id and "
-                         "version of the manifest come from it)")
-    ap.add_argument("--experts", type=int, default=16, help="groups per layer (E)")
-    ap.add_argument("--per-task", type=int, default=300,
-                    help="calibration pairs per task, from the train splits")
-    ap.add_argument("--tokens", type=int, default=8192,
-                    help="calibration tokens that describe each neuron")
-    ap.add_argument("--seed", type=int, default=0,
-                    help="token sample, and layer i's initial centroids (seed + i)")
-    ap.add_argument("--candidates", type=int, default=8,
-                    help="partitions to make, with k-means seeds --seed .. --seed + N - 1 "
-                         "(the token sample stays --seed); with N > 1 the one whose "
-                         "embeddings keep the highest mean cosine to dense at "
-                         "--select-fraction, without a fill, on --select-per-task further "
-                         "train pairs per task (not the calibration pairs, not the test "
-                         "split) is kept")
-    ap.add_argument("--select-fraction", type=float, default=0.5,
-                    help="the ffn_fraction at which the candidates are compared")
-    ap.add_argument("--select-per-task", type=int, default=40,
-                    help="train pairs per task the candidates are compared on")
-    ap.add_argument("--kiln", default=os.path.join(ROOT, "build", "bin", "kiln"),
-                    help="the kiln binary whose `bricks split-ffn` clusters the neurons")
-    add_calibration_args(ap, eval_fractions="0.75,0.5,0.25")
-    args = ap.parse_args()
-    tool = "coactivation_partition"
-    for name in ("experts", "per_task", "tokens", "candidates", "select_per_task"):
-        if getattr(args, name) < 1:
-            sys.exit(f"{tool}: --{name.replace('_', '-')} must be >= 1, "
-                     f"got {getattr(args, name)}")
-    if not 0 < args.select_fraction < 1:
-        sys.exit(f"{tool}: --select-fraction must be in (0, 1), got {args.select_fraction}")
-    if args.seed < 0:
-        sys.exit(f"{tool}: --seed must be >= 0, got {args.seed}")
-    out = os.path.normpath(args.out)
-    version, brick_id = os.path.basename(out), os.path.basename(os.path.dirname(out))
-    if not version.isdigit() or version.startswith("0") or not brick_id:
-        sys.exit(f"{tool}: --out must be <brick_dir>/<id>/<version> (version 1, 2, ...), "
-                 f"got {args.out}")
-    if os.path.exists(out) and not args.force:
-        sys.exit(f"{tool}: {out} exists (use --force or another --out)")
-    if not os.access(args.kiln, os.X_OK):
-        sys.exit(f"{tool}: --kiln {args.kiln} is not an executable (build it: cmake --build build)")
+def main(args) -> int:
+    tool, out, version, brick_id = TOOL, args.out, args.version, args.brick_id
     torch.set_num_threads(args.threads)
 
     tok = AutoTokenizer.from_pretrained(args.model)
     model = AutoModel.from_pretrained(args.model).eval()
     layers = model.encoder.layer
-    ff = layers[0].intermediate.dense.out_features
-    if ff % args.experts:
-        sys.exit(f"{tool}: --experts {args.experts} does not divide the FFN width {ff}")
     texts = read_texts(args.sets, "train", args.per_task)
     try:
         acts, total = collect_activations(model, tok, texts, args.max_length, args.tokens,
@@ -232,7 +252,7 @@ def main() -> int:
     sparse = SparseFfn(layers, out)
     print("| fraction | mean cos to dense, no fill | min |")
     print("|---|---|---|")
-    for frac in (float(x) for x in args.eval_fractions.split(",")):
+    for frac in args.eval_fractions:
         sparse.set_fraction(frac)
         cos = (embed(model, tok, held_out, args.max_length) * dense).sum(-1)
         print(f"| {frac:g} | {cos.mean():.4f} | {cos.min():.4f} |", flush=True)
@@ -241,4 +261,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ARGS))

@@ -44,16 +44,38 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from calibration_args import (PARTITION, add_calibration_args, add_derived_args,  # noqa: E402
+                              check_derived_args)
+
+TOOL = "fit_router_keys"
+
+
+def parse_args():
+    """The checked arguments (standard library only), with args.source and
+    args.manifest: the partition's safetensors and the new manifest."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_derived_args(ap, PARTITION, "the ffn_partition version folder whose keys are refitted")
+    ap.add_argument("--ridge", type=float, default=1e-3,
+                    help="ridge penalty, relative to the mean diagonal of X^T X")
+    add_calibration_args(ap, eval_fractions="0.75,0.5,0.25")
+    args = ap.parse_args()
+    if not args.ridge > 0:
+        sys.exit(f"{TOOL}: --ridge must be > 0, got {args.ridge}")
+    check_derived_args(TOOL, args)
+    return args
+
+
+if __name__ == "__main__":
+    # Before PyTorch loads: a bad argument is refused at once.
+    ARGS = parse_args()
+
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 from calibrate_ffn_fill import embed  # noqa: E402
-from sparse_ffn_torch import (PARTITION, SparseFfn, add_calibration_args,  # noqa: E402
-                              counted_tokens, derived_partition, keep_for, read_texts,
+from sparse_ffn_torch import (SparseFfn, counted_tokens, keep_for, read_texts,  # noqa: E402
                               write_partition)
-
-TOOL = "fit_router_keys"
 
 
 class KeyFit:
@@ -101,7 +123,6 @@ def held_out(args, tok, partitions):
     """{label: {fraction: (mean, min)}}: cosine to dense on the test texts
     for each (label, partition folder)."""
     texts = read_texts(args.sets, "test", args.eval_per_task)
-    fractions = [float(f) for f in args.eval_fractions.split(",")]
     out, dense = {}, None
     for label, folder in partitions:
         # A fresh model per partition: SparseFfn's hooks cannot be removed.
@@ -110,30 +131,15 @@ def held_out(args, tok, partitions):
             dense = embed(model, tok, texts, args.max_length)
         sparse = SparseFfn(model.encoder.layer, folder)
         out[label] = {}
-        for f in fractions:
+        for f in args.eval_fractions:
             sparse.set_fraction(f)
             cos = (embed(model, tok, texts, args.max_length) * dense).sum(-1)
             out[label][f] = (cos.mean().item(), cos.min().item())
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--partition", default=PARTITION,
-                    help="the ffn_partition version folder whose keys are refitted")
-    ap.add_argument("--out", required=True,
-                    help="the new version folder (its name is the version number)")
-    ap.add_argument("--per-task", type=int, default=300,
-                    help="calibration pairs per task, from the train splits")
-    ap.add_argument("--ridge", type=float, default=1e-3,
-                    help="ridge penalty, relative to the mean diagonal of X^T X")
-    add_calibration_args(ap, eval_fractions="0.75,0.5,0.25")
-    args = ap.parse_args()
-    if args.per_task < 1:
-        sys.exit(f"{TOOL}: --per-task must be >= 1, got {args.per_task}")
-    if not args.ridge > 0:
-        sys.exit(f"{TOOL}: --ridge must be > 0, got {args.ridge}")
-    src, manifest = derived_partition(TOOL, args.partition, args.out, args.force)
+def main(args) -> int:
+    src, manifest = args.source, args.manifest
     torch.set_num_threads(args.threads)
 
     part = load_file(src)
@@ -172,4 +178,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(ARGS))

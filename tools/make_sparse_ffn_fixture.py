@@ -32,7 +32,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-from sparse_ffn_torch import ROOT, SparseFfn  # noqa: E402
+from calibration_args import ROOT  # noqa: E402
+from sparse_ffn_torch import SparseFfn  # noqa: E402
 
 TEXTS = [
     "Return the list of files in a directory.",

@@ -36,7 +36,8 @@ import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-from sparse_ffn_torch import ROOT, keep_for, read_texts  # noqa: E402
+from calibration_args import ROOT  # noqa: E402
+from sparse_ffn_torch import keep_for, read_texts  # noqa: E402
 
 
 def main() -> int:

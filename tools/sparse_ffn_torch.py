@@ -15,58 +15,12 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("py-docstring", "man-synopsis", "deb-description")
-PARTITION = os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "3")  # the served default
-
-
-def add_calibration_args(ap, eval_fractions):
-    """The flags the partition-making tools share: the model, the retrieval
-    sets, the texts' length, the held-out evaluation and the threads."""
-    ap.add_argument("--model", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"),
-                    help="the dense model folder")
-    ap.add_argument("--sets", default=os.path.join(ROOT, ".cache", "retrieval"),
-                    help="root of the brick tasks' <task>/{train,test}.jsonl")
-    ap.add_argument("--max-length", type=int, default=128, help="tokens per text, at most")
-    ap.add_argument("--eval-per-task", type=int, default=40,
-                    help="test pairs per task for the cosine-to-dense report")
-    ap.add_argument("--eval-fractions", default=eval_fractions,
-                    help="comma-separated ffn_fractions of that report")
-    ap.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
-    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
-
-
-def derived_partition(tool, partition, out, force):
-    """Checks the arguments of a tool that writes a new version of an
-    ffn_partition brick from an existing one: `partition` must be a version
-    folder (ffn_partition.safetensors and a brick.json of kind
-    ffn_partition), `out` must end in a version number and not exist unless
-    `force`. Exits naming the flag or file at fault; returns (the
-    safetensors path, the manifest with its version set to out's)."""
-    version = os.path.basename(os.path.normpath(out))
-    if not version.isdigit() or version.startswith("0"):
-        sys.exit(f"{tool}: --out must end in a version folder (1, 2, ...), got {out}")
-    if os.path.exists(out) and not force:
-        sys.exit(f"{tool}: {out} exists (use --force or another --out)")
-    src = os.path.join(partition, "ffn_partition.safetensors")
-    manifest_path = os.path.join(partition, "brick.json")
-    for path in (src, manifest_path):
-        if not os.path.isfile(path):
-            sys.exit(f"{tool}: {path}: no such file (--partition must be an "
-                     f"ffn_partition version folder)")
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    if manifest.get("kind") != "ffn_partition":
-        sys.exit(f"{tool}: {manifest_path}: kind is {manifest.get('kind')!r}, "
-                 f"not 'ffn_partition'")
-    manifest["version"] = int(version)
-    return src, manifest
+from calibration_args import TASKS
 
 
 def read_texts(sets, split, per_task=None, start=0):

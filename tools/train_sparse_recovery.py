@@ -66,7 +66,8 @@ from train_brick import (add_training_args, lora_model, optimizer, publish,  # n
                          seed_everything, train_loop)
 from train_exits import cpu_has_bf16  # noqa: E402
 from eval_bricks_torch import ROOT, load_base, merge_brick  # noqa: E402
-from sparse_ffn_torch import PARTITION, SparseFfn, read_texts  # noqa: E402
+from calibration_args import PARTITION  # noqa: E402
+from sparse_ffn_torch import SparseFfn, read_texts  # noqa: E402
 
 import torch  # noqa: E402
 from peft import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Tests of the partition-making tools' argument checks
+(tools/calibration_args.py and the tools that use it: calibrate_ffn_fill.py,
+fit_router_keys.py, coactivation_partition.py). Standard library only.
+
+The tools need PyTorch to run but check their arguments before importing
+it. Each case runs a tool as a user would, with modules named torch,
+transformers and safetensors on PYTHONPATH that fail on import: a bad
+argument must be refused (exit 1, the flag or file named, no traceback)
+before any of them loads, and nothing written; valid arguments must get as
+far as the first of them.
+
+Run from the repo root: python3 tests/tools/partition_tools_test.py
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import calibration_args as ca  # noqa: E402
+
+BLOCKED = "imported before the arguments were checked"
+
+
+class Fixture:
+    """A model folder (config.json only), retrieval sets, a partition
+    version folder, a fake kiln binary and the import blockers, in tmp."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.model = os.path.join(tmp, "model")
+        os.makedirs(self.model)
+        with open(os.path.join(self.model, "config.json"), "w") as f:
+            json.dump({"max_position_embeddings": 512, "intermediate_size": 1536}, f)
+        self.sets = os.path.join(tmp, "sets")
+        for task in ca.TASKS:
+            os.makedirs(os.path.join(self.sets, task))
+            for split in ("train", "test"):
+                with open(os.path.join(self.sets, task, f"{split}.jsonl"), "w") as f:
+                    f.write(json.dumps({"query": "q", "document": "d"}) + "\n")
+        self.partition = self.brick("ffn_partition")
+        self.kiln = os.path.join(tmp, "kiln")
+        with open(self.kiln, "w") as f:
+            f.write("#!/bin/sh\nexit 3\n")
+        os.chmod(self.kiln, 0o755)
+        self.blockers = os.path.join(tmp, "blockers")
+        for name in ("torch", "transformers", "safetensors"):
+            os.makedirs(os.path.join(self.blockers, name))
+            with open(os.path.join(self.blockers, name, "__init__.py"), "w") as f:
+                f.write(f"raise ImportError('{name} {BLOCKED}')\n")
+
+    def brick(self, kind, name="part/ffn-e16/3"):
+        folder = os.path.join(self.tmp, name)
+        os.makedirs(folder)
+        open(os.path.join(folder, "ffn_partition.safetensors"), "wb").close()
+        with open(os.path.join(folder, "brick.json"), "w") as f:
+            json.dump({"id": "ffn-e16", "version": 3, "kind": kind}, f)
+        return folder
+
+    def run(self, tool, *args):
+        env = dict(os.environ, PYTHONPATH=self.blockers)
+        return subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *args],
+                              capture_output=True, text=True, env=env, timeout=60)
+
+
+class ToolRefusalTest(unittest.TestCase):
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.fx = Fixture(self._tmp.name)
+        self.out = os.path.join(self._tmp.name, "new", "ffn-e16", "5")
+
+    def tearDown(self):
+        self._tmp.cleanup()
+
+    def common(self):
+        return ["--model", self.fx.model, "--sets", self.fx.sets]
+
+    def derived(self, tool, *extra):
+        """A derived-partition tool's run with valid arguments but extra."""
+        args = self.common() + ["--partition", self.fx.partition, "--out", self.out]
+        return self.fx.run(tool, *args, *extra)
+
+    def assertRefused(self, result, *names):
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertNotIn(BLOCKED, result.stderr)
+        for name in names:
+            self.assertIn(name, result.stderr)
+        self.assertFalse(os.path.exists(os.path.dirname(self.out)), "something was written")
+
+    def assertPassedChecks(self, result):
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(f"torch {BLOCKED}", result.stderr)
+
+    def test_valid_arguments_reach_pytorch(self):
+        for tool in ("calibrate_ffn_fill.py", "fit_router_keys.py"):
+            with self.subTest(tool=tool):
+                self.assertPassedChecks(self.derived(tool))
+        self.assertPassedChecks(self.fx.run(
+            "coactivation_partition.py", *self.common(), "--out", self.out,
+            "--kiln", self.fx.kiln))
+
+    def test_shared_flags(self):
+        cases = [
+            (["--eval-fractions", "0.5,x"], ["--eval-fractions", "'x'"]),
+            (["--eval-fractions", "0.5,1.5"], ["--eval-fractions", "'1.5'"]),
+            (["--eval-fractions", "nan"], ["--eval-fractions", "'nan'"]),
+            (["--eval-fractions", "0"], ["--eval-fractions", "'0'"]),
+            (["--threads", "0"], ["--threads"]),
+            (["--max-length", "1"], ["--max-length", "[2, 512]"]),
+            (["--max-length", "513"], ["--max-length", "[2, 512]"]),
+            (["--eval-per-task", "0"], ["--eval-per-task"]),
+        ]
+        for tool in ("calibrate_ffn_fill.py", "fit_router_keys.py"):
+            for extra, names in cases:
+                with self.subTest(tool=tool, extra=extra):
+                    self.assertRefused(self.derived(tool, *extra), tool[:-3], *names)
+
+    def test_model_and_sets(self):
+        missing = os.path.join(self._tmp.name, "nowhere")
+        for tool in ("calibrate_ffn_fill.py", "fit_router_keys.py"):
+            with self.subTest(tool=tool, flag="--model"):
+                self.assertRefused(self.derived(tool, "--model", missing),
+                                   "--model", missing, "config.json")
+            with self.subTest(tool=tool, flag="--sets"):
+                self.assertRefused(self.derived(tool, "--sets", missing),
+                                   "--sets", "py-docstring/train.jsonl")
+        os.remove(os.path.join(self.fx.sets, "deb-description", "test.jsonl"))
+        self.assertRefused(self.derived("fit_router_keys.py"),
+                           "--sets", "deb-description/test.jsonl")
+
+    def test_partition_and_out(self):
+        lora = self.fx.brick("lora", "lora/3")
+        no_manifest = os.path.join(self._tmp.name, "bare", "3")
+        os.makedirs(no_manifest)
+        open(os.path.join(no_manifest, "ffn_partition.safetensors"), "wb").close()
+        for tool in ("calibrate_ffn_fill.py", "fit_router_keys.py"):
+            with self.subTest(tool=tool, case="kind"):
+                self.assertRefused(self.derived(tool, "--partition", lora),
+                                   os.path.join(lora, "brick.json"), "kind is 'lora'")
+            with self.subTest(tool=tool, case="no brick.json"):
+                self.assertRefused(self.derived(tool, "--partition", no_manifest),
+                                   os.path.join(no_manifest, "brick.json"), "--partition")
+            with self.subTest(tool=tool, case="out not a version"):
+                self.assertRefused(self.derived(tool, "--out", self.out + "x"),
+                                   "--out", self.out + "x")
+            with self.subTest(tool=tool, case="out exists"):
+                result = self.derived(tool, "--out", self.fx.partition)
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertIn(f"{self.fx.partition} exists", result.stderr)
+                self.assertIn("--force", result.stderr)
+            with self.subTest(tool=tool, case="out exists, --force"):
+                self.assertPassedChecks(self.derived(tool, "--out", self.fx.partition,
+                                                     "--force"))
+
+    def test_own_flags(self):
+        self.assertRefused(self.derived("calibrate_ffn_fill.py", "--fraction", "1"),
+                           "--fraction")
+        self.assertRefused(self.derived("calibrate_ffn_fill.py", "--per-task", "0"),
+                           "--per-task")
+        self.assertRefused(self.derived("fit_router_keys.py", "--ridge", "0"), "--ridge")
+        self.assertRefused(self.derived("fit_router_keys.py", "--ridge", "nan"), "--ridge")
+        self.assertRefused(self.derived("fit_router_keys.py", "--per-task", "0"),
+                           "--per-task")
+
+    def test_coactivation_partition(self):
+        base = self.common() + ["--out", self.out, "--kiln", self.fx.kiln]
+        cases = [
+            (["--experts", "0"], ["--experts must be >= 1"]),
+            (["--experts", "7"], ["--experts 7 does not divide the FFN width 1536"]),
+            (["--select-fraction", "1"], ["--select-fraction"]),
+            (["--seed", "-1"], ["--seed"]),
+            (["--out", os.path.join(self._tmp.name, "v1")], ["--out must be"]),
+            (["--kiln", self.fx.model], ["--kiln", "not an executable"]),
+            (["--eval-fractions", "2"], ["--eval-fractions"]),
+        ]
+        for extra, names in cases:
+            with self.subTest(extra=extra):
+                self.assertRefused(self.fx.run("coactivation_partition.py", *base, *extra),
+                                   "coactivation_partition", *names)
+
+
+class CheckFunctionsTest(unittest.TestCase):
+    def test_valid_arguments(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            fx = Fixture(tmp)
+            args = argparse.Namespace(model=fx.model, sets=fx.sets, max_length=128,
+                                      eval_per_task=40, eval_fractions="0.75,0.5,1",
+                                      threads=2)
+            config = ca.check_calibration_args("t", args)
+            self.assertEqual(args.eval_fractions, [0.75, 0.5, 1.0])
+            self.assertEqual(config["intermediate_size"], 1536)
+            out = os.path.join(tmp, "ffn-e16", "12")
+            src, manifest = ca.derived_partition("t", fx.partition, out, False)
+            self.assertEqual(src, os.path.join(fx.partition, "ffn_partition.safetensors"))
+            self.assertEqual(manifest["version"], 12)
+            self.assertEqual(manifest["kind"], "ffn_partition")
+            self.assertFalse(os.path.exists(out))
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,126 @@
+"""The command-line flags and checks the partition-making tools share
+(tools/calibrate_ffn_fill.py, tools/fit_router_keys.py,
+tools/coactivation_partition.py). Standard library only: each tool checks
+its arguments before it imports PyTorch, so that a bad one is refused at
+once, by name, before minutes of work (and tests/tools/partition_tools_test.py
+can check the refusals on a machine without PyTorch).
+"""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("py-docstring", "man-synopsis", "deb-description")
+PARTITION = os.path.join(ROOT, "deploy", "bricks", "ffn-e16", "3")  # the served default
+
+
+def add_calibration_args(ap, eval_fractions):
+    """The flags the partition-making tools share: the model, the retrieval
+    sets, the texts' length, the held-out evaluation and the threads."""
+    ap.add_argument("--model", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"),
+                    help="the dense model folder")
+    ap.add_argument("--sets", default=os.path.join(ROOT, ".cache", "retrieval"),
+                    help="root of the brick tasks' <task>/{train,test}.jsonl")
+    ap.add_argument("--max-length", type=int, default=128, help="tokens per text, at most")
+    ap.add_argument("--eval-per-task", type=int, default=40,
+                    help="test pairs per task for the cosine-to-dense report")
+    ap.add_argument("--eval-fractions", default=eval_fractions,
+                    help="comma-separated ffn_fractions of that report, each in (0, 1]")
+    ap.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
+    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
+
+
+def check_calibration_args(tool, args):
+    """Checks the flags of add_calibration_args and replaces
+    args.eval_fractions by the list of floats it names. Returns the model's
+    config.json as a dict. Exits naming the flag or file at fault."""
+    config_path = os.path.join(args.model, "config.json")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"{tool}: --model {args.model}: cannot read config.json ({e})")
+    if not isinstance(config, dict):
+        sys.exit(f"{tool}: {config_path}: not a JSON object")
+    for task in TASKS:
+        for split in ("train", "test"):
+            path = os.path.join(args.sets, task, f"{split}.jsonl")
+            if not os.path.isfile(path):
+                sys.exit(f"{tool}: --sets {args.sets}: no {task}/{split}.jsonl (build the "
+                         f"retrieval sets: tools/build_retrieval_set.py)")
+    limit = config.get("max_position_embeddings", 512)
+    if not 2 <= args.max_length <= limit:
+        sys.exit(f"{tool}: --max-length must be in [2, {limit}] (the model's positions), "
+                 f"got {args.max_length}")
+    if args.eval_per_task < 1:
+        sys.exit(f"{tool}: --eval-per-task must be >= 1, got {args.eval_per_task}")
+    if args.threads < 1:
+        sys.exit(f"{tool}: --threads must be >= 1, got {args.threads}")
+    fractions = []
+    for item in args.eval_fractions.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = float("nan")
+        if not 0 < value <= 1:  # NaN fails too
+            sys.exit(f"{tool}: --eval-fractions: {item!r} is not a fraction in (0, 1]")
+        fractions.append(value)
+    args.eval_fractions = fractions
+    return config
+
+
+def check_out(tool, out, force):
+    """Checks a new version folder --out: its name is a version number
+    (1, 2, ...) and it does not exist unless `force`. Exits naming it."""
+    version = os.path.basename(os.path.normpath(out))
+    if not version.isdigit() or version.startswith("0"):
+        sys.exit(f"{tool}: --out must end in a version folder (1, 2, ...), got {out}")
+    if os.path.exists(out) and not force:
+        sys.exit(f"{tool}: {out} exists (use --force or another --out)")
+    return int(version)
+
+
+def add_derived_args(ap, partition, partition_help, out=None):
+    """The flags of a tool that writes a new version of an ffn_partition
+    brick from an existing one: --partition (default `partition`), --out
+    (required unless `out` is given) and --per-task."""
+    ap.add_argument("--partition", default=partition, help=partition_help)
+    ap.add_argument("--out", default=out, required=out is None,
+                    help="the new version folder (its name is the version number)")
+    ap.add_argument("--per-task", type=int, default=300,
+                    help="calibration pairs per task, from the train splits")
+
+
+def check_derived_args(tool, args):
+    """Checks the flags of add_derived_args and add_calibration_args, and
+    sets args.source and args.manifest (see derived_partition)."""
+    if args.per_task < 1:
+        sys.exit(f"{tool}: --per-task must be >= 1, got {args.per_task}")
+    check_calibration_args(tool, args)
+    args.source, args.manifest = derived_partition(tool, args.partition, args.out, args.force)
+
+
+def derived_partition(tool, partition, out, force):
+    """Checks the arguments of a tool that writes a new version of an
+    ffn_partition brick from an existing one: `partition` must be a version
+    folder (ffn_partition.safetensors and a brick.json of kind
+    ffn_partition), `out` as check_out. Exits naming the flag or file at
+    fault; returns (the safetensors path, the manifest with its version set
+    to out's)."""
+    version = check_out(tool, out, force)
+    src = os.path.join(partition, "ffn_partition.safetensors")
+    manifest_path = os.path.join(partition, "brick.json")
+    for path in (src, manifest_path):
+        if not os.path.isfile(path):
+            sys.exit(f"{tool}: {path}: no such file (--partition must be an "
+                     f"ffn_partition version folder)")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"{tool}: {manifest_path}: {e}")
+    if not isinstance(manifest, dict) or manifest.get("kind") != "ffn_partition":
+        kind = manifest.get("kind") if isinstance(manifest, dict) else None
+        sys.exit(f"{tool}: {manifest_path}: kind is {kind!r}, not 'ffn_partition'")
+    manifest["version"] = version
+    return src, manifest
