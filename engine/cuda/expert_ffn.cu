@@ -43,9 +43,9 @@ namespace cuda {
 namespace {
 
 constexpr unsigned kFullMask = 0xffffffffu;
-// TopKKernel: each lane tracks its experts (lane + 32 i) in one 64-bit mask.
-constexpr int kMaxExperts = 32 * 64;
-constexpr int kWarpsPerBlock = kBlock / 32;
+// TopKKernel: each lane tracks its experts (lane + kWarp i) in one 64-bit mask.
+constexpr int kMaxExperts = kWarp * 64;
+constexpr int kWarpsPerBlock = kBlock / kWarp;
 
 // A LoRA task as the kernels see it. `tmp` is its shrink output in
 // kExpertLora, [row_end - row_begin, rank]; `warp_begin` numbers the
@@ -66,15 +66,15 @@ struct LoraTaskDev {
 // so the butterfly leaves every lane with the same winner).
 __global__ void TopKKernel(const float* __restrict__ scores, int rows, int experts, int k,
                            int32_t* __restrict__ choice) {
-  const int lane = threadIdx.x % 32;
-  const int r = blockIdx.x * kWarpsPerBlock + static_cast<int>(threadIdx.x) / 32;
+  const int lane = threadIdx.x % kWarp;
+  const int r = blockIdx.x * kWarpsPerBlock + static_cast<int>(threadIdx.x) / kWarp;
   if (r >= rows) return;  // whole warp
   const float* sc = scores + static_cast<int64_t>(r) * experts;
-  uint64_t taken = 0;  // bit i: expert lane + 32 * i
+  uint64_t taken = 0;  // bit i: expert lane + kWarp * i
   for (int q = 0; q < k; ++q) {
     int first = INT_MAX, best_e = -1;
     float best_s = 0.0f;
-    for (int i = 0, e = lane; e < experts; ++i, e += 32) {
+    for (int i = 0, e = lane; e < experts; ++i, e += kWarp) {
       if ((taken >> i) & 1u) continue;
       first = min(first, e);
       const float s = sc[e];
@@ -85,7 +85,7 @@ __global__ void TopKKernel(const float* __restrict__ scores, int rows, int exper
       }
     }
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
+    for (int off = kWarp / 2; off > 0; off >>= 1) {
       const int o_first = __shfl_xor_sync(kFullMask, first, off);
       const float o_s = __shfl_xor_sync(kFullMask, best_s, off);
       const int o_e = __shfl_xor_sync(kFullMask, best_e, off);
@@ -98,14 +98,14 @@ __global__ void TopKKernel(const float* __restrict__ scores, int rows, int exper
     // k <= experts, so some expert is left and `first` is real; if its score
     // is not NaN, best_e >= 0.
     const int pick = isnan(sc[first]) ? first : best_e;
-    if (pick % 32 == lane) taken |= uint64_t{1} << (pick / 32);
+    if (pick % kWarp == lane) taken |= uint64_t{1} << (pick / kWarp);
   }
   int32_t* out = choice + static_cast<int64_t>(r) * k;
   int written = 0;
-  for (int i = 0; i * 32 < experts; ++i) {
+  for (int i = 0; i * kWarp < experts; ++i) {
     const bool mine = (taken >> i) & 1u;
     const unsigned ballot = __ballot_sync(kFullMask, mine);
-    if (mine) out[written + __popc(ballot & ((1u << lane) - 1u))] = lane + 32 * i;
+    if (mine) out[written + __popc(ballot & ((1u << lane) - 1u))] = lane + kWarp * i;
     written += __popc(ballot);
   }
 }
@@ -159,8 +159,8 @@ __global__ void LoraOutShrinkKernel(const float* __restrict__ mid, int g, int64_
                                     const int32_t* __restrict__ member_expert,
                                     const int32_t* __restrict__ ids, const LoraTaskDev* tasks,
                                     int num_tasks, int64_t num_warps) {
-  const int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
-  const int lane = threadIdx.x % 32;
+  const int64_t w = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kWarp;
+  const int lane = threadIdx.x % kWarp;
   if (w >= num_warps) return;  // whole warp
   int t = 0;
   while (t + 1 < num_tasks && w >= tasks[t + 1].warp_begin) ++t;
@@ -175,10 +175,9 @@ __global__ void LoraOutShrinkKernel(const float* __restrict__ mid, int g, int64_
     const int32_t p = pos[static_cast<int64_t>(r) * k + s];
     const float* h = mid + static_cast<int64_t>(p) * g;
     const int32_t* id = ids + static_cast<int64_t>(member_expert[p]) * g;
-    for (int j = lane; j < g; j += 32) acc = fmaf(h[j], a_row[id[j]], acc);
+    for (int j = lane; j < g; j += kWarp) acc = fmaf(h[j], a_row[id[j]], acc);
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(kFullMask, acc, off);
+  acc = WarpSum(acc);
   if (lane == 0) task.tmp[i * task.rank + q] = acc;
 }
 
