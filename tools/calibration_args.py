@@ -1,9 +1,10 @@
 """The command-line flags and checks the partition-making tools share
 (tools/calibrate_ffn_fill.py, tools/fit_router_keys.py,
 tools/coactivation_partition.py). Standard library only: each tool checks
-its arguments before it imports PyTorch, so that a bad one is refused at
-once, by name, before minutes of work (and tests/tools/partition_tools_test.py
-can check the refusals on a machine without PyTorch).
+its arguments and the files they name before it imports PyTorch, so that a
+bad one is refused at once, by name, before minutes of work (and
+tests/tools/partition_tools_test.py can check the refusals on a machine
+without PyTorch).
 """
 import json
 import os
@@ -49,6 +50,9 @@ def check_calibration_args(tool, args):
                 sys.exit(f"{tool}: --sets {args.sets}: no {task}/{split}.jsonl (build the "
                          f"retrieval sets: tools/build_retrieval_set.py)")
     limit = config.get("max_position_embeddings", 512)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 2:
+        sys.exit(f"{tool}: {config_path}: max_position_embeddings is {limit!r}, not a "
+                 f"whole number >= 2")
     if not 2 <= args.max_length <= limit:
         sys.exit(f"{tool}: --max-length must be in [2, {limit}] (the model's positions), "
                  f"got {args.max_length}")
@@ -67,6 +71,12 @@ def check_calibration_args(tool, args):
         fractions.append(value)
     args.eval_fractions = fractions
     return config
+
+
+def train_pairs(sets, task):
+    """How many pairs the task's train split holds (its lines)."""
+    with open(os.path.join(sets, task, "train.jsonl"), "rb") as f:
+        return sum(1 for _ in f)
 
 
 def check_out(tool, out, force):
@@ -108,6 +118,8 @@ def derived_partition(tool, partition, out, force):
     fault; returns (the safetensors path, the manifest with its version set
     to out's)."""
     version = check_out(tool, out, force)
+    if os.path.exists(out) and os.path.samefile(out, partition):
+        sys.exit(f"{tool}: --out {out} is --partition itself; write a new version folder")
     src = os.path.join(partition, "ffn_partition.safetensors")
     manifest_path = os.path.join(partition, "brick.json")
     for path in (src, manifest_path):

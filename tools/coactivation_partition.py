@@ -60,8 +60,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from calibration_args import (ROOT, add_calibration_args, check_calibration_args,  # noqa: E402
-                              check_out)
+from calibration_args import (ROOT, TASKS, add_calibration_args,  # noqa: E402
+                              check_calibration_args, check_out, train_pairs)
 
 TOOL = "coactivation_partition"
 
@@ -106,9 +106,8 @@ def parse_args():
         sys.exit(f"{tool}: --seed must be >= 0, got {args.seed}")
     out = os.path.normpath(args.out)
     version, brick_id = os.path.basename(out), os.path.basename(os.path.dirname(out))
-    if not version.isdigit() or version.startswith("0") or not brick_id:
-        sys.exit(f"{tool}: --out must be <brick_dir>/<id>/<version> (version 1, 2, ...), "
-                 f"got {args.out}")
+    if not brick_id:
+        sys.exit(f"{tool}: --out must be <brick_dir>/<id>/<version>, got {args.out}")
     check_out(tool, out, args.force)
     if not (os.path.isfile(args.kiln) and os.access(args.kiln, os.X_OK)):
         sys.exit(f"{tool}: --kiln {args.kiln} is not an executable (build it: cmake --build build)")
@@ -119,6 +118,10 @@ def parse_args():
                  f"(the FFN width)")
     if ff % args.experts:
         sys.exit(f"{tool}: --experts {args.experts} does not divide the FFN width {ff}")
+    if args.candidates > 1 and not any(
+            train_pairs(args.sets, task) > args.per_task for task in TASKS):
+        sys.exit(f"{tool}: no train pairs after the first {args.per_task} per task to choose "
+                 f"among --candidates with (lower --per-task, or --candidates 1)")
     args.out, args.version, args.brick_id = out, version, brick_id
     return args
 
@@ -175,9 +178,6 @@ def select(args, tok, made):
     model keeps the highest mean cosine to dense at --select-fraction without
     a fill, on the --select-per-task train pairs after the calibration ones."""
     texts = read_texts(args.sets, "train", args.select_per_task, start=args.per_task)
-    if not texts:
-        sys.exit(f"coactivation_partition: no train pairs after the first {args.per_task} per "
-                 f"task to choose among --candidates with (lower --per-task)")
     dense = None
     best = None
     for kseed, folder in made:

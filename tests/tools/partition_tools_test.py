@@ -42,7 +42,8 @@ class Fixture:
             os.makedirs(os.path.join(self.sets, task))
             for split in ("train", "test"):
                 with open(os.path.join(self.sets, task, f"{split}.jsonl"), "w") as f:
-                    f.write(json.dumps({"query": "q", "document": "d"}) + "\n")
+                    for i in range(2):
+                        f.write(json.dumps({"query": f"q{i}", "document": f"d{i}"}) + "\n")
         self.partition = self.brick("ffn_partition")
         self.kiln = os.path.join(tmp, "kiln")
         with open(self.kiln, "w") as f:
@@ -103,7 +104,7 @@ class ToolRefusalTest(unittest.TestCase):
                 self.assertPassedChecks(self.derived(tool))
         self.assertPassedChecks(self.fx.run(
             "coactivation_partition.py", *self.common(), "--out", self.out,
-            "--kiln", self.fx.kiln))
+            "--kiln", self.fx.kiln, "--per-task", "1"))
 
     def test_shared_flags(self):
         cases = [
@@ -130,6 +131,15 @@ class ToolRefusalTest(unittest.TestCase):
             with self.subTest(tool=tool, flag="--sets"):
                 self.assertRefused(self.derived(tool, "--sets", missing),
                                    "--sets", "py-docstring/train.jsonl")
+        with open(os.path.join(self.fx.model, "config.json"), "w") as f:
+            json.dump({"max_position_embeddings": None, "intermediate_size": 1536}, f)
+        self.assertRefused(self.derived("fit_router_keys.py"), "config.json",
+                           "max_position_embeddings")
+        with open(os.path.join(self.fx.model, "config.json"), "w") as f:
+            f.write("{not json")
+        self.assertRefused(self.derived("fit_router_keys.py"), "--model", "config.json")
+        with open(os.path.join(self.fx.model, "config.json"), "w") as f:
+            json.dump({"max_position_embeddings": 512, "intermediate_size": 1536}, f)
         os.remove(os.path.join(self.fx.sets, "deb-description", "test.jsonl"))
         self.assertRefused(self.derived("fit_router_keys.py"),
                            "--sets", "deb-description/test.jsonl")
@@ -150,13 +160,17 @@ class ToolRefusalTest(unittest.TestCase):
                 self.assertRefused(self.derived(tool, "--out", self.out + "x"),
                                    "--out", self.out + "x")
             with self.subTest(tool=tool, case="out exists"):
-                result = self.derived(tool, "--out", self.fx.partition)
+                result = self.derived(tool, "--out", lora)
                 self.assertEqual(result.returncode, 1, result.stderr)
-                self.assertIn(f"{self.fx.partition} exists", result.stderr)
+                self.assertIn(f"{lora} exists", result.stderr)
                 self.assertIn("--force", result.stderr)
             with self.subTest(tool=tool, case="out exists, --force"):
-                self.assertPassedChecks(self.derived(tool, "--out", self.fx.partition,
-                                                     "--force"))
+                self.assertPassedChecks(self.derived(tool, "--out", lora, "--force"))
+            with self.subTest(tool=tool, case="out is the partition, --force"):
+                result = self.derived(tool, "--out", self.fx.partition + "/", "--force")
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertIn("is --partition itself", result.stderr)
+                self.assertNotIn(BLOCKED, result.stderr)
 
     def test_own_flags(self):
         self.assertRefused(self.derived("calibrate_ffn_fill.py", "--fraction", "1"),
@@ -169,13 +183,16 @@ class ToolRefusalTest(unittest.TestCase):
                            "--per-task")
 
     def test_coactivation_partition(self):
-        base = self.common() + ["--out", self.out, "--kiln", self.fx.kiln]
+        base = self.common() + ["--out", self.out, "--kiln", self.fx.kiln, "--per-task", "1"]
         cases = [
+            (["--per-task", "2"], ["no train pairs after the first 2", "--candidates"]),
+            (["--out", self.fx.partition], [f"{self.fx.partition} exists", "--force"]),
             (["--experts", "0"], ["--experts must be >= 1"]),
             (["--experts", "7"], ["--experts 7 does not divide the FFN width 1536"]),
             (["--select-fraction", "1"], ["--select-fraction"]),
             (["--seed", "-1"], ["--seed"]),
-            (["--out", os.path.join(self._tmp.name, "v1")], ["--out must be"]),
+            (["--out", os.path.join(self._tmp.name, "v1")], ["--out must end in a version"]),
+            (["--out", "3"], ["--out must be <brick_dir>/<id>/<version>"]),
             (["--kiln", self.fx.model], ["--kiln", "not an executable"]),
             (["--eval-fractions", "2"], ["--eval-fractions"]),
         ]
@@ -183,6 +200,9 @@ class ToolRefusalTest(unittest.TestCase):
             with self.subTest(extra=extra):
                 self.assertRefused(self.fx.run("coactivation_partition.py", *base, *extra),
                                    "coactivation_partition", *names)
+        # One candidate needs no pairs beyond the calibration ones.
+        self.assertPassedChecks(self.fx.run("coactivation_partition.py", *base, "--per-task",
+                                            "2", "--candidates", "1"))
 
 
 class CheckFunctionsTest(unittest.TestCase):
