@@ -139,6 +139,10 @@ class ToolRefusalTest(unittest.TestCase):
             f.write("{not json")
         self.assertRefused(self.derived("fit_router_keys.py"), "--model", "config.json")
         with open(os.path.join(self.fx.model, "config.json"), "w") as f:
+            f.write("[512]")
+        self.assertRefused(self.derived("calibrate_ffn_fill.py"), "config.json",
+                           "not a JSON object")
+        with open(os.path.join(self.fx.model, "config.json"), "w") as f:
             json.dump({"max_position_embeddings": 512, "intermediate_size": 1536}, f)
         os.remove(os.path.join(self.fx.sets, "deb-description", "test.jsonl"))
         self.assertRefused(self.derived("fit_router_keys.py"),
@@ -153,6 +157,12 @@ class ToolRefusalTest(unittest.TestCase):
             with self.subTest(tool=tool, case="kind"):
                 self.assertRefused(self.derived(tool, "--partition", lora),
                                    os.path.join(lora, "brick.json"), "kind is 'lora'")
+            with self.subTest(tool=tool, case="brick.json not JSON"):
+                with open(os.path.join(no_manifest, "brick.json"), "w") as f:
+                    f.write("{kind:")
+                self.assertRefused(self.derived(tool, "--partition", no_manifest),
+                                   os.path.join(no_manifest, "brick.json"))
+                os.remove(os.path.join(no_manifest, "brick.json"))
             with self.subTest(tool=tool, case="no brick.json"):
                 self.assertRefused(self.derived(tool, "--partition", no_manifest),
                                    os.path.join(no_manifest, "brick.json"), "--partition")
@@ -188,6 +198,9 @@ class ToolRefusalTest(unittest.TestCase):
             (["--per-task", "2"], ["no train pairs after the first 2", "--candidates"]),
             (["--out", self.fx.partition], [f"{self.fx.partition} exists", "--force"]),
             (["--experts", "0"], ["--experts must be >= 1"]),
+            (["--tokens", "0"], ["--tokens must be >= 1"]),
+            (["--candidates", "0"], ["--candidates must be >= 1"]),
+            (["--select-per-task", "0"], ["--select-per-task must be >= 1"]),
             (["--experts", "7"], ["--experts 7 does not divide the FFN width 1536"]),
             (["--select-fraction", "1"], ["--select-fraction"]),
             (["--seed", "-1"], ["--seed"]),
@@ -200,6 +213,12 @@ class ToolRefusalTest(unittest.TestCase):
             with self.subTest(extra=extra):
                 self.assertRefused(self.fx.run("coactivation_partition.py", *base, *extra),
                                    "coactivation_partition", *names)
+        with open(os.path.join(self.fx.model, "config.json"), "w") as f:
+            json.dump({"max_position_embeddings": 512}, f)
+        self.assertRefused(self.fx.run("coactivation_partition.py", *base), "config.json",
+                           "no intermediate_size")
+        with open(os.path.join(self.fx.model, "config.json"), "w") as f:
+            json.dump({"max_position_embeddings": 512, "intermediate_size": 1536}, f)
         # One candidate needs no pairs beyond the calibration ones.
         self.assertPassedChecks(self.fx.run("coactivation_partition.py", *base, "--per-task",
                                             "2", "--candidates", "1"))
