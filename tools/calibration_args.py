@@ -31,45 +31,79 @@ def add_calibration_args(ap, eval_fractions):
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
-def check_calibration_args(tool, args):
-    """Checks the flags of add_calibration_args and replaces
-    args.eval_fractions by the list of floats it names. Returns the model's
-    config.json as a dict. Exits naming the flag or file at fault."""
-    config_path = os.path.join(args.model, "config.json")
+def read_json_object(tool, given, path):
+    """The JSON object in the file at path; exits naming `given` (the flag
+    and value the file came from) when the file cannot be read or parsed,
+    and the file when it holds something other than an object."""
     try:
-        with open(config_path) as f:
-            config = json.load(f)
+        with open(path) as f:
+            value = json.load(f)
     except (OSError, ValueError) as e:
-        sys.exit(f"{tool}: --model {args.model}: cannot read config.json ({e})")
-    if not isinstance(config, dict):
-        sys.exit(f"{tool}: {config_path}: not a JSON object")
-    for task in TASKS:
-        for split in ("train", "test"):
-            path = os.path.join(args.sets, task, f"{split}.jsonl")
-            if not os.path.isfile(path):
-                sys.exit(f"{tool}: --sets {args.sets}: no {task}/{split}.jsonl (build the "
-                         f"retrieval sets: tools/build_retrieval_set.py)")
+        sys.exit(f"{tool}: {given}: cannot read {os.path.basename(path)} ({e})")
+    if not isinstance(value, dict):
+        sys.exit(f"{tool}: {path}: not a JSON object")
+    return value
+
+
+def model_config(tool, model):
+    """(config.json of the model folder as a dict, the model's position
+    limit: max_position_embeddings, 512 if absent). Exits naming the file."""
+    config_path = os.path.join(model, "config.json")
+    config = read_json_object(tool, f"--model {model}", config_path)
     limit = config.get("max_position_embeddings", 512)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 2:
         sys.exit(f"{tool}: {config_path}: max_position_embeddings is {limit!r}, not a "
                  f"whole number >= 2")
-    if not 2 <= args.max_length <= limit:
+    return config, limit
+
+
+def check_sets(tool, sets, tasks=TASKS, splits=("train", "test")):
+    """Exits naming --sets unless every task has every split's jsonl."""
+    for task in tasks:
+        for split in splits:
+            path = os.path.join(sets, task, f"{split}.jsonl")
+            if not os.path.isfile(path):
+                sys.exit(f"{tool}: --sets {sets}: no {task}/{split}.jsonl (build the "
+                         f"retrieval sets: tools/build_retrieval_set.py)")
+
+
+def check_max_length(tool, max_length, limit):
+    if not 2 <= max_length <= limit:
         sys.exit(f"{tool}: --max-length must be in [2, {limit}] (the model's positions), "
-                 f"got {args.max_length}")
-    if args.eval_per_task < 1:
-        sys.exit(f"{tool}: --eval-per-task must be >= 1, got {args.eval_per_task}")
-    if args.threads < 1:
-        sys.exit(f"{tool}: --threads must be >= 1, got {args.threads}")
+                 f"got {max_length}")
+
+
+def check_at_least(tool, flag, value, low):
+    """Exits naming the flag unless value >= low."""
+    if value < low:
+        sys.exit(f"{tool}: {flag} must be >= {low}, got {value}")
+
+
+def parse_fractions(tool, flag, text):
+    """The comma-separated fractions in (0, 1] of text, as floats; exits
+    naming the flag and the item at fault (NaN is refused)."""
     fractions = []
-    for item in args.eval_fractions.split(","):
+    for item in text.split(","):
         try:
             value = float(item)
         except ValueError:
             value = float("nan")
         if not 0 < value <= 1:  # NaN fails too
-            sys.exit(f"{tool}: --eval-fractions: {item!r} is not a fraction in (0, 1]")
+            sys.exit(f"{tool}: {flag}: {item!r} is not a fraction in (0, 1]")
         fractions.append(value)
-    args.eval_fractions = fractions
+    return fractions
+
+
+def check_calibration_args(tool, args):
+    """Checks the flags of add_calibration_args and replaces
+    args.eval_fractions by the list of floats it names. Returns the model's
+    config.json as a dict. Exits naming the flag or file at fault."""
+    config, limit = model_config(tool, args.model)
+    check_sets(tool, args.sets)
+    check_max_length(tool, args.max_length, limit)
+    check_at_least(tool, "--eval-per-task", args.eval_per_task, 1)
+    check_at_least(tool, "--threads", args.threads, 1)
+    args.eval_fractions = parse_fractions(tool, "--eval-fractions", args.eval_fractions)
     return config
 
 
@@ -120,6 +154,16 @@ def derived_partition(tool, partition, out, force):
     version = check_out(tool, out, force)
     if os.path.exists(out) and os.path.samefile(out, partition):
         sys.exit(f"{tool}: --out {out} is --partition itself; write a new version folder")
+    src, manifest = check_partition(tool, partition)
+    manifest["version"] = version
+    return src, manifest
+
+
+def check_partition(tool, partition):
+    """Checks that --partition is an ffn_partition version folder
+    (ffn_partition.safetensors and a brick.json of kind ffn_partition).
+    Exits naming the file at fault; returns (the safetensors path, the
+    manifest)."""
     src = os.path.join(partition, "ffn_partition.safetensors")
     manifest_path = os.path.join(partition, "brick.json")
     for path in (src, manifest_path):
@@ -134,5 +178,4 @@ def derived_partition(tool, partition, out, force):
     if not isinstance(manifest, dict) or manifest.get("kind") != "ffn_partition":
         kind = manifest.get("kind") if isinstance(manifest, dict) else None
         sys.exit(f"{tool}: {manifest_path}: kind is {kind!r}, not 'ffn_partition'")
-    manifest["version"] = version
     return src, manifest

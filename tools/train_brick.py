@@ -44,17 +44,38 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from build_retrieval_set import TASKS, load_split  # noqa: E402
+from training_args import (add_training_args, check_new_version,  # noqa: E402
+                           check_training_args)
+
+TOOL = "train_brick"
+
+
+def parse_args():
+    """The checked arguments (standard library only)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", required=True, choices=list(TASKS))
+    add_training_args(ap)
+    args = ap.parse_args()
+    check_training_args(TOOL, args, [args.task])
+    check_new_version(TOOL, os.path.join(args.out, args.task, str(args.version)), args.force)
+    return args
+
+
+if __name__ == "__main__":
+    # Before PyTorch loads: a bad argument is refused at once.
+    ARGS = parse_args()
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from batching import batches  # noqa: E402
 from brick_fingerprint import fingerprint  # noqa: E402
-from build_retrieval_set import DEFAULT_OUT, TASKS, load_split  # noqa: E402
-from eval_bricks_torch import DEFAULT_BRICKS, DEFAULT_MODEL, embed, load_base  # noqa: E402
+from eval_bricks_torch import embed, load_base  # noqa: E402
 
 # The six linears of each BERT layer, matched on the full module name so the
 # pooler (pooler.dense) is left alone.
@@ -78,27 +99,6 @@ def check_adapter(folder, max_bytes, tool="train_brick"):
     if size >= max_bytes:
         sys.exit(f"{tool}: adapter is {size} bytes, limit {max_bytes}")
     return size, len(keys)
-
-
-def add_training_args(ap, out_default=DEFAULT_BRICKS):
-    """The flags every LoRA trainer here shares (train_brick, train_exits)."""
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--alpha", type=int, default=16)
-    ap.add_argument("--dropout", type=float, default=0.0)
-    ap.add_argument("--scale", type=float, default=20.0)
-    ap.add_argument("--max-length", type=int, default=128)
-    ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--sets", default=DEFAULT_OUT)
-    ap.add_argument("--out", default=out_default)
-    ap.add_argument("--version", type=int, default=1)
-    ap.add_argument("--max-bytes", type=int, default=2_000_000)
-    ap.add_argument("--force", action="store_true", help="replace an existing version")
 
 
 def seed_everything(args):
@@ -213,18 +213,10 @@ def publish(model, args, brick_id, description, instructions, tool="train_brick"
     return final, size, nkeys
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--task", required=True, choices=list(TASKS))
-    add_training_args(ap)
-    args = ap.parse_args()
-
+def main(args):
     rng = seed_everything(args)
     task = TASKS[args.task]
     rows = load_split(args.task, "train", args.sets)
-    final = os.path.join(args.out, args.task, str(args.version))
-    if os.path.exists(final) and not args.force:
-        sys.exit(f"train_brick: {final} exists (use --force or another --version)")
 
     tok, model = lora_model(args)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -255,4 +247,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

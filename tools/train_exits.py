@@ -57,6 +57,7 @@ official evaluation (which goes through the server).
 """
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -65,60 +66,18 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_brick import (add_training_args, lora_model, optimizer, publish,  # noqa: E402
-                         seed_everything, train_loop)
-from batching import group_batches  # noqa: E402
 from build_retrieval_set import TASKS, load_split  # noqa: E402
-from eval_bricks_torch import ROOT, load_base, mean_pool, merge_brick, ranking_metrics  # noqa: E402
+from calibration_args import ROOT, check_at_least  # noqa: E402
+from training_args import (add_training_args, check_lora_brick,  # noqa: E402
+                           check_new_version, check_training_args)
 
-import torch  # noqa: E402
-
+TOOL = "train_exits"
 TASK = "py-docstring"
 OBJECTIVES = {
     # objective: (default id, default out)
     "multi-exit": ("py-exits", os.path.join(ROOT, "deploy", "bricks")),
     "last-exit": ("py-lastexit", os.path.join(ROOT, ".cache", "bricks")),
 }
-
-
-def embed_exits(model, tok, texts, max_length, exits, bf16=False, chunks=1):
-    """{l: pooled, L2-normalised output of layer l} for l in exits (keeps the
-    autograd graph). bf16: the forward pass runs under CPU autocast (bfloat16
-    matrix products, float32 weights, LayerNorm and softmax); the hidden
-    states are pooled and compared in float32.
-
-    chunks > 1: the texts are sorted by token length and run as that many
-    forward passes of similar lengths, each padded only to its own longest
-    text, and the pooled rows are put back in the caller's order. Padding is
-    masked out of attention and pooling, so the result is the one-pass result
-    (up to float rounding); only the padded work goes: a random batch of this
-    set pads to its longest text (128 tokens) while the mean text has ~60."""
-    lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=max_length)["input_ids"]]
-    order = sorted(range(len(texts)), key=lambda i: lengths[i])
-    size = -(-len(texts) // max(1, chunks))
-    pooled = {l: [] for l in exits}
-    for s in range(0, len(order), size):
-        part = tok([texts[i] for i in order[s:s + size]], padding=True, truncation=True,
-                   max_length=max_length, return_tensors="pt")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            hidden = model(**part, output_hidden_states=True).hidden_states
-        for l in exits:
-            pooled[l].append(mean_pool(hidden[l].float(), part["attention_mask"]))
-    back = torch.empty(len(order), dtype=torch.long)
-    back[torch.tensor(order)] = torch.arange(len(order))
-    return {l: torch.cat(v)[back] for l, v in pooled.items()}
-
-
-def name_query(document):
-    """The words of the function name a document starts with ("def
-    getOptionalRelease(" -> "get optional release"), or None when there is
-    no such name or it has fewer than two words."""
-    m = re.match(r"\s*(?:async\s+)?def\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(", document)
-    if not m:
-        return None
-    words = [w.lower() for part in m.group(1).split("_")
-             for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", part)]
-    return " ".join(words) if len(words) >= 2 else None
 
 
 def cpu_has_bf16():
@@ -131,55 +90,10 @@ def cpu_has_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def exit_weights(objective, kind, n):
-    """{exit: loss weight}: every exit 1..n (l/n or 1), or exit n alone."""
-    if objective == "last-exit":
-        return {n: 1.0}
-    return {l: (l / n if kind == "linear" else 1.0) for l in range(1, n + 1)}
-
-
-@torch.no_grad()
-def encode_exits(model, tok, texts, max_length, exits, batch=64, bf16=False):
-    """{l: [len(texts), hidden]} embeddings at every exit; batches by length."""
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    out = {l: [None] * len(texts) for l in exits}
-    for s in range(0, len(order), batch):
-        idx = order[s:s + batch]
-        vecs = embed_exits(model, tok, [texts[i] for i in idx], max_length, exits, bf16)
-        for l in exits:
-            for i, v in zip(idx, vecs[l]):
-                out[l][i] = v
-    return {l: torch.stack(v) for l, v in out.items()}
-
-
-def sanity_eval(args):
-    """Prints MRR@10 (R@1) per exit for the base model and each brick."""
-    torch.set_num_threads(args.threads)
-    rows = load_split(TASK, "test", args.sets)[:args.eval_pairs]
-    tok, base = load_base(args.model)
-    n = base.config.num_hidden_layers
-    exits = list(range(1, n + 1))
-    qs, ds = [r["query"] for r in rows], [r["document"] for r in rows]
-    results = {}
-    t0 = time.time()
-    for name in ["base", *args.eval]:
-        model = base if name == "base" else merge_brick(base, name)
-        q = encode_exits(model, tok, qs, args.max_length, exits)
-        d = encode_exits(model, tok, ds, args.max_length, exits)
-        results[name] = {l: ranking_metrics(q[l], d[l]) for l in exits}
-    print(f"{TASK} test, first {len(rows)} pairs, no instructions, max length "
-          f"{args.max_length}; MRR@10 (R@1) per exit; {time.time() - t0:.0f} s")
-    width = max(len(os.path.relpath(k, ROOT)) if k != "base" else 4 for k in results)
-    print(f"{'model':<{width}}  " + "  ".join(f"{'exit ' + str(l):>15}" for l in exits))
-    for name, per_exit in results.items():
-        shown = name if name == "base" else os.path.relpath(name, ROOT)
-        print(f"{shown:<{width}}  " + "  ".join(
-            f"{m['mrr@10']:.4f} ({m['recall@1']:.3f})" for m in per_exit.values()))
-    target = 0.95 * results["base"][n]["mrr@10"]
-    print(f"target: exit 3 >= 0.95 x base exit {n} = {target:.4f}")
-
-
-def main():
+def parse_args():
+    """The checked arguments (standard library only). Sets args.id and
+    args.out to the objective's defaults where not given, and reads
+    --extra-pairs into args.extra_rows."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--objective", choices=list(OBJECTIVES), default="multi-exit")
     ap.add_argument("--exit-weights", choices=["linear", "uniform"], default="linear",
@@ -234,31 +148,178 @@ def main():
     # py-exits/1 was --steps 150 --batch 32 --distill 0 --precision fp32.
     ap.set_defaults(steps=300, batch=64, lr=1e-3)
     args = ap.parse_args()
+    config = check_training_args(TOOL, args, [TASK], ("test",) if args.eval is not None
+                                 else ("train",))
+    if args.eval is not None:
+        check_at_least(TOOL, "--eval-pairs", args.eval_pairs, 1)
+        for folder in args.eval:
+            check_lora_brick(TOOL, "--eval", folder)
+        return args
+    layers = config.get("num_hidden_layers")
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        sys.exit(f"{TOOL}: {os.path.join(args.model, 'config.json')}: num_hidden_layers is "
+                 f"{layers!r}, not a whole number >= 1")
+    if not 1 <= args.recommended_exit <= layers:
+        sys.exit(f"{TOOL}: --recommended-exit must be in [1, {layers}] (the model's layers), "
+                 f"got {args.recommended_exit}")
+    if not (math.isfinite(args.distill) and args.distill >= 0):
+        sys.exit(f"{TOOL}: --distill must be a finite number >= 0, got {args.distill}")
+    check_at_least(TOOL, "--chunks", args.chunks, 1)
+    if not 0 < args.subset <= 1:
+        sys.exit(f"{TOOL}: --subset must be in (0, 1], got {args.subset}")
+    if args.module_blocks < 0:
+        sys.exit(f"{TOOL}: --module-blocks must be >= 0 (0 = random batches), got "
+                 f"{args.module_blocks}")
+    args.extra_rows = read_extra_pairs(args.extra_pairs) if args.extra_pairs else []
+    default_id, default_out = OBJECTIVES[args.objective]
+    args.id = args.id or default_id
+    args.out = args.out or default_out
+    check_new_version(TOOL, os.path.join(args.out, args.id, str(args.version)), args.force)
+    return args
+
+
+def read_extra_pairs(path):
+    """The rows of an --extra-pairs file: one JSON object a line with string
+    query and document (tools/extra_code_pairs.py writes id and group too;
+    missing ones are filled in). Exits naming the file and line at fault."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    sys.exit(f"{TOOL}: --extra-pairs {path}: line {number}: not JSON ({e})")
+                if not (isinstance(row, dict) and isinstance(row.get("query"), str)
+                        and isinstance(row.get("document"), str)):
+                    sys.exit(f"{TOOL}: --extra-pairs {path}: line {number}: not an object "
+                             f"with string query and document")
+                row.setdefault("id", f"extra:{number}")
+                row.setdefault("group", f"extra:{number}")
+                rows.append(row)
+    except (OSError, UnicodeDecodeError) as e:
+        sys.exit(f"{TOOL}: --extra-pairs {path}: {e}")
+    if not rows:
+        sys.exit(f"{TOOL}: --extra-pairs {path}: no pairs")
+    return rows
+
+
+if __name__ == "__main__":
+    # Before PyTorch loads: a bad argument is refused at once.
+    ARGS = parse_args()
+
+import torch  # noqa: E402
+
+from train_brick import (lora_model, optimizer, publish,  # noqa: E402
+                         seed_everything, train_loop)
+from batching import group_batches  # noqa: E402
+from eval_bricks_torch import load_base, mean_pool, merge_brick, ranking_metrics  # noqa: E402
+
+
+
+
+def embed_exits(model, tok, texts, max_length, exits, bf16=False, chunks=1):
+    """{l: pooled, L2-normalised output of layer l} for l in exits (keeps the
+    autograd graph). bf16: the forward pass runs under CPU autocast (bfloat16
+    matrix products, float32 weights, LayerNorm and softmax); the hidden
+    states are pooled and compared in float32.
+
+    chunks > 1: the texts are sorted by token length and run as that many
+    forward passes of similar lengths, each padded only to its own longest
+    text, and the pooled rows are put back in the caller's order. Padding is
+    masked out of attention and pooling, so the result is the one-pass result
+    (up to float rounding); only the padded work goes: a random batch of this
+    set pads to its longest text (128 tokens) while the mean text has ~60."""
+    lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=max_length)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    size = -(-len(texts) // max(1, chunks))
+    pooled = {l: [] for l in exits}
+    for s in range(0, len(order), size):
+        part = tok([texts[i] for i in order[s:s + size]], padding=True, truncation=True,
+                   max_length=max_length, return_tensors="pt")
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            hidden = model(**part, output_hidden_states=True).hidden_states
+        for l in exits:
+            pooled[l].append(mean_pool(hidden[l].float(), part["attention_mask"]))
+    back = torch.empty(len(order), dtype=torch.long)
+    back[torch.tensor(order)] = torch.arange(len(order))
+    return {l: torch.cat(v)[back] for l, v in pooled.items()}
+
+
+def name_query(document):
+    """The words of the function name a document starts with ("def
+    getOptionalRelease(" -> "get optional release"), or None when there is
+    no such name or it has fewer than two words."""
+    m = re.match(r"\s*(?:async\s+)?def\s+([A-Za-z_][A-Za-z0-9_]*)\s*\(", document)
+    if not m:
+        return None
+    words = [w.lower() for part in m.group(1).split("_")
+             for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", part)]
+    return " ".join(words) if len(words) >= 2 else None
+
+
+def exit_weights(objective, kind, n):
+    """{exit: loss weight}: every exit 1..n (l/n or 1), or exit n alone."""
+    if objective == "last-exit":
+        return {n: 1.0}
+    return {l: (l / n if kind == "linear" else 1.0) for l in range(1, n + 1)}
+
+
+@torch.no_grad()
+def encode_exits(model, tok, texts, max_length, exits, batch=64, bf16=False):
+    """{l: [len(texts), hidden]} embeddings at every exit; batches by length."""
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out = {l: [None] * len(texts) for l in exits}
+    for s in range(0, len(order), batch):
+        idx = order[s:s + batch]
+        vecs = embed_exits(model, tok, [texts[i] for i in idx], max_length, exits, bf16)
+        for l in exits:
+            for i, v in zip(idx, vecs[l]):
+                out[l][i] = v
+    return {l: torch.stack(v) for l, v in out.items()}
+
+
+def sanity_eval(args):
+    """Prints MRR@10 (R@1) per exit for the base model and each brick."""
+    torch.set_num_threads(args.threads)
+    rows = load_split(TASK, "test", args.sets)[:args.eval_pairs]
+    tok, base = load_base(args.model)
+    n = base.config.num_hidden_layers
+    exits = list(range(1, n + 1))
+    qs, ds = [r["query"] for r in rows], [r["document"] for r in rows]
+    results = {}
+    t0 = time.time()
+    for name in ["base", *args.eval]:
+        model = base if name == "base" else merge_brick(base, name)
+        q = encode_exits(model, tok, qs, args.max_length, exits)
+        d = encode_exits(model, tok, ds, args.max_length, exits)
+        results[name] = {l: ranking_metrics(q[l], d[l]) for l in exits}
+    print(f"{TASK} test, first {len(rows)} pairs, no instructions, max length "
+          f"{args.max_length}; MRR@10 (R@1) per exit; {time.time() - t0:.0f} s")
+    width = max(len(os.path.relpath(k, ROOT)) if k != "base" else 4 for k in results)
+    print(f"{'model':<{width}}  " + "  ".join(f"{'exit ' + str(l):>15}" for l in exits))
+    for name, per_exit in results.items():
+        shown = name if name == "base" else os.path.relpath(name, ROOT)
+        print(f"{shown:<{width}}  " + "  ".join(
+            f"{m['mrr@10']:.4f} ({m['recall@1']:.3f})" for m in per_exit.values()))
+    target = 0.95 * results["base"][n]["mrr@10"]
+    print(f"target: exit 3 >= 0.95 x base exit {n} = {target:.4f}")
+
+
+def main(args):
     if args.eval is not None:
         sanity_eval(args)
         return
-
-    default_id, default_out = OBJECTIVES[args.objective]
-    brick_id = args.id or default_id
-    args.out = args.out or default_out
-    final = os.path.join(args.out, brick_id, str(args.version))
-    if os.path.exists(final) and not args.force:
-        sys.exit(f"train_exits: {final} exists (use --force or another --version)")
+    brick_id = args.id
 
     if args.precision == "auto":
         args.precision = "bf16" if cpu_has_bf16() else "fp32"
     rng = seed_everything(args)
     rows = load_split(TASK, "train", args.sets)
-    if args.module_blocks < 0:
-        sys.exit(f"train_exits: --module-blocks must be >= 0 (0 = random batches), got "
-                 f"{args.module_blocks}")
-    if not 0 < args.subset <= 1:
-        sys.exit(f"train_exits: --subset must be in (0, 1], got {args.subset}")
     if args.subset < 1:
         rows = random.Random(args.seed).sample(rows, round(len(rows) * args.subset))
     if args.extra_pairs:
-        with open(args.extra_pairs, encoding="utf-8") as f:
-            extra = [json.loads(line) for line in f]
+        extra = args.extra_rows
         print(f"train_exits: --extra-pairs: {len(extra)} pairs from {args.extra_pairs} added to "
               f"{len(rows)} train pairs", file=sys.stderr)
         rows += extra
@@ -357,4 +418,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -55,23 +55,96 @@ fresh schedule: a longer run in pieces, each of which fits a session.
 import argparse
 import contextlib
 import copy
-import json
 import math
 import os
 import platform
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_brick import (add_training_args, lora_model, optimizer, publish,  # noqa: E402
-                         seed_everything, train_loop)
-from train_exits import cpu_has_bf16  # noqa: E402
-from eval_bricks_torch import ROOT, load_base, merge_brick  # noqa: E402
-from calibration_args import PARTITION  # noqa: E402
-from sparse_ffn_torch import SparseFfn, read_texts  # noqa: E402
+from calibration_args import (PARTITION, ROOT, TASKS, check_at_least,  # noqa: E402
+                              check_partition, parse_fractions)
+from training_args import (add_training_args, check_lora_brick, check_new_version,  # noqa: E402
+                           check_positive, check_training_args)
+
+TOOL = "train_sparse_recovery"
+
+
+def parse_args():
+    """The checked arguments (standard library only); sets args.id to its
+    default where not given and args.eval_fractions to a list of floats."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fraction", type=float, default=0.5, help="the ffn_fraction trained for")
+    ap.add_argument("--partition", default=PARTITION,
+                    help="the ffn_partition version folder served with the brick (its fill, "
+                         "if it has one, is used as the engine uses it)")
+    ap.add_argument("--hidden-weight", type=float, default=1.0,
+                    help="weight of the per-layer token-state cosine loss")
+    ap.add_argument("--relation-weight", type=float, default=0.0,
+                    help="weight of the in-batch neighbour-distribution (relational) loss; "
+                         "> 0 also makes batches of query-document pairs")
+    ap.add_argument("--relation-temperature", type=float, default=0.05,
+                    help="softmax temperature of the relational loss")
+    ap.add_argument("--id", default=None, help="brick id (default ffn-recovery-<percent>)")
+    ap.add_argument("--eval-per-task", type=int, default=40,
+                    help="test pairs per task for the cosine-to-dense report")
+    ap.add_argument("--eval-fractions", default="1,0.75,0.5,0.25",
+                    help="comma-separated ffn_fractions of that report, each in (0, 1]")
+    ap.add_argument("--eval-only", metavar="BRICK_DIR", help="only evaluate this brick")
+    ap.add_argument("--init", metavar="BRICK_DIR",
+                    help="start from this brick's LoRA weights (same --rank and --alpha) "
+                         "instead of a fresh LoRA; the schedule starts afresh")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    ap.add_argument("--full-weights", action="store_true",
+                    help="ceiling experiment: train all encoder weights (no LoRA; pass a "
+                         "full fine-tuning --lr such as 5e-5), print the cosines, publish "
+                         "nothing")
+    add_training_args(ap, out_default=os.path.join(ROOT, ".cache", "bricks"))
+    ap.set_defaults(steps=400, batch=64, lr=1e-3)
+    args = ap.parse_args()
+    if not 0 < args.fraction < 1:
+        sys.exit(f"{TOOL}: --fraction must be in (0, 1), got {args.fraction}")
+    for flag, value in (("--hidden-weight", args.hidden_weight),
+                        ("--relation-weight", args.relation_weight)):
+        if not (math.isfinite(value) and value >= 0):
+            sys.exit(f"{TOOL}: {flag} must be a finite number >= 0, got {value}")
+    check_positive(TOOL, "--relation-temperature", args.relation_temperature)
+    if args.init and (args.full_weights or args.eval_only):
+        sys.exit(f"{TOOL}: --init trains a LoRA brick; it does not go with "
+                 f"--full-weights or --eval-only")
+    if args.relation_weight > 0 and args.batch < 4:
+        sys.exit(f"{TOOL}: --relation-weight needs --batch >= 4, got {args.batch}")
+    check_at_least(TOOL, "--eval-per-task", args.eval_per_task, 1)
+    args.eval_fractions = parse_fractions(TOOL, "--eval-fractions", args.eval_fractions)
+    check_training_args(TOOL, args, TASKS, ("test",) if args.eval_only else ("train", "test"),
+                        min_batch=1)
+    check_partition(TOOL, args.partition)
+    if args.eval_only:
+        check_lora_brick(TOOL, "--eval-only", args.eval_only)
+    if args.init:
+        cfg = check_lora_brick(TOOL, "--init", args.init)
+        if (cfg["r"], cfg["lora_alpha"]) != (args.rank, args.alpha):
+            sys.exit(f"{TOOL}: {os.path.join(args.init, 'adapter_config.json')}: rank "
+                     f"{cfg['r']} alpha {cfg['lora_alpha']}, but --rank {args.rank} "
+                     f"--alpha {args.alpha}")
+    args.id = args.id or f"ffn-recovery-{round(args.fraction * 100)}"
+    if not (args.eval_only or args.full_weights):
+        check_new_version(TOOL, os.path.join(args.out, args.id, str(args.version)), args.force)
+    return args
+
+
+if __name__ == "__main__":
+    # Before PyTorch loads: a bad argument is refused at once.
+    ARGS = parse_args()
 
 import torch  # noqa: E402
 from peft import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
+
+from train_brick import lora_model, optimizer, publish, seed_everything, train_loop  # noqa: E402
+from train_exits import cpu_has_bf16  # noqa: E402
+from eval_bricks_torch import load_base, merge_brick  # noqa: E402
+from sparse_ffn_torch import SparseFfn, read_texts  # noqa: E402
+
 
 def encode(model, tok, texts, max_length, bf16, grad):
     """(pooled L2 embeddings [n, d], hidden states per layer, attention mask)."""
@@ -94,20 +167,15 @@ def relation_loss(student, teacher, temperature):
                                       log_target=True, reduction="batchmean")
 
 
-def load_lora(model, brick_dir, args):
+def load_lora(model, brick_dir):
     """Sets the PEFT model's LoRA weights to those of the brick in brick_dir
-    (published by this tool or train_brick.py); exits naming the file at
-    fault if its rank, alpha or tensors do not match the model's."""
-    path = os.path.join(brick_dir, "adapter_config.json")
+    (published by this tool or train_brick.py; parse_args has checked its
+    rank and alpha); exits naming the brick if its tensors do not match the
+    model's."""
     try:
-        with open(path) as f:
-            cfg = json.load(f)
         tensors = load_file(os.path.join(brick_dir, "adapter_model.safetensors"))
     except (OSError, ValueError) as e:
         sys.exit(f"train_sparse_recovery: --init {brick_dir}: {e}")
-    if (cfg.get("r"), cfg.get("lora_alpha")) != (args.rank, args.alpha):
-        sys.exit(f"train_sparse_recovery: {path}: rank {cfg.get('r')} alpha "
-                 f"{cfg.get('lora_alpha')}, but --rank {args.rank} --alpha {args.alpha}")
     own = get_peft_model_state_dict(model)
     if sorted(own) != sorted(tensors):
         missing = sorted(set(own) ^ set(tensors))[:3]
@@ -152,51 +220,11 @@ def print_cosines(label, result):
                                    for f, (m, n) in result.items()), flush=True)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fraction", type=float, default=0.5, help="the ffn_fraction trained for")
-    ap.add_argument("--partition", default=PARTITION,
-                    help="the ffn_partition version folder served with the brick (its fill, "
-                         "if it has one, is used as the engine uses it)")
-    ap.add_argument("--hidden-weight", type=float, default=1.0,
-                    help="weight of the per-layer token-state cosine loss")
-    ap.add_argument("--relation-weight", type=float, default=0.0,
-                    help="weight of the in-batch neighbour-distribution (relational) loss; "
-                         "> 0 also makes batches of query-document pairs")
-    ap.add_argument("--relation-temperature", type=float, default=0.05,
-                    help="softmax temperature of the relational loss")
-    ap.add_argument("--id", default=None, help="brick id (default ffn-recovery-<percent>)")
-    ap.add_argument("--eval-per-task", type=int, default=40)
-    ap.add_argument("--eval-fractions", default="1,0.75,0.5,0.25")
-    ap.add_argument("--eval-only", metavar="BRICK_DIR", help="only evaluate this brick")
-    ap.add_argument("--init", metavar="BRICK_DIR",
-                    help="start from this brick's LoRA weights (same --rank and --alpha) "
-                         "instead of a fresh LoRA; the schedule starts afresh")
-    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
-    ap.add_argument("--full-weights", action="store_true",
-                    help="ceiling experiment: train all encoder weights (no LoRA; pass a "
-                         "full fine-tuning --lr such as 5e-5), print the cosines, publish "
-                         "nothing")
-    add_training_args(ap, out_default=os.path.join(ROOT, ".cache", "bricks"))
-    ap.set_defaults(steps=400, batch=64, lr=1e-3)
-    args = ap.parse_args()
-    if not 0 < args.fraction < 1:
-        sys.exit(f"train_sparse_recovery: --fraction must be in (0, 1), got {args.fraction}")
-    if args.relation_weight < 0:
-        sys.exit(f"train_sparse_recovery: --relation-weight must be >= 0, got "
-                 f"{args.relation_weight}")
-    if not args.relation_temperature > 0:
-        sys.exit(f"train_sparse_recovery: --relation-temperature must be > 0, got "
-                 f"{args.relation_temperature}")
-    if args.init and (args.full_weights or args.eval_only):
-        sys.exit("train_sparse_recovery: --init trains a LoRA brick; it does not go with "
-                 "--full-weights or --eval-only")
-    if args.relation_weight > 0 and args.batch < 4:
-        sys.exit(f"train_sparse_recovery: --relation-weight needs --batch >= 4, got {args.batch}")
+def main(args):
     bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_bf16())
-    brick_id = args.id or f"ffn-recovery-{round(args.fraction * 100)}"
+    brick_id = args.id
     eval_texts = read_texts(args.sets, "test", args.eval_per_task)
-    fractions = [float(f) for f in args.eval_fractions.split(",")]
+    fractions = args.eval_fractions
 
     if args.eval_only:
         torch.set_num_threads(args.threads)
@@ -210,9 +238,6 @@ def main():
         print_cosines(os.path.relpath(args.eval_only, ROOT), result)
         return
 
-    final = os.path.join(args.out, brick_id, str(args.version))
-    if os.path.exists(final) and not args.force and not args.full_weights:
-        sys.exit(f"train_sparse_recovery: {final} exists (use --force or another --version)")
     rng = seed_everything(args)
     texts = read_texts(args.sets, "train")
     if args.full_weights:
@@ -228,7 +253,7 @@ def main():
     else:
         tok, model = lora_model(args)
         if args.init:
-            load_lora(model, args.init, args)
+            load_lora(model, args.init)
 
         @contextlib.contextmanager
         def dense_model():
@@ -300,4 +325,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

@@ -3,80 +3,30 @@
 (tools/calibration_args.py and the tools that use it: calibrate_ffn_fill.py,
 fit_router_keys.py, coactivation_partition.py). Standard library only.
 
-The tools need PyTorch to run but check their arguments before importing
-it. Each case runs a tool as a user would, with modules named torch,
-transformers and safetensors on PYTHONPATH that fail on import: a bad
-argument must be refused (exit 1, the flag or file named, no traceback)
-before any of them loads, and nothing written; valid arguments must get as
-far as the first of them.
+Each case runs a tool as a user would, with PyTorch and the packages
+around it blocked (tool_harness.Fixture): a bad argument must be refused
+(exit 1, the flag or file named, no traceback) before any of them loads,
+and nothing written; valid arguments must get as far as the first of them.
 
 Run from the repo root: python3 tests/tools/partition_tools_test.py
 """
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import unittest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import calibration_args as ca  # noqa: E402
-
-BLOCKED = "imported before the arguments were checked"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tool_harness import BLOCKED, Fixture, ToolTestCase  # noqa: E402
+import calibration_args as ca  # noqa: E402  (tool_harness put tools/ on the path)
 
 
-class Fixture:
-    """A model folder (config.json only), retrieval sets, a partition
-    version folder, a fake kiln binary and the import blockers, in tmp."""
-
-    def __init__(self, tmp):
-        self.tmp = tmp
-        self.model = os.path.join(tmp, "model")
-        os.makedirs(self.model)
-        with open(os.path.join(self.model, "config.json"), "w") as f:
-            json.dump({"max_position_embeddings": 512, "intermediate_size": 1536}, f)
-        self.sets = os.path.join(tmp, "sets")
-        for task in ca.TASKS:
-            os.makedirs(os.path.join(self.sets, task))
-            for split in ("train", "test"):
-                with open(os.path.join(self.sets, task, f"{split}.jsonl"), "w") as f:
-                    for i in range(2):
-                        f.write(json.dumps({"query": f"q{i}", "document": f"d{i}"}) + "\n")
-        self.partition = self.brick("ffn_partition")
-        self.kiln = os.path.join(tmp, "kiln")
-        with open(self.kiln, "w") as f:
-            f.write("#!/bin/sh\nexit 3\n")
-        os.chmod(self.kiln, 0o755)
-        self.blockers = os.path.join(tmp, "blockers")
-        for name in ("torch", "transformers", "safetensors"):
-            os.makedirs(os.path.join(self.blockers, name))
-            with open(os.path.join(self.blockers, name, "__init__.py"), "w") as f:
-                f.write(f"raise ImportError('{name} {BLOCKED}')\n")
-
-    def brick(self, kind, name="part/ffn-e16/3"):
-        folder = os.path.join(self.tmp, name)
-        os.makedirs(folder)
-        open(os.path.join(folder, "ffn_partition.safetensors"), "wb").close()
-        with open(os.path.join(folder, "brick.json"), "w") as f:
-            json.dump({"id": "ffn-e16", "version": 3, "kind": kind}, f)
-        return folder
-
-    def run(self, tool, *args):
-        env = dict(os.environ, PYTHONPATH=self.blockers)
-        return subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool), *args],
-                              capture_output=True, text=True, env=env, timeout=60)
-
-
-class ToolRefusalTest(unittest.TestCase):
+class ToolRefusalTest(ToolTestCase):
     def setUp(self):
-        self._tmp = tempfile.TemporaryDirectory()
-        self.fx = Fixture(self._tmp.name)
-        self.out = os.path.join(self._tmp.name, "new", "ffn-e16", "5")
-
-    def tearDown(self):
-        self._tmp.cleanup()
+        super().setUp()
+        self.out = os.path.join(self.tmp, "new", "ffn-e16", "5")
+        self.written = os.path.dirname(self.out)
 
     def common(self):
         return ["--model", self.fx.model, "--sets", self.fx.sets]
@@ -85,18 +35,6 @@ class ToolRefusalTest(unittest.TestCase):
         """A derived-partition tool's run with valid arguments but extra."""
         args = self.common() + ["--partition", self.fx.partition, "--out", self.out]
         return self.fx.run(tool, *args, *extra)
-
-    def assertRefused(self, result, *names):
-        self.assertEqual(result.returncode, 1, result.stderr)
-        self.assertNotIn("Traceback", result.stderr)
-        self.assertNotIn(BLOCKED, result.stderr)
-        for name in names:
-            self.assertIn(name, result.stderr)
-        self.assertFalse(os.path.exists(os.path.dirname(self.out)), "something was written")
-
-    def assertPassedChecks(self, result):
-        self.assertNotEqual(result.returncode, 0)
-        self.assertIn(f"torch {BLOCKED}", result.stderr)
 
     def test_valid_arguments_reach_pytorch(self):
         for tool in ("calibrate_ffn_fill.py", "fit_router_keys.py"):
@@ -123,7 +61,7 @@ class ToolRefusalTest(unittest.TestCase):
                     self.assertRefused(self.derived(tool, *extra), tool[:-3], *names)
 
     def test_model_and_sets(self):
-        missing = os.path.join(self._tmp.name, "nowhere")
+        missing = os.path.join(self.tmp, "nowhere")
         for tool in ("calibrate_ffn_fill.py", "fit_router_keys.py"):
             with self.subTest(tool=tool, flag="--model"):
                 self.assertRefused(self.derived(tool, "--model", missing),
@@ -150,7 +88,7 @@ class ToolRefusalTest(unittest.TestCase):
 
     def test_partition_and_out(self):
         lora = self.fx.brick("lora", "lora/3")
-        no_manifest = os.path.join(self._tmp.name, "bare", "3")
+        no_manifest = os.path.join(self.tmp, "bare", "3")
         os.makedirs(no_manifest)
         open(os.path.join(no_manifest, "ffn_partition.safetensors"), "wb").close()
         for tool in ("calibrate_ffn_fill.py", "fit_router_keys.py"):
@@ -204,7 +142,7 @@ class ToolRefusalTest(unittest.TestCase):
             (["--experts", "7"], ["--experts 7 does not divide the FFN width 1536"]),
             (["--select-fraction", "1"], ["--select-fraction"]),
             (["--seed", "-1"], ["--seed"]),
-            (["--out", os.path.join(self._tmp.name, "v1")], ["--out must end in a version"]),
+            (["--out", os.path.join(self.tmp, "v1")], ["--out must end in a version"]),
             (["--out", "3"], ["--out must be <brick_dir>/<id>/<version>"]),
             (["--kiln", self.fx.model], ["--kiln", "not an executable"]),
             (["--eval-fractions", "2"], ["--eval-fractions"]),

@@ -1,0 +1,215 @@
+#!/usr/bin/env python3
+"""Tests of the LoRA trainers' argument checks (tools/training_args.py and
+the tools that use it: train_brick.py, train_exits.py,
+train_sparse_recovery.py). Standard library only.
+
+Each case runs a trainer as a user would, with PyTorch and the packages
+around it blocked (tool_harness.Fixture): a bad argument must be refused
+(exit 1, the flag or file named, no traceback) before any of them loads,
+and nothing written; valid arguments must get as far as the first of them.
+
+Run from the repo root: python3 tests/tools/training_tools_test.py
+"""
+import argparse
+import json
+import os
+import sys
+import tempfile
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tool_harness import BLOCKED, Fixture, ToolTestCase  # noqa: E402
+import training_args as ta  # noqa: E402  (tool_harness put tools/ on the path)
+
+TOOLS = ("train_brick.py", "train_exits.py", "train_sparse_recovery.py")
+
+
+class TrainerRefusalTest(ToolTestCase):
+    def setUp(self):
+        super().setUp()
+        self.out = os.path.join(self.tmp, "new")
+        self.written = self.out
+
+    def train(self, tool, *extra):
+        """A trainer's run with valid arguments but extra."""
+        args = ["--model", self.fx.model, "--sets", self.fx.sets, "--out", self.out]
+        if tool == "train_brick.py":
+            args += ["--task", "py-docstring"]
+        if tool == "train_sparse_recovery.py":
+            args += ["--partition", self.fx.partition]
+        return self.fx.run(tool, *args, *extra)
+
+    def test_valid_arguments_reach_pytorch(self):
+        for tool in TOOLS:
+            with self.subTest(tool=tool):
+                self.assertPassedChecks(self.train(tool))
+        brick = self.fx.lora("bricks/py-exits/2")
+        self.assertPassedChecks(self.train("train_exits.py", "--eval", brick))
+        self.assertPassedChecks(self.train("train_exits.py", "--eval"))  # base model only
+        self.assertPassedChecks(self.train("train_sparse_recovery.py", "--eval-only", brick))
+        self.assertPassedChecks(self.train("train_sparse_recovery.py", "--init", brick))
+        # Recovery's loss needs no in-batch negatives.
+        self.assertPassedChecks(self.train("train_sparse_recovery.py", "--batch", "1"))
+
+    def test_shared_flags(self):
+        cases = [
+            (["--steps", "0"], ["--steps must be >= 1"]),
+            (["--lr", "0"], ["--lr", "> 0"]),
+            (["--lr", "nan"], ["--lr"]),
+            (["--lr", "inf"], ["--lr"]),
+            (["--warmup", "1.5"], ["--warmup"]),
+            (["--warmup", "nan"], ["--warmup"]),
+            (["--warmup", "-0.1"], ["--warmup"]),
+            (["--rank", "0"], ["--rank must be >= 1"]),
+            (["--alpha", "0"], ["--alpha must be >= 1"]),
+            (["--dropout", "1"], ["--dropout"]),
+            (["--scale", "0"], ["--scale"]),
+            (["--scale", "nan"], ["--scale"]),
+            (["--threads", "0"], ["--threads must be >= 1"]),
+            (["--version", "0"], ["--version must be >= 1"]),
+            (["--max-bytes", "0"], ["--max-bytes must be >= 1"]),
+            (["--max-length", "1"], ["--max-length", "[2, 512]"]),
+            (["--max-length", "513"], ["--max-length", "[2, 512]"]),
+            (["--model", os.path.join(self.tmp, "nowhere")], ["--model", "config.json"]),
+            (["--sets", os.path.join(self.tmp, "nowhere")],
+             ["--sets", "py-docstring/train.jsonl"]),
+        ]
+        for tool in TOOLS:
+            for extra, names in cases:
+                with self.subTest(tool=tool, extra=extra):
+                    self.assertRefused(self.train(tool, *extra), tool[:-3], *names)
+        for tool in ("train_brick.py", "train_exits.py"):  # in-batch negatives
+            with self.subTest(tool=tool, extra="--batch 1"):
+                self.assertRefused(self.train(tool, "--batch", "1"), "--batch must be >= 2")
+        self.assertRefused(self.train("train_sparse_recovery.py", "--batch", "0"),
+                           "--batch must be >= 1")
+
+    def test_existing_version(self):
+        existing = {"train_brick.py": "py-docstring/1", "train_exits.py": "py-exits/1",
+                    "train_sparse_recovery.py": "ffn-recovery-50/1"}
+        for tool, name in existing.items():
+            folder = self.fx.lora(os.path.join("new", name))
+            with self.subTest(tool=tool):
+                result = self.train(tool)
+                self.assertEqual(result.returncode, 1, result.stderr)
+                self.assertIn(f"{folder} exists", result.stderr)
+                self.assertIn("--force", result.stderr)
+                self.assertNotIn(BLOCKED, result.stderr)
+                self.assertPassedChecks(self.train(tool, "--force"))
+        # --id and --objective pick the folder; --full-weights publishes nothing.
+        self.assertPassedChecks(self.train("train_exits.py", "--objective", "last-exit"))
+        self.assertPassedChecks(self.train("train_exits.py", "--id", "other"))
+        self.assertPassedChecks(self.train("train_sparse_recovery.py", "--full-weights"))
+        self.assertPassedChecks(self.train("train_sparse_recovery.py", "--fraction", "0.25"))
+
+    def test_train_exits(self):
+        extra = os.path.join(self.tmp, "extra.jsonl")
+        brick = self.fx.lora("bricks/py-exits/2")
+        bad_brick = self.fx.lora("bricks/bad/1", r=0)
+        cases = [
+            (["--recommended-exit", "0"], ["--recommended-exit", "[1, 6]"]),
+            (["--recommended-exit", "7"], ["--recommended-exit", "[1, 6]"]),
+            (["--distill", "-1"], ["--distill"]),
+            (["--distill", "nan"], ["--distill"]),
+            (["--chunks", "0"], ["--chunks must be >= 1"]),
+            (["--subset", "0"], ["--subset"]),
+            (["--subset", "1.5"], ["--subset"]),
+            (["--module-blocks", "-1"], ["--module-blocks"]),
+            (["--extra-pairs", extra], ["--extra-pairs", extra]),
+            (["--eval", brick, "--eval-pairs", "0"], ["--eval-pairs must be >= 1"]),
+            (["--eval", self.fx.partition], ["--eval", "adapter_config.json"]),
+            (["--eval", bad_brick], ["adapter_config.json", "r is 0"]),
+        ]
+        for args, names in cases:
+            with self.subTest(args=args):
+                self.assertRefused(self.train("train_exits.py", *args), "train_exits", *names)
+        lines = {
+            "not JSON": ('{"query": "q"\n', "line 1: not JSON"),
+            "no document": ('{"query": "q", "document": "d"}\n{"query": "q"}\n',
+                            "line 2: not an object with string query and document"),
+            "empty": ("", "no pairs"),
+        }
+        for case, (text, message) in lines.items():
+            with self.subTest(extra_pairs=case):
+                with open(extra, "w") as f:
+                    f.write(text)
+                self.assertRefused(self.train("train_exits.py", "--extra-pairs", extra),
+                                   "--extra-pairs", message)
+        with open(extra, "w") as f:
+            f.write('{"query": "q", "document": "d", "id": "x:1", "group": "x"}\n')
+        self.assertPassedChecks(self.train("train_exits.py", "--extra-pairs", extra))
+        # Training reads the train split, --eval the test split.
+        os.remove(os.path.join(self.fx.sets, "py-docstring", "test.jsonl"))
+        self.assertPassedChecks(self.train("train_exits.py"))
+        self.assertRefused(self.train("train_exits.py", "--eval"),
+                           "--sets", "py-docstring/test.jsonl")
+        self.fx.write_config(num_hidden_layers=None)
+        self.assertRefused(self.train("train_exits.py"), "config.json", "num_hidden_layers")
+
+    def test_train_sparse_recovery(self):
+        brick = self.fx.lora("bricks/ffn-recovery-50/3")
+        rank16 = self.fx.lora("bricks/ffn-recovery-50/4", r=16, alpha=32)
+        no_tensors = self.fx.lora("bricks/ffn-recovery-50/5")
+        os.remove(os.path.join(no_tensors, "adapter_model.safetensors"))
+        cases = [
+            (["--fraction", "1"], ["--fraction", "(0, 1)"]),
+            (["--fraction", "0"], ["--fraction"]),
+            (["--fraction", "nan"], ["--fraction"]),
+            (["--hidden-weight", "-1"], ["--hidden-weight"]),
+            (["--hidden-weight", "nan"], ["--hidden-weight"]),
+            (["--relation-weight", "-1"], ["--relation-weight"]),
+            (["--relation-temperature", "0"], ["--relation-temperature"]),
+            (["--relation-weight", "1", "--batch", "2"], ["--relation-weight needs --batch >= 4"]),
+            (["--init", brick, "--full-weights"], ["--init", "--full-weights"]),
+            (["--init", brick, "--eval-only", brick], ["--init", "--eval-only"]),
+            (["--eval-per-task", "0"], ["--eval-per-task must be >= 1"]),
+            (["--eval-fractions", "0.5,x"], ["--eval-fractions", "'x'"]),
+            (["--eval-fractions", "1.5"], ["--eval-fractions", "'1.5'"]),
+            (["--partition", brick], ["--partition", "ffn_partition.safetensors"]),
+            (["--eval-only", self.fx.partition], ["--eval-only", "adapter_config.json"]),
+            (["--init", rank16], ["adapter_config.json", "rank 16 alpha 32",
+                                  "--rank 8 --alpha 16"]),
+            (["--init", rank16, "--rank", "16"], ["rank 16 alpha 32", "--alpha 16"]),
+            (["--init", no_tensors], ["--init", "no adapter_model.safetensors"]),
+            (["--init", self.fx.model], ["--init", "adapter_config.json"]),
+        ]
+        for args, names in cases:
+            with self.subTest(args=args):
+                self.assertRefused(self.train("train_sparse_recovery.py", *args),
+                                   "train_sparse_recovery", *names)
+        self.assertPassedChecks(self.train("train_sparse_recovery.py", "--init", rank16,
+                                           "--rank", "16", "--alpha", "32"))
+        with open(os.path.join(brick, "adapter_config.json"), "w") as f:
+            f.write("[8, 16]")
+        self.assertRefused(self.train("train_sparse_recovery.py", "--init", brick),
+                           "adapter_config.json", "not a JSON object")
+        # It reads every task's splits: training all of them, --eval-only the test ones.
+        os.remove(os.path.join(self.fx.sets, "man-synopsis", "train.jsonl"))
+        self.assertRefused(self.train("train_sparse_recovery.py"),
+                           "--sets", "man-synopsis/train.jsonl")
+        self.assertPassedChecks(self.train("train_sparse_recovery.py", "--eval-only", rank16))
+
+
+class CheckFunctionsTest(unittest.TestCase):
+    def test_valid_arguments(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            fx = Fixture(tmp)
+            ap = argparse.ArgumentParser()
+            ta.add_training_args(ap)
+            args = ap.parse_args(["--model", fx.model, "--sets", fx.sets])
+            self.assertEqual((args.steps, args.batch, args.rank, args.alpha), (200, 32, 8, 16))
+            config = ta.check_training_args("t", args, ["py-docstring", "deb-description"],
+                                            ("train", "test"))
+            self.assertEqual(config["num_hidden_layers"], 6)
+            cfg = ta.check_lora_brick("t", "--init", fx.lora("b/1", r=4, alpha=8))
+            self.assertEqual((cfg["r"], cfg["lora_alpha"]), (4, 8))
+            ta.check_new_version("t", os.path.join(tmp, "b", "2"), False)
+            ta.check_new_version("t", os.path.join(tmp, "b", "1"), True)
+            with self.assertRaises(SystemExit):
+                ta.check_new_version("t", os.path.join(tmp, "b", "1"), False)
+            with open(os.path.join(fx.model, "config.json")) as f:
+                self.assertEqual(json.load(f)["max_position_embeddings"], 512)
+
+
+if __name__ == "__main__":
+    unittest.main()
