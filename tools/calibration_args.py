@@ -45,11 +45,12 @@ def read_json_object(tool, given, path):
     return value
 
 
-def model_config(tool, model):
+def model_config(tool, model, flag="--model"):
     """(config.json of the model folder as a dict, the model's position
-    limit: max_position_embeddings, 512 if absent). Exits naming the file."""
+    limit: max_position_embeddings, 512 if absent). Exits naming `flag` (the
+    flag the folder came from) or the file at fault."""
     config_path = os.path.join(model, "config.json")
-    config = read_json_object(tool, f"--model {model}", config_path)
+    config = read_json_object(tool, f"{flag} {model}", config_path)
     limit = config.get("max_position_embeddings", 512)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 2:
         sys.exit(f"{tool}: {config_path}: max_position_embeddings is {limit!r}, not a "

@@ -54,7 +54,7 @@ class Fixture:
         """Writes the model's config.json: MiniLM's sizes with `changes`
         (a value of None removes the key)."""
         config = {"max_position_embeddings": 512, "intermediate_size": 1536,
-                  "num_hidden_layers": 6}
+                  "num_hidden_layers": 6, "hidden_act": "gelu"}
         config.update(changes)
         with open(os.path.join(self.model, "config.json"), "w") as f:
             json.dump({k: v for k, v in config.items() if v is not None}, f)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tests of the LoRA trainers' argument checks (tools/training_args.py and
 the tools that use it: train_brick.py, train_exits.py,
-train_sparse_recovery.py). Standard library only.
+train_sparse_recovery.py, relufy.py). Standard library only.
 
 Each case runs a trainer as a user would, with PyTorch and the packages
 around it blocked (tool_harness.Fixture): a bad argument must be refused
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tool_harness import BLOCKED, Fixture, ToolTestCase  # noqa: E402
 import training_args as ta  # noqa: E402  (tool_harness put tools/ on the path)
 
-TOOLS = ("train_brick.py", "train_exits.py", "train_sparse_recovery.py")
+TOOLS = ("train_brick.py", "train_exits.py", "train_sparse_recovery.py")  # relufy: its own test
 
 
 class TrainerRefusalTest(ToolTestCase):
@@ -188,6 +188,49 @@ class TrainerRefusalTest(ToolTestCase):
         self.assertRefused(self.train("train_sparse_recovery.py"),
                            "--sets", "man-synopsis/train.jsonl")
         self.assertPassedChecks(self.train("train_sparse_recovery.py", "--eval-only", rank16))
+
+
+    def test_relufy(self):
+        def run(*extra):
+            return self.fx.run("relufy.py", "--model", self.fx.model, "--sets", self.fx.sets,
+                               "--partition", self.fx.partition, "--out", self.out, *extra)
+        self.assertPassedChecks(run())
+        self.assertPassedChecks(run("--steps", "0", "--train-fraction", "0.5"))
+        relu = os.path.join(self.tmp, "relu")
+        os.makedirs(relu)
+        with open(os.path.join(relu, "config.json"), "w") as f:
+            json.dump({"max_position_embeddings": 512, "hidden_act": "relu"}, f)
+        self.assertPassedChecks(run("--student", relu, "--mrr", "--steps", "0"))
+        cases = [
+            (["--steps", "-1"], ["--steps must be >= 0"]),
+            (["--batch", "0"], ["--batch must be >= 1"]),
+            (["--lr", "0"], ["--lr"]),
+            (["--warmup", "2"], ["--warmup"]),
+            (["--hidden-weight", "-1"], ["--hidden-weight"]),
+            (["--hidden-weight", "nan"], ["--hidden-weight"]),
+            (["--train-fraction", "0"], ["--train-fraction"]),
+            (["--train-fraction", "1.5"], ["--train-fraction"]),
+            (["--threads", "0"], ["--threads must be >= 1"]),
+            (["--eval-per-task", "0"], ["--eval-per-task must be >= 1"]),
+            (["--eval-fractions", "0.5,x"], ["--eval-fractions", "'x'"]),
+            (["--max-length", "513"], ["--max-length", "[2, 512]"]),
+            (["--partition", self.fx.model], ["--partition", "ffn_partition.safetensors"]),
+            (["--sets", os.path.join(self.tmp, "nowhere")], ["--sets"]),
+            (["--mrr-fraction", "1"], ["--mrr-fraction"]),
+            (["--student", self.fx.model], ["--student", "hidden_act is 'gelu', not 'relu'"]),
+            (["--student", self.fx.partition], ["--student", "cannot read config.json"]),
+        ]
+        for extra, names in cases:
+            with self.subTest(extra=extra):
+                self.assertRefused(run(*extra), "relufy", *names)
+        os.makedirs(self.out)
+        result = run()
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn(f"{self.out} exists", result.stderr)
+        self.assertPassedChecks(run("--force"))
+        os.rmdir(self.out)
+        self.fx.write_config(hidden_act="relu")
+        self.assertRefused(run(), "config.json", "hidden_act is 'relu', not 'gelu'")
 
 
 class CheckFunctionsTest(unittest.TestCase):

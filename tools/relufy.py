@@ -1,0 +1,251 @@
+#!/usr/bin/env python3
+"""ReLU-fication of the default model: distils a copy whose FFN activation
+is ReLU instead of GELU from the GELU model, and reports how its sparse FFN
+then keeps to its own dense embedding. An exploration for the sparse-FFN
+issue (docs/QUALITY.md, "A ReLU-fied base"); nothing here is served (the
+engine runs GELU BERT models only).
+
+Why: MoEfication splits the FFN of ReLU models, where most activations are
+exactly zero, so a token loses little by computing only its top groups. On
+the default GELU model most activations are small but not zero, and at
+ffn_fraction 0.5 the embedding keeps 0.80 cosine to dense without a fill
+(0.906 with one). The paper's answer for such models is to replace the
+activation by ReLU and train the model to recover.
+
+Student: the model with every layer's FFN activation replaced by ReLU, all
+encoder weights trained (embeddings frozen). Teacher: the unchanged GELU
+model, frozen. Loss, on batches of --batch texts of the three brick tasks'
+train splits (as tools/train_sparse_recovery.py): mean (1 - cosine) of the
+pooled embeddings plus --hidden-weight x the mean (1 - cosine) of every
+layer's token states. With --train-fraction F < 1 the student runs its FFN
+sparse at F over --partition while it trains (the teacher stays dense).
+
+Report, before and after, on the first --eval-per-task test pairs per task:
+the student's dense embedding against the teacher's, and at each
+--eval-fractions its sparse embedding (the groups and router keys of
+--partition, skipped neurons zero: a ReLU partition's fill is not
+calibrated here) against its own dense embedding and against the teacher's.
+
+--out DIR writes the student as a model folder (the base folder's files,
+with config.json's hidden_act "relu" and the new model.safetensors), so
+that the partition tools (--model DIR) can work on it.
+
+--mrr adds MRR@10 on the three tasks' whole test splits (plain texts, no
+instructions, PyTorch): the GELU model dense and at --mrr-fraction with its
+partition's fill (what Kiln serves), and the student dense and sparse.
+
+Usage: nice -n 10 .venv/bin/python tools/relufy.py [--steps 200] [--batch 64]
+         [--lr 1e-4] [--train-fraction 1] [--student DIR] [--mrr] [--out DIR]
+         [--force]
+"""
+import argparse
+import os
+import shutil
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from calibration_args import (PARTITION, TASKS, check_at_least, check_max_length,  # noqa: E402
+                              check_partition, check_sets, model_config, parse_fractions)
+from training_args import DEFAULT_MODEL, DEFAULT_SETS, check_positive  # noqa: E402
+
+TOOL = "relufy"
+
+
+def parse_args():
+    """The checked arguments (standard library only)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="the GELU model folder (teacher)")
+    ap.add_argument("--sets", default=DEFAULT_SETS,
+                    help="root of the brick tasks' <task>/{train,test}.jsonl")
+    ap.add_argument("--partition", default=PARTITION,
+                    help="the ffn_partition version whose groups and keys the sparse "
+                         "report (and --train-fraction) use; its fill is not used")
+    ap.add_argument("--train-fraction", type=float, default=1.0,
+                    help="the student's ffn_fraction while it trains, in (0, 1]; 1 = dense")
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    ap.add_argument("--batch", type=int, default=64, help="texts per step")
+    ap.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    ap.add_argument("--warmup", type=float, default=0.1,
+                    help="fraction of the steps of linear warm-up, in [0, 1]")
+    ap.add_argument("--hidden-weight", type=float, default=1.0,
+                    help="weight of the per-layer token-state cosine loss")
+    ap.add_argument("--max-length", type=int, default=128, help="tokens per text, at most")
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
+    ap.add_argument("--eval-per-task", type=int, default=40,
+                    help="test pairs per task for the cosine report")
+    ap.add_argument("--eval-fractions", default="0.75,0.5,0.25",
+                    help="comma-separated ffn_fractions of that report, each in (0, 1]")
+    ap.add_argument("--student", metavar="DIR",
+                    help="start from this ReLU model folder (written by --out) instead of "
+                         "the GELU model with its activation swapped: a run in pieces, or "
+                         "with --steps 0 a report only")
+    ap.add_argument("--mrr", action="store_true",
+                    help="also report MRR@10 on the brick tasks' whole test splits: the "
+                         "GELU model dense and sparse at --mrr-fraction (its partition's "
+                         "fill, as served), the student dense and sparse (no fill)")
+    ap.add_argument("--mrr-fraction", type=float, default=0.5,
+                    help="the ffn_fraction of the MRR report, in (0, 1)")
+    ap.add_argument("--out", help="write the ReLU model folder here")
+    ap.add_argument("--force", action="store_true", help="replace --out if it exists")
+    args = ap.parse_args()
+    check_at_least(TOOL, "--steps", args.steps, 0)
+    check_at_least(TOOL, "--batch", args.batch, 1)
+    check_positive(TOOL, "--lr", args.lr)
+    if not 0 <= args.warmup <= 1:  # NaN fails too
+        sys.exit(f"{TOOL}: --warmup must be a fraction of the steps in [0, 1], got "
+                 f"{args.warmup}")
+    if not args.hidden_weight >= 0:
+        sys.exit(f"{TOOL}: --hidden-weight must be >= 0, got {args.hidden_weight}")
+    if not 0 < args.train_fraction <= 1:
+        sys.exit(f"{TOOL}: --train-fraction must be in (0, 1], got {args.train_fraction}")
+    check_at_least(TOOL, "--threads", args.threads, 1)
+    check_at_least(TOOL, "--eval-per-task", args.eval_per_task, 1)
+    args.eval_fractions = parse_fractions(TOOL, "--eval-fractions", args.eval_fractions)
+    config, limit = model_config(TOOL, args.model)
+    if config.get("hidden_act") != "gelu":
+        sys.exit(f"{TOOL}: {os.path.join(args.model, 'config.json')}: hidden_act is "
+                 f"{config.get('hidden_act')!r}, not 'gelu'")
+    check_max_length(TOOL, args.max_length, limit)
+    check_sets(TOOL, args.sets, TASKS, ("train", "test"))
+    check_partition(TOOL, args.partition)
+    if not 0 < args.mrr_fraction < 1:
+        sys.exit(f"{TOOL}: --mrr-fraction must be in (0, 1), got {args.mrr_fraction}")
+    if args.student:
+        student, _ = model_config(TOOL, args.student, "--student")
+        if student.get("hidden_act") != "relu":
+            sys.exit(f"{TOOL}: {os.path.join(args.student, 'config.json')}: hidden_act is "
+                     f"{student.get('hidden_act')!r}, not 'relu' (--student takes a folder "
+                     f"written by --out)")
+    if args.out and os.path.exists(args.out) and not args.force:
+        sys.exit(f"{TOOL}: {args.out} exists (use --force or another --out)")
+    return args
+
+
+if __name__ == "__main__":
+    # Before PyTorch loads: a bad argument is refused at once.
+    ARGS = parse_args()
+
+import torch  # noqa: E402
+
+from build_retrieval_set import load_split  # noqa: E402
+from eval_bricks_torch import load_base, ranking_metrics  # noqa: E402
+from sparse_ffn_torch import SparseFfn, read_texts  # noqa: E402
+from train_brick import optimizer, seed_everything, train_loop  # noqa: E402
+from train_sparse_recovery import embed_all, encode  # noqa: E402
+
+
+def relu_student(model_dir, relu_dir=None):
+    """(tokenizer, the model with ReLU FFNs, encoder weights trainable): the
+    ReLU model folder relu_dir, or model_dir's with its activation swapped."""
+    tok, model = load_base(relu_dir or model_dir)
+    model.config.hidden_act = "relu"
+    for layer in model.encoder.layer:
+        layer.intermediate.intermediate_act_fn = torch.nn.ReLU()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("encoder."))
+    return tok, model
+
+
+def report(label, student, sparse, tok, texts, fractions, max_length, teacher_dense):
+    """Prints the student's dense cosine to the teacher and, per fraction,
+    its sparse cosine to its own dense embedding and to the teacher's."""
+    sparse.set_fraction(1.0)
+    own = embed_all(student, tok, texts, max_length)
+    cells = [f"dense vs GELU {(own * teacher_dense).sum(-1).mean().item():.4f}"]
+    for f in fractions:
+        sparse.set_fraction(f)
+        emb = embed_all(student, tok, texts, max_length)
+        to_own, to_teacher = (emb * own).sum(-1), (emb * teacher_dense).sum(-1)
+        cells.append(f"f={f:g} vs own {to_own.mean().item():.4f} (min {to_own.min().item():.4f})"
+                     f" vs GELU {to_teacher.mean().item():.4f}")
+    sparse.set_fraction(1.0)
+    print(f"{label}: " + "  ".join(cells), flush=True)
+
+
+def mrr_report(teacher, teacher_sparse, student, sparse, tok, args):
+    """Prints MRR@10 per task (whole test splits, plain texts) and its mean
+    for the GELU model dense and sparse (with its partition's fill) and the
+    student dense and sparse (no fill), at --mrr-fraction."""
+    rows = []
+    for label, model, masks, f in (("GELU dense", teacher, teacher_sparse, 1.0),
+                                   (f"GELU f={args.mrr_fraction:g} + fill", teacher,
+                                    teacher_sparse, args.mrr_fraction),
+                                   ("ReLU dense", student, sparse, 1.0),
+                                   (f"ReLU f={args.mrr_fraction:g}", student, sparse,
+                                    args.mrr_fraction)):
+        masks.set_fraction(f)
+        scores = {}
+        for task in TASKS:
+            pairs = load_split(task, "test", args.sets)
+            q = embed_all(model, tok, [p["query"] for p in pairs], args.max_length)
+            d = embed_all(model, tok, [p["document"] for p in pairs], args.max_length)
+            scores[task] = ranking_metrics(q, d)["mrr@10"]
+        masks.set_fraction(1.0)
+        rows.append((label, scores))
+        print(f"MRR@10 {label}: " + "  ".join(f"{t} {v:.4f}" for t, v in scores.items())
+              + f"  mean {sum(scores.values()) / len(scores):.4f}", flush=True)
+    return rows
+
+
+def write_model(model, source, out):
+    """The model folder `out`: source's files, then model's config.json and
+    model.safetensors over them."""
+    tmp = f"{os.path.normpath(out)}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("model.safetensors",
+                                                               "pytorch_model.bin"))
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+
+
+def main(args):
+    rng = seed_everything(args)
+    texts = read_texts(args.sets, "train")
+    eval_texts = read_texts(args.sets, "test", args.eval_per_task)
+    tok, teacher = load_base(args.model)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    _, student = relu_student(args.model, args.student)
+    sparse = SparseFfn(student.encoder.layer, args.partition, use_fill=False)
+    teacher_dense = embed_all(teacher, tok, eval_texts, args.max_length)
+    print(f"{TOOL}: {len(texts)} train texts, {args.steps} steps x {args.batch}, lr {args.lr}, "
+          f"train fraction {args.train_fraction:g}, hidden weight {args.hidden_weight}, "
+          f"{args.threads} threads; report on {len(eval_texts)} test texts over "
+          f"{args.partition} (no fill)", file=sys.stderr)
+    report("before", student, sparse, tok, eval_texts, args.eval_fractions, args.max_length,
+           teacher_dense)
+    if args.steps > 0:
+        opt, sched = optimizer(student, args)
+
+        def step_loss(idx):
+            batch = [texts[i] for i in idx]
+            t_pooled, t_hidden, mask = encode(teacher, tok, batch, args.max_length, False, False)
+            sparse.set_fraction(args.train_fraction)
+            s_pooled, s_hidden, _ = encode(student, tok, batch, args.max_length, False, True)
+            sparse.set_fraction(1.0)
+            emb = (1 - (s_pooled * t_pooled).sum(-1)).mean()
+            hidden = sum((1 - torch.nn.functional.cosine_similarity(s[mask], t[mask], dim=-1))
+                         .mean() for s, t in zip(s_hidden, t_hidden)) / len(s_hidden)
+            return emb + args.hidden_weight * hidden, {"emb": emb.item(),
+                                                       "hidden": hidden.item()}
+
+        wall, cpu = train_loop(args, len(texts), rng, opt, sched, step_loss)
+        print(f"{TOOL}: {args.steps} steps in {wall:.0f} s wall, {cpu:.0f} CPU s",
+              file=sys.stderr)
+        report("after", student, sparse, tok, eval_texts, args.eval_fractions,
+               args.max_length, teacher_dense)
+    if args.mrr:
+        _, gelu = load_base(args.model)  # a second copy: the teacher stays unmasked
+        mrr_report(gelu, SparseFfn(gelu.encoder.layer, args.partition), student, sparse, tok,
+                   args)
+    if args.out:
+        write_model(student, args.model, args.out)
+        print(f"{TOOL}: wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(ARGS)
