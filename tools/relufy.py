@@ -238,13 +238,13 @@ def main(args):
               file=sys.stderr)
         report("after", student, sparse, tok, eval_texts, args.eval_fractions,
                args.max_length, teacher_dense)
+    if args.out:
+        write_model(student, args.model, args.out)
+        print(f"{TOOL}: wrote {args.out}", file=sys.stderr)
     if args.mrr:
         _, gelu = load_base(args.model)  # a second copy: the teacher stays unmasked
         mrr_report(gelu, SparseFfn(gelu.encoder.layer, args.partition), student, sparse, tok,
                    args)
-    if args.out:
-        write_model(student, args.model, args.out)
-        print(f"{TOOL}: wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":
