@@ -31,6 +31,11 @@ def add_calibration_args(ap, eval_fractions):
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
+def is_whole(value, low):
+    """Whether a value read from JSON is a whole number >= low (bool is not)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def read_json_object(tool, given, path):
     """The JSON object in the file at path; exits naming `given` (the flag
     and value the file came from) when the file cannot be read or parsed,
@@ -52,7 +57,7 @@ def model_config(tool, model, flag="--model"):
     config_path = os.path.join(model, "config.json")
     config = read_json_object(tool, f"{flag} {model}", config_path)
     limit = config.get("max_position_embeddings", 512)
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 2:
+    if not is_whole(limit, 2):
         sys.exit(f"{tool}: {config_path}: max_position_embeddings is {limit!r}, not a "
                  f"whole number >= 2")
     return config, limit

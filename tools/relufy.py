@@ -48,7 +48,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from calibration_args import (PARTITION, TASKS, check_at_least, check_max_length,  # noqa: E402
                               check_partition, check_sets, model_config, parse_fractions)
-from training_args import DEFAULT_MODEL, DEFAULT_SETS, check_positive  # noqa: E402
+from training_args import (DEFAULT_MODEL, DEFAULT_SETS, check_non_negative,  # noqa: E402
+                           check_positive, check_warmup)
 
 TOOL = "relufy"
 
@@ -94,11 +95,8 @@ def parse_args():
     check_at_least(TOOL, "--steps", args.steps, 0)
     check_at_least(TOOL, "--batch", args.batch, 1)
     check_positive(TOOL, "--lr", args.lr)
-    if not 0 <= args.warmup <= 1:  # NaN fails too
-        sys.exit(f"{TOOL}: --warmup must be a fraction of the steps in [0, 1], got "
-                 f"{args.warmup}")
-    if not args.hidden_weight >= 0:
-        sys.exit(f"{TOOL}: --hidden-weight must be >= 0, got {args.hidden_weight}")
+    check_warmup(TOOL, args.warmup)
+    check_non_negative(TOOL, "--hidden-weight", args.hidden_weight)
     if not 0 < args.train_fraction <= 1:
         sys.exit(f"{TOOL}: --train-fraction must be in (0, 1], got {args.train_fraction}")
     check_at_least(TOOL, "--threads", args.threads, 1)
@@ -134,7 +132,7 @@ from build_retrieval_set import load_split  # noqa: E402
 from eval_bricks_torch import load_base, ranking_metrics  # noqa: E402
 from sparse_ffn_torch import SparseFfn, read_texts  # noqa: E402
 from train_brick import optimizer, seed_everything, train_loop  # noqa: E402
-from train_sparse_recovery import embed_all, encode  # noqa: E402
+from train_sparse_recovery import distillation_terms, embed_all, encode  # noqa: E402
 
 
 def relu_student(model_dir, relu_dir=None):
@@ -170,6 +168,7 @@ def mrr_report(teacher, teacher_sparse, student, sparse, tok, args):
     for the GELU model dense and sparse (with its partition's fill) and the
     student dense and sparse (no fill), at --mrr-fraction."""
     rows = []
+    splits = {task: load_split(task, "test", args.sets) for task in TASKS}
     for label, model, masks, f in (("GELU dense", teacher, teacher_sparse, 1.0),
                                    (f"GELU f={args.mrr_fraction:g} + fill", teacher,
                                     teacher_sparse, args.mrr_fraction),
@@ -178,8 +177,7 @@ def mrr_report(teacher, teacher_sparse, student, sparse, tok, args):
                                     args.mrr_fraction)):
         masks.set_fraction(f)
         scores = {}
-        for task in TASKS:
-            pairs = load_split(task, "test", args.sets)
+        for task, pairs in splits.items():
             q = embed_all(model, tok, [p["query"] for p in pairs], args.max_length)
             d = embed_all(model, tok, [p["document"] for p in pairs], args.max_length)
             scores[task] = ranking_metrics(q, d)["mrr@10"]
@@ -227,9 +225,7 @@ def main(args):
             sparse.set_fraction(args.train_fraction)
             s_pooled, s_hidden, _ = encode(student, tok, batch, args.max_length, False, True)
             sparse.set_fraction(1.0)
-            emb = (1 - (s_pooled * t_pooled).sum(-1)).mean()
-            hidden = sum((1 - torch.nn.functional.cosine_similarity(s[mask], t[mask], dim=-1))
-                         .mean() for s, t in zip(s_hidden, t_hidden)) / len(s_hidden)
+            emb, hidden = distillation_terms(s_pooled, s_hidden, t_pooled, t_hidden, mask)
             return emb + args.hidden_weight * hidden, {"emb": emb.item(),
                                                        "hidden": hidden.item()}
 

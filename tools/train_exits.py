@@ -57,7 +57,6 @@ official evaluation (which goes through the server).
 """
 import argparse
 import json
-import math
 import os
 import platform
 import random
@@ -67,9 +66,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from build_retrieval_set import TASKS, load_split  # noqa: E402
-from calibration_args import ROOT, check_at_least  # noqa: E402
+from calibration_args import ROOT, check_at_least, is_whole  # noqa: E402
 from training_args import (add_training_args, check_lora_brick,  # noqa: E402
-                           check_new_version, check_training_args)
+                           check_new_version, check_non_negative, check_training_args)
 
 TOOL = "train_exits"
 TASK = "py-docstring"
@@ -156,14 +155,13 @@ def parse_args():
             check_lora_brick(TOOL, "--eval", folder)
         return args
     layers = config.get("num_hidden_layers")
-    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+    if not is_whole(layers, 1):
         sys.exit(f"{TOOL}: {os.path.join(args.model, 'config.json')}: num_hidden_layers is "
                  f"{layers!r}, not a whole number >= 1")
     if not 1 <= args.recommended_exit <= layers:
         sys.exit(f"{TOOL}: --recommended-exit must be in [1, {layers}] (the model's layers), "
                  f"got {args.recommended_exit}")
-    if not (math.isfinite(args.distill) and args.distill >= 0):
-        sys.exit(f"{TOOL}: --distill must be a finite number >= 0, got {args.distill}")
+    check_non_negative(TOOL, "--distill", args.distill)
     check_at_least(TOOL, "--chunks", args.chunks, 1)
     if not 0 < args.subset <= 1:
         sys.exit(f"{TOOL}: --subset must be in (0, 1], got {args.subset}")

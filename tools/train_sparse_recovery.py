@@ -64,7 +64,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from calibration_args import (PARTITION, ROOT, TASKS, check_at_least,  # noqa: E402
                               check_partition, parse_fractions)
 from training_args import (add_training_args, check_lora_brick, check_new_version,  # noqa: E402
-                           check_positive, check_training_args)
+                           check_non_negative, check_positive, check_training_args)
 
 TOOL = "train_sparse_recovery"
 
@@ -103,10 +103,8 @@ def parse_args():
     args = ap.parse_args()
     if not 0 < args.fraction < 1:
         sys.exit(f"{TOOL}: --fraction must be in (0, 1), got {args.fraction}")
-    for flag, value in (("--hidden-weight", args.hidden_weight),
-                        ("--relation-weight", args.relation_weight)):
-        if not (math.isfinite(value) and value >= 0):
-            sys.exit(f"{TOOL}: {flag} must be a finite number >= 0, got {value}")
+    check_non_negative(TOOL, "--hidden-weight", args.hidden_weight)
+    check_non_negative(TOOL, "--relation-weight", args.relation_weight)
     check_positive(TOOL, "--relation-temperature", args.relation_temperature)
     if args.init and (args.full_weights or args.eval_only):
         sys.exit(f"{TOOL}: --init trains a LoRA brick; it does not go with "
@@ -155,6 +153,16 @@ def encode(model, tok, texts, max_length, bf16, grad):
     mask = enc["attention_mask"].unsqueeze(-1).float()
     pooled = torch.nn.functional.normalize((hidden[-1] * mask).sum(1) / mask.sum(1), dim=-1)
     return pooled, hidden, enc["attention_mask"].bool()
+
+
+def distillation_terms(s_pooled, s_hidden, t_pooled, t_hidden, mask):
+    """(mean 1 - cosine of the student's pooled embeddings to the teacher's,
+    mean over layers of the mean 1 - cosine of their token states under
+    mask): the two terms of the loss, from encode()'s outputs."""
+    emb = (1 - (s_pooled * t_pooled).sum(-1)).mean()
+    per_layer = [(1 - torch.nn.functional.cosine_similarity(s[mask], t[mask], dim=-1)).mean()
+                 for s, t in zip(s_hidden, t_hidden)]
+    return emb, sum(per_layer) / len(per_layer)
 
 
 def relation_loss(student, teacher, temperature):
@@ -286,10 +294,7 @@ def main(args):
             t_pooled, t_hidden, mask = encode(d, tok, batch, args.max_length, bf16, False)
         sparse.set_fraction(args.fraction)
         s_pooled, s_hidden, _ = encode(model, tok, batch, args.max_length, bf16, True)
-        emb = (1 - (s_pooled * t_pooled).sum(-1)).mean()
-        per_layer = [(1 - torch.nn.functional.cosine_similarity(s[mask], t[mask], dim=-1)).mean()
-                     for s, t in zip(s_hidden, t_hidden)]
-        hidden = sum(per_layer) / len(per_layer)
+        emb, hidden = distillation_terms(s_pooled, s_hidden, t_pooled, t_hidden, mask)
         loss = emb + args.hidden_weight * hidden
         extra = {"emb": emb.item(), "hidden": hidden.item()}
         if pairs:

@@ -10,8 +10,8 @@ import math
 import os
 import sys
 
-from calibration_args import (ROOT, check_at_least, check_max_length, check_sets, model_config,
-                              read_json_object)
+from calibration_args import (ROOT, check_at_least, check_max_length, check_sets, is_whole,
+                              model_config, read_json_object)
 
 DEFAULT_MODEL = os.path.join(ROOT, "models", "all-MiniLM-L6-v2")
 DEFAULT_SETS = os.path.join(ROOT, ".cache", "retrieval")
@@ -49,6 +49,17 @@ def check_positive(tool, flag, value):
         sys.exit(f"{tool}: {flag} must be a finite number > 0, got {value}")
 
 
+def check_non_negative(tool, flag, value):
+    """Exits naming the flag unless value is a finite number >= 0."""
+    if not (math.isfinite(value) and value >= 0):
+        sys.exit(f"{tool}: {flag} must be a finite number >= 0, got {value}")
+
+
+def check_warmup(tool, warmup):
+    if not 0 <= warmup <= 1:  # NaN fails too
+        sys.exit(f"{tool}: --warmup must be a fraction of the steps in [0, 1], got {warmup}")
+
+
 def check_training_args(tool, args, tasks, splits=("train",), min_batch=2):
     """Checks the flags of add_training_args and that every task in `tasks`
     has the `splits` under --sets. min_batch: the smallest --batch the
@@ -57,9 +68,7 @@ def check_training_args(tool, args, tasks, splits=("train",), min_batch=2):
     check_at_least(tool, "--steps", args.steps, 1)
     check_at_least(tool, "--batch", args.batch, min_batch)
     check_positive(tool, "--lr", args.lr)
-    if not 0 <= args.warmup <= 1:  # NaN fails too
-        sys.exit(f"{tool}: --warmup must be a fraction of the steps in [0, 1], got "
-                 f"{args.warmup}")
+    check_warmup(tool, args.warmup)
     check_at_least(tool, "--rank", args.rank, 1)
     check_at_least(tool, "--alpha", args.alpha, 1)
     if not 0 <= args.dropout < 1:
@@ -89,7 +98,7 @@ def check_lora_brick(tool, flag, folder):
     config = read_json_object(tool, f"{flag} {folder}", path)
     for key in ("r", "lora_alpha"):
         value = config.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_whole(value, 1):
             sys.exit(f"{tool}: {path}: {key} is {value!r}, not a whole number >= 1")
     tensors = os.path.join(folder, "adapter_model.safetensors")
     if not os.path.isfile(tensors):

@@ -128,11 +128,12 @@ class TrainerRefusalTest(ToolTestCase):
             "no document": ('{"query": "q", "document": "d"}\n{"query": "q"}\n',
                             "line 2: not an object with string query and document"),
             "empty": ("", "no pairs"),
+            "not UTF-8": ('{"query": "\udcff"}\n', "--extra-pairs"),
         }
         for case, (text, message) in lines.items():
             with self.subTest(extra_pairs=case):
-                with open(extra, "w") as f:
-                    f.write(text)
+                with open(extra, "wb") as f:  # "\udcff" is written as the byte 0xff
+                    f.write(text.encode("utf-8", "surrogateescape"))
                 self.assertRefused(self.train("train_exits.py", "--extra-pairs", extra),
                                    "--extra-pairs", message)
         with open(extra, "w") as f:
@@ -208,6 +209,7 @@ class TrainerRefusalTest(ToolTestCase):
             (["--warmup", "2"], ["--warmup"]),
             (["--hidden-weight", "-1"], ["--hidden-weight"]),
             (["--hidden-weight", "nan"], ["--hidden-weight"]),
+            (["--hidden-weight", "inf"], ["--hidden-weight", "finite"]),
             (["--train-fraction", "0"], ["--train-fraction"]),
             (["--train-fraction", "1.5"], ["--train-fraction"]),
             (["--threads", "0"], ["--threads must be >= 1"]),
