@@ -35,8 +35,12 @@ instructions, PyTorch): the GELU model dense and at --mrr-fraction with its
 partition's fill (what Kiln serves), and the student dense and sparse.
 
 Usage: nice -n 10 .venv/bin/python tools/relufy.py [--steps 200] [--batch 64]
-         [--lr 1e-4] [--train-fraction 1] [--student DIR] [--mrr] [--out DIR]
-         [--force]
+         [--lr 1e-4] [--train-fraction 1] [--precision auto] [--student DIR] [--mrr]
+         [--out DIR] [--force]
+
+Precision: bf16 autocast for training on CPUs that multiply bf16 natively
+(as tools/train_sparse_recovery.py); the 200-step runs in docs/QUALITY.md
+were float32 (an AVX2-only CPU).
 """
 import argparse
 import os
@@ -73,6 +77,10 @@ def parse_args():
     ap.add_argument("--hidden-weight", type=float, default=1.0,
                     help="weight of the per-layer token-state cosine loss")
     ap.add_argument("--max-length", type=int, default=128, help="tokens per text, at most")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="training forward/backward: bf16 = CPU autocast with float32 "
+                         "weights and optimizer; auto = bf16 where the CPU multiplies bf16 "
+                         "natively (the reports are always float32)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
     ap.add_argument("--eval-per-task", type=int, default=40,
@@ -132,6 +140,7 @@ from build_retrieval_set import load_split  # noqa: E402
 from eval_bricks_torch import load_base, ranking_metrics  # noqa: E402
 from sparse_ffn_torch import SparseFfn, read_texts  # noqa: E402
 from train_brick import optimizer, seed_everything, train_loop  # noqa: E402
+from train_exits import cpu_has_bf16  # noqa: E402
 from train_sparse_recovery import distillation_terms, embed_all, encode  # noqa: E402
 
 
@@ -210,9 +219,11 @@ def main(args):
     _, student = relu_student(args.model, args.student)
     sparse = SparseFfn(student.encoder.layer, args.partition, use_fill=False)
     teacher_dense = embed_all(teacher, tok, eval_texts, args.max_length)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_bf16())
     print(f"{TOOL}: {len(texts)} train texts, {args.steps} steps x {args.batch}, lr {args.lr}, "
           f"train fraction {args.train_fraction:g}, hidden weight {args.hidden_weight}, "
-          f"{args.threads} threads; report on {len(eval_texts)} test texts over "
+          f"{'bf16' if bf16 else 'fp32'}, {args.threads} threads; "
+          f"report on {len(eval_texts)} test texts over "
           f"{args.partition} (no fill)", file=sys.stderr)
     report("before", student, sparse, tok, eval_texts, args.eval_fractions, args.max_length,
            teacher_dense)
@@ -221,9 +232,9 @@ def main(args):
 
         def step_loss(idx):
             batch = [texts[i] for i in idx]
-            t_pooled, t_hidden, mask = encode(teacher, tok, batch, args.max_length, False, False)
+            t_pooled, t_hidden, mask = encode(teacher, tok, batch, args.max_length, bf16, False)
             sparse.set_fraction(args.train_fraction)
-            s_pooled, s_hidden, _ = encode(student, tok, batch, args.max_length, False, True)
+            s_pooled, s_hidden, _ = encode(student, tok, batch, args.max_length, bf16, True)
             sparse.set_fraction(1.0)
             emb, hidden = distillation_terms(s_pooled, s_hidden, t_pooled, t_hidden, mask)
             return emb + args.hidden_weight * hidden, {"emb": emb.item(),
