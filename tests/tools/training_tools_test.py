@@ -202,6 +202,13 @@ class TrainerRefusalTest(ToolTestCase):
         with open(os.path.join(relu, "config.json"), "w") as f:
             json.dump({"max_position_embeddings": 512, "hidden_act": "relu"}, f)
         self.assertPassedChecks(run("--student", relu, "--mrr", "--steps", "0"))
+        for precision in ("fp32", "bf16", "auto"):
+            self.assertPassedChecks(run("--precision", precision))
+        result = run("--precision", "fp16")  # argparse's choices: exit 2, nothing written
+        self.assertEqual(result.returncode, 2, result.stderr)
+        self.assertIn("--precision", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertFalse(os.path.exists(self.out))
         cases = [
             (["--steps", "-1"], ["--steps must be >= 0"]),
             (["--batch", "0"], ["--batch must be >= 1"]),
