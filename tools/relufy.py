@@ -52,8 +52,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from calibration_args import (PARTITION, TASKS, check_at_least, check_max_length,  # noqa: E402
                               check_partition, check_sets, model_config, parse_fractions)
-from training_args import (DEFAULT_MODEL, DEFAULT_SETS, check_non_negative,  # noqa: E402
-                           check_positive, check_warmup)
+from training_args import (DEFAULT_MODEL, DEFAULT_SETS, add_precision_arg,  # noqa: E402
+                           check_non_negative, check_positive, check_warmup, train_in_bf16)
 
 TOOL = "relufy"
 
@@ -77,10 +77,7 @@ def parse_args():
     ap.add_argument("--hidden-weight", type=float, default=1.0,
                     help="weight of the per-layer token-state cosine loss")
     ap.add_argument("--max-length", type=int, default=128, help="tokens per text, at most")
-    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                    help="training forward/backward: bf16 = CPU autocast with float32 "
-                         "weights and optimizer; auto = bf16 where the CPU multiplies bf16 "
-                         "natively (the reports are always float32)")
+    add_precision_arg(ap)  # the reports are always float32
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--threads", type=int, default=2, help="PyTorch CPU threads")
     ap.add_argument("--eval-per-task", type=int, default=40,
@@ -140,7 +137,6 @@ from build_retrieval_set import load_split  # noqa: E402
 from eval_bricks_torch import load_base, ranking_metrics  # noqa: E402
 from sparse_ffn_torch import SparseFfn, read_texts  # noqa: E402
 from train_brick import optimizer, seed_everything, train_loop  # noqa: E402
-from train_exits import cpu_has_bf16  # noqa: E402
 from train_sparse_recovery import distillation_terms, embed_all, encode  # noqa: E402
 
 
@@ -219,7 +215,7 @@ def main(args):
     _, student = relu_student(args.model, args.student)
     sparse = SparseFfn(student.encoder.layer, args.partition, use_fill=False)
     teacher_dense = embed_all(teacher, tok, eval_texts, args.max_length)
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_bf16())
+    bf16 = train_in_bf16(args.precision)
     print(f"{TOOL}: {len(texts)} train texts, {args.steps} steps x {args.batch}, lr {args.lr}, "
           f"train fraction {args.train_fraction:g}, hidden weight {args.hidden_weight}, "
           f"{'bf16' if bf16 else 'fp32'}, {args.threads} threads; "

@@ -67,8 +67,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from build_retrieval_set import TASKS, load_split  # noqa: E402
 from calibration_args import ROOT, check_at_least, is_whole  # noqa: E402
-from training_args import (add_training_args, check_lora_brick,  # noqa: E402
-                           check_new_version, check_non_negative, check_training_args)
+from training_args import (add_precision_arg, add_training_args, check_lora_brick,  # noqa: E402
+                           check_new_version, check_non_negative, check_training_args,
+                           train_in_bf16)
 
 TOOL = "train_exits"
 TASK = "py-docstring"
@@ -77,16 +78,6 @@ OBJECTIVES = {
     "multi-exit": ("py-exits", os.path.join(ROOT, "deploy", "bricks")),
     "last-exit": ("py-lastexit", os.path.join(ROOT, ".cache", "bricks")),
 }
-
-
-def cpu_has_bf16():
-    """Whether this CPU multiplies bfloat16 natively (Linux: its flags)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def parse_args():
@@ -108,12 +99,7 @@ def parse_args():
                     help="multi-exit: the self-distillation teacher: self = this model's "
                          "own exit N (as it trains), base = the frozen base model's exit N, "
                          "embedded once before training (adapter off)")
-    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                    help="training forward/backward: bf16 = CPU autocast (bfloat16 "
-                         "matrix products, float32 LoRA weights and optimizer; ~3.7x "
-                         "faster on a CPU with AVX512_BF16 or AMX, slower without), "
-                         "fp32 = plain float32 (py-exits/1 was trained so); auto = bf16 "
-                         "where /proc/cpuinfo lists avx512_bf16 or amx_bf16, else fp32")
+    add_precision_arg(ap)
     ap.add_argument("--chunks", type=int, default=4,
                     help="forward passes per side of a step, texts sorted by length so "
                          "each pads only to its own longest (same result, less padded "
@@ -310,8 +296,7 @@ def main(args):
         return
     brick_id = args.id
 
-    if args.precision == "auto":
-        args.precision = "bf16" if cpu_has_bf16() else "fp32"
+    args.precision = "bf16" if train_in_bf16(args.precision) else "fp32"
     rng = seed_everything(args)
     rows = load_split(TASK, "train", args.sets)
     if args.subset < 1:

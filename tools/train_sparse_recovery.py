@@ -63,8 +63,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from calibration_args import (PARTITION, ROOT, TASKS, check_at_least,  # noqa: E402
                               check_partition, parse_fractions)
-from training_args import (add_training_args, check_lora_brick, check_new_version,  # noqa: E402
-                           check_non_negative, check_positive, check_training_args)
+from training_args import (add_precision_arg, add_training_args, check_lora_brick,  # noqa: E402
+                           check_new_version, check_non_negative, check_positive,
+                           check_training_args, train_in_bf16)
 
 TOOL = "train_sparse_recovery"
 
@@ -93,7 +94,7 @@ def parse_args():
     ap.add_argument("--init", metavar="BRICK_DIR",
                     help="start from this brick's LoRA weights (same --rank and --alpha) "
                          "instead of a fresh LoRA; the schedule starts afresh")
-    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto")
+    add_precision_arg(ap)
     ap.add_argument("--full-weights", action="store_true",
                     help="ceiling experiment: train all encoder weights (no LoRA; pass a "
                          "full fine-tuning --lr such as 5e-5), print the cosines, publish "
@@ -139,7 +140,6 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E
 from safetensors.torch import load_file  # noqa: E402
 
 from train_brick import lora_model, optimizer, publish, seed_everything, train_loop  # noqa: E402
-from train_exits import cpu_has_bf16  # noqa: E402
 from eval_bricks_torch import load_base, merge_brick  # noqa: E402
 from sparse_ffn_torch import SparseFfn, read_texts  # noqa: E402
 
@@ -229,7 +229,7 @@ def print_cosines(label, result):
 
 
 def main(args):
-    bf16 = args.precision == "bf16" or (args.precision == "auto" and cpu_has_bf16())
+    bf16 = train_in_bf16(args.precision)
     brick_id = args.id
     eval_texts = read_texts(args.sets, "test", args.eval_per_task)
     fractions = args.eval_fractions
