@@ -5,7 +5,7 @@
 //   kiln_bench_sparse_ffn --model=DIR --input=FILE [--threads=N] [--rounds=R]
 //                         [--partition=deploy/bricks/ffn-e16/3]
 //                         [--fractions=1,0.75,0.5,0.25,0.125]
-//                         [--max_batch_tokens=2048]
+//                         [--max_batch_tokens=2048] [--reference_model=DIR]
 //
 // Per fraction: end-to-end tokens/s (median pass), FFN time (median pass of
 // the summed Encoder::last_ffn_seconds: both FFN matmuls, activation and
@@ -13,6 +13,11 @@
 // and the mean cosine of each text's embedding to its dense one. One warm-up
 // pass per fraction, then --rounds rounds that run every fraction once, the
 // starting fraction rotating per round so drift hits all alike.
+//
+// --reference_model adds, per fraction, the mean cosine to another model's
+// dense embedding of the same texts: for a ReLU-fied --model (tools/relufy.py)
+// that is the GELU model it was distilled from, whose embeddings its sparse
+// ones stand in for.
 //
 // The partition is an ffn_partition brick folder (--partition; by default the
 // version served by default for the default model: co-activation groups with
@@ -29,6 +34,8 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "bench/bench_texts.h"
 #include "engine/cpu/cpu_backend.h"
@@ -53,10 +60,66 @@ ABSL_FLAG(std::string, lora, "",
           "a LoRA brick version folder applied to every sequence at every fraction "
           "(e.g. deploy/bricks/ffn-recovery-50/2); empty = none");
 
+ABSL_FLAG(std::string, reference_model, "",
+          "also report each fraction's mean cosine to this model's dense embedding of the "
+          "same texts (e.g. the GELU model a ReLU-fied --model was distilled from); "
+          "empty = none");
+
 namespace kiln {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+
+// The mean over n rows of dim floats of cos(a_i, b_i).
+double MeanCosine(const std::vector<float>& a, const std::vector<float>& b, size_t n, int dim) {
+  double sum = 0;
+  for (size_t i = 0; i < n; ++i) {
+    double dot = 0, na = 0, nb = 0;
+    for (int c = 0; c < dim; ++c) {
+      const double x = a[i * dim + c], y = b[i * dim + c];
+      dot += x * y;
+      na += x * x;
+      nb += y * y;
+    }
+    sum += dot / std::sqrt(na * nb);
+  }
+  return sum / n;
+}
+
+absl::Status ForReferenceModel(const absl::Status& st) {
+  return absl::Status(st.code(), absl::StrCat("--reference_model: ", st.message()));
+}
+
+// The dense embeddings by the model in `dir` (--reference_model) of the texts
+// in `input`, `rows` of them, `dim` floats each, in order; an error names the
+// flag.
+absl::StatusOr<std::vector<float>> ReferenceEmbeddings(const std::string& dir,
+                                                       const std::string& input, Backend* backend,
+                                                       size_t rows, int dim, int budget) {
+  auto model = EmbeddingModel::Load(dir, backend);
+  if (!model.ok()) return ForReferenceModel(model.status());
+  if ((*model)->dim() != dim) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "--reference_model %s: embeddings of %d dimensions, --model's have %d", dir,
+        (*model)->dim(), dim));
+  }
+  absl::StatusOr<bench::BenchTexts> texts = bench::ReadBenchTexts(input, **model);
+  if (!texts.ok()) return ForReferenceModel(texts.status());
+  const std::vector<Encoding>& encs = texts->encodings;
+  if (encs.size() != rows) {
+    return absl::InternalError(absl::StrFormat("--reference_model read %zu texts, --model %zu",
+                                               encs.size(), rows));
+  }
+  std::vector<float> out(rows * dim);
+  std::vector<SequenceInput> seqs;
+  for (const auto& [first, last] : bench::CutByTokenBudget(encs, budget)) {
+    seqs.clear();
+    for (size_t i = first; i < last; ++i) seqs.push_back({.ids = encs[i].ids});
+    absl::Status st = (*model)->Forward(seqs, out.data() + first * dim);
+    if (!st.ok()) return ForReferenceModel(st);
+  }
+  return out;
+}
 
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -156,6 +219,19 @@ int Run() {
       std::thread::hardware_concurrency(), dir.c_str(), encs.size(), static_cast<long long>(tokens),
       batches.size(), budget, experts, (*sparse)->group_size(), partition_dir.c_str(),
       lora_dir.empty() ? "none" : lora_dir.c_str(), absl::GetFlag(FLAGS_rounds));
+  const std::string reference_dir = absl::GetFlag(FLAGS_reference_model);
+  std::vector<float> reference;
+  if (!reference_dir.empty()) {
+    auto ref = ReferenceEmbeddings(reference_dir, absl::GetFlag(FLAGS_input), backend.get(),
+                                   encs.size(), dim, budget);
+    if (!ref.ok()) {
+      std::cerr << "kiln_bench_sparse_ffn: " << ref.status() << "\n";
+      return 2;
+    }
+    reference = *std::move(ref);
+    std::printf("# reference model %s: ref_mean_cosine = mean cosine to its dense embeddings\n",
+                reference_dir.c_str());
+  }
   for (size_t f = 0; f < fractions.size(); ++f) pass(f);  // warm-up
   std::vector<std::vector<PassResult>> results(fractions.size());
   for (int round = 0; round < absl::GetFlag(FLAGS_rounds); ++round) {
@@ -164,8 +240,8 @@ int Run() {
       results[f].push_back(pass(f));
     }
   }
-  std::printf("%-9s %-8s %12s %12s %10s %10s %12s\n", "fraction", "experts", "tokens/s", "ffn_ms",
-              "ffn_x", "mac_ratio", "mean_cosine");
+  std::printf("%-9s %-8s %12s %12s %10s %10s %12s%s\n", "fraction", "experts", "tokens/s",
+              "ffn_ms", "ffn_x", "mac_ratio", "mean_cosine", reference.empty() ? "" : " ref_mean_cosine");
   const int64_t ref_macs = results[0][0].macs;
   double ref_ffn = 0;
   for (size_t f = 0; f < fractions.size(); ++f) {
@@ -176,28 +252,21 @@ int Run() {
     }
     const double sec = Median(secs), ffn_sec = Median(ffn);
     if (f == 0) ref_ffn = ffn_sec;
-    double cos_sum = 0;
-    for (size_t i = 0; i < encs.size(); ++i) {
-      double dot = 0, na = 0, nb = 0;
-      for (int c = 0; c < dim; ++c) {
-        const double a = out[0][i * dim + c], b = out[f][i * dim + c];
-        dot += a * b;
-        na += a * a;
-        nb += b * b;
-      }
-      cos_sum += dot / std::sqrt(na * nb);
-    }
     const double mac_ratio = static_cast<double>(results[f][0].macs) / ref_macs;
-    const double mean_cos = cos_sum / encs.size();
-    std::printf("%-9.4g %-8d %12.1f %12.1f %10.3f %10.4f %12.4f\n", fractions[f],
+    const double mean_cos = MeanCosine(out[0], out[f], encs.size(), dim);
+    const std::string ref_cos =
+        reference.empty() ? ""
+                          : absl::StrFormat("%.4f", MeanCosine(reference, out[f], encs.size(), dim));
+    std::printf("%-9.4g %-8d %12.1f %12.1f %10.3f %10.4f %12.4f%s\n", fractions[f],
                 (*sparse)->ExpertsFor(fractions[f]), tokens / sec, ffn_sec * 1e3, ffn_sec / ref_ffn,
-                mac_ratio, mean_cos);
+                mac_ratio, mean_cos, ref_cos.empty() ? "" : absl::StrFormat("%16s", ref_cos).c_str());
     std::printf(
         "{\"measure\":\"sparse_ffn\",\"fraction\":%g,\"experts\":%d,\"of\":%d,\"tokens\":%lld,"
         "\"tokens_per_s\":%.1f,\"ffn_seconds\":%.4f,\"ffn_time_ratio\":%.4f,\"mac_ratio\":%.4f,"
-        "\"mean_cosine\":%.4f}\n",
+        "\"mean_cosine\":%.4f%s}\n",
         fractions[f], (*sparse)->ExpertsFor(fractions[f]), experts, static_cast<long long>(tokens),
-        tokens / sec, ffn_sec, ffn_sec / ref_ffn, mac_ratio, mean_cos);
+        tokens / sec, ffn_sec, ffn_sec / ref_ffn, mac_ratio, mean_cos,
+        ref_cos.empty() ? "" : (",\"ref_mean_cosine\":" + ref_cos).c_str());
   }
   return 0;
 }

@@ -37,6 +37,7 @@ enum class Activation {
   kNone,
   kGelu,      // exact, erf-based, as BERT's "gelu"
   kGeluTanh,  // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))): "gelu_pytorch_tanh"
+  kRelu,      // max(x, 0), NaN kept (as torch.relu): "relu"
 };
 
 // kLast: the sequence's last row (a model that appends its summary token at

@@ -8,7 +8,11 @@ without PyTorch).
 """
 import json
 import os
+import shutil
 import sys
+import tempfile
+
+from brick_fingerprint import fingerprint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("py-docstring", "man-synopsis", "deb-description")
@@ -148,6 +152,32 @@ def check_derived_args(tool, args):
         sys.exit(f"{tool}: --per-task must be >= 1, got {args.per_task}")
     check_calibration_args(tool, args)
     args.source, args.manifest = derived_partition(tool, args.partition, args.out, args.force)
+    rebase_manifest(tool, args.manifest, args.model)
+
+
+def rebase_manifest(tool, manifest, model):
+    """The new version is computed on --model, so it is that model's brick:
+    when --model is not the model the source partition was made for (a
+    ReLU-fied copy of it, say; same shapes, another config.json), the
+    manifest's base_model becomes --model's name (its folder's, as the
+    server names a model) and fingerprint, and the description says so at
+    its start. Prints when it does; exits naming --model's
+    model.safetensors if its header cannot be read."""
+    try:
+        fp = fingerprint(model)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        sys.exit(f"{tool}: {os.path.join(model, 'model.safetensors')}: cannot read its "
+                 f"header ({e}); --model must be a model folder")
+    base = manifest.get("base_model")
+    if isinstance(base, dict) and base.get("fingerprint") == fp:
+        return
+    name = os.path.basename(os.path.realpath(model))
+    old = base.get("name") if isinstance(base, dict) else None
+    print(f"{tool}: base_model: {old} -> {name} (fingerprint {fp[:12]}...), the --model this "
+          f"version is computed on", file=sys.stderr)
+    manifest["base_model"] = {"name": name, "fingerprint": fp}
+    manifest["description"] = (f"For {name} (rebased from {old} by {tool}). "
+                               + str(manifest.get("description", "")))
 
 
 def derived_partition(tool, partition, out, force):
@@ -185,3 +215,28 @@ def check_partition(tool, partition):
         kind = manifest.get("kind") if isinstance(manifest, dict) else None
         sys.exit(f"{tool}: {manifest_path}: kind is {kind!r}, not 'ffn_partition'")
     return src, manifest
+
+
+def write_version_folder(out, partition_writer, manifest):
+    """Writes an ffn_partition version folder `out` (replacing it) through a
+    temporary sibling, renamed into place when complete:
+    partition_writer(path) writes its ffn_partition.safetensors, and
+    brick.json holds `manifest`. On any failure the temporary folder is
+    removed and the error raised."""
+    parent = os.path.dirname(os.path.normpath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.normpath(out))}.")
+    try:
+        partition_writer(os.path.join(tmp, "ffn_partition.safetensors"))
+        with open(os.path.join(tmp, "brick.json"), "w") as f:
+            json.dump(manifest, f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; a brick folder is not
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o644)
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -5,7 +5,7 @@ bricks") costs in retrieval quality and buys in time, against a running server.
 Method. For each fraction f in --fractions (1 is always run first, as the
 dense reference) and each task (py-docstring, man-synopsis, deb-description),
 the task's held-out test set (.cache/retrieval/<task>/test.jsonl, first
---max-inputs pairs) is embedded in two settings:
+--max-inputs pairs) is embedded in two settings (--base-only: the first):
   base          routing=ROUTING_NONE, no bricks, no instruction.
   brick+instr   routing=ROUTING_EXPLICIT, bricks=[task], the brick manifest's
                 FIRST query / document instruction (deploy/bricks/<task>/<latest>/
@@ -204,16 +204,19 @@ def main():
     ap.add_argument("--sets", default=DEFAULT_SETS)
     ap.add_argument("--recovery", metavar="ID",
                     help="also run the base+recovery setting with this brick at f < 1")
+    ap.add_argument("--base-only", action="store_true",
+                    help="run the base setting only (no task bricks): for a server whose model "
+                         "the task bricks were not made for, such as a ReLU-fied copy")
     ap.add_argument("--json", help="write every number here")
     args = ap.parse_args()
-    settings = SETTINGS + ((RECOVERY,) if args.recovery else ())
+    settings = (SETTINGS[:1] if args.base_only else SETTINGS) + ((RECOVERY,) if args.recovery else ())
 
     fractions = [1.0] + [f for f in args.fractions if f != 1.0]
     added_dense = 1.0 not in args.fractions
     manifests, _ = load_manifests(args.bricks)
     missing = [t for t in TASKS if t not in manifests or not manifests[t]["query"]
                or not manifests[t]["document"]]
-    if missing:
+    if missing and not args.base_only:
         sys.exit(f"no brick manifest with query and document instructions under {args.bricks} for {missing}")
     data = {}
     for task in TASKS:
@@ -257,10 +260,14 @@ def main():
                "max_inputs": args.max_inputs or None, "batch": ev.batch,
                "deadline_s": args.deadline, "scoring": "numpy" if np is not None else "pure Python",
                "n": {t: len(data[t]) for t in TASKS},
-               "instructions": {t: {"query": manifests[t]["query"][0],
-                                    "document": manifests[t]["document"][0],
-                                    "brick_version_on_disk": manifests[t]["version"]} for t in TASKS},
-               "quality_md_brick_plus_instructions": quality_md_reference(),
+               "settings": list(settings), "base_only": args.base_only,
+               "instructions": ({} if args.base_only else
+                                {t: {"query": manifests[t]["query"][0],
+                                     "document": manifests[t]["document"][0],
+                                     "brick_version_on_disk": manifests[t]["version"]}
+                                 for t in TASKS}),
+               "quality_md_brick_plus_instructions": (None if args.base_only
+                                                      else quality_md_reference()),
                "cells": [], "per_fraction": {}}
     dense = {}  # (task, setting) -> (q, d, mrr)
     failed = False
@@ -278,7 +285,7 @@ def main():
                     pf["errors"] += 1
                     continue
                 try:
-                    q, d, st = ev.run_cell(task, data[task], manifests[task], setting, f)
+                    q, d, st = ev.run_cell(task, data[task], manifests.get(task), setting, f)
                 except ev.grpc.RpcError as e:
                     cell["error"] = ev.rpc_error(e)
                     if ev.stops_run(e):

@@ -20,11 +20,19 @@ torch.no_grad(), one text at a time so that no padding is involved. Torch runs
 on one thread so the output is reproducible bit for bit on one machine.
 Floats are written with 9 significant digits.
 
+--hidden-act relu runs the same weights with every FFN activation replaced
+by ReLU (config.hidden_act = "relu", as tools/relufy.py's models have), for
+the engine's ReLU parity test; --every K keeps every K-th text only (a
+smaller fixture; the truncation-boundary checks need every text).
+
 Usage:
   tools/setup_venv.sh && scripts/fetch_model.sh
   .venv/bin/python tools/make_model_fixture.py [--model DIR] [--out FILE]
+      [--hidden-act gelu|relu] [--every K]
 Defaults: --model models/all-MiniLM-L6-v2,
           --out tests/engine/model/testdata/minilm_exits.json
+          (minilm_relu_exits.json with --hidden-act relu)
+The ReLU fixture: --hidden-act relu --every 6
 Runs offline (HF_HUB_OFFLINE=1, local_files_only).
 """
 import argparse
@@ -222,9 +230,18 @@ def vec(v):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "all-MiniLM-L6-v2"))
-    ap.add_argument("--out", default=os.path.join(
-        ROOT, "tests", "engine", "model", "testdata", "minilm_exits.json"))
+    ap.add_argument("--out", help="default: tests/engine/model/testdata/minilm_exits.json, "
+                    "or minilm_relu_exits.json with --hidden-act relu")
+    ap.add_argument("--hidden-act", choices=("gelu", "relu"),
+                    help="the FFN activation to run the weights with (default: config.json's)")
+    ap.add_argument("--every", type=int, default=1, help="keep every K-th text only")
     args = ap.parse_args()
+    if args.every < 1:
+        sys.exit(f"make_model_fixture: --every must be >= 1, got {args.every}")
+    if args.out is None:
+        name = "minilm_relu_exits.json" if args.hidden_act == "relu" else "minilm_exits.json"
+        args.out = os.path.join(ROOT, "tests", "engine", "model", "testdata", name)
+    texts = TEXTS[::args.every]
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -241,10 +258,12 @@ def main():
     tok.backend_tokenizer.no_truncation()
     tok.backend_tokenizer.no_padding()
     transformers.logging.set_verbosity_error()  # unused pooler weights
+    overrides = {"hidden_act": args.hidden_act} if args.hidden_act else {}
     model = BertModel.from_pretrained(args.model, local_files_only=True,
                                       torch_dtype=torch.float32,
-                                      add_pooling_layer=False)
+                                      add_pooling_layer=False, **overrides)
     model.eval()
+    hidden_act = model.config.hidden_act
     n_layers = model.config.num_hidden_layers
     hidden = model.config.hidden_size
     assert n_layers == 6 and hidden == 384
@@ -256,7 +275,7 @@ def main():
     input_ids, truncated = [], []
     exits = {str(k): [] for k in range(1, n_layers + 1)}
     with torch.no_grad():
-        for text in TEXTS:
+        for text in texts:
             full = tok(text, add_special_tokens=True, truncation=False)["input_ids"]
             enc = tok(text, add_special_tokens=True, truncation=True,
                       max_length=MAX_SEQ_LENGTH, padding=False, return_tensors="pt")
@@ -275,18 +294,19 @@ def main():
                 e = e / e.norm()
                 exits[str(k)].append(e)
 
-    # Length checks on the constructed boundary texts.
-    i256 = TEXTS.index(_words(MAX_SEQ_LENGTH - 2))
-    i257 = TEXTS.index(_words(MAX_SEQ_LENGTH - 1))
-    assert len(input_ids[i256]) == 256 and not truncated[i256]
-    assert len(input_ids[i257]) == 256 and truncated[i257]
-    assert sum(truncated) >= 4
+    if args.every == 1:
+        # Length checks on the constructed boundary texts.
+        i256 = TEXTS.index(_words(MAX_SEQ_LENGTH - 2))
+        i257 = TEXTS.index(_words(MAX_SEQ_LENGTH - 1))
+        assert len(input_ids[i256]) == 256 and not truncated[i256]
+        assert len(input_ids[i257]) == 256 and truncated[i257]
+        assert sum(truncated) >= 4
 
     # Exit 6 must equal the sentence-transformers recipe: tokenize the whole
     # list as one padded batch (max_seq_length 256), run the model, mean-pool
     # last_hidden_state over the attention mask, L2-normalise.
     with torch.no_grad():
-        batch = tok(TEXTS, add_special_tokens=True, truncation=True,
+        batch = tok(texts, add_special_tokens=True, truncation=True,
                     max_length=MAX_SEQ_LENGTH, padding=True, return_tensors="pt")
         for i, ids in enumerate(input_ids):
             n = int(batch["attention_mask"][i].sum())
@@ -304,9 +324,10 @@ def main():
              '"model": "all-MiniLM-L6-v2",',
              f'"model_sha256": "{sha256_file(os.path.join(args.model, "model.safetensors"))}",',
              f'"generator": "transformers {transformers.__version__}, torch {torch.__version__}",',
+             f'"hidden_act": "{hidden_act}",',
              f'"max_seq_length": {MAX_SEQ_LENGTH},',
              '"texts": [',
-             ",\n".join(json.dumps(t, ensure_ascii=False) for t in TEXTS),
+             ",\n".join(json.dumps(t, ensure_ascii=False) for t in texts),
              "],",
              '"input_ids": [',
              ",\n".join("[" + ",".join(map(str, ids)) + "]" for ids in input_ids),
@@ -328,7 +349,7 @@ def main():
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, args.out)
-    print(f"wrote {args.out}: {len(TEXTS)} texts, {sum(truncated)} truncated, "
+    print(f"wrote {args.out}: {len(texts)} texts ({hidden_act}), {sum(truncated)} truncated, "
           f"{len(text.encode('utf-8'))} bytes; exit-{n_layers} vs "
           f"sentence-transformers recipe: max |diff| {max_diff:.2e}, "
           f"min cos {min_cos:.9f}", file=sys.stderr)

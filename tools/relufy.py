@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """ReLU-fication of the default model: distils a copy whose FFN activation
 is ReLU instead of GELU from the GELU model, and reports how its sparse FFN
-then keeps to its own dense embedding. An exploration for the sparse-FFN
-issue (docs/QUALITY.md, "A ReLU-fied base"); nothing here is served (the
-engine runs GELU BERT models only).
+then keeps to its own dense embedding and to the GELU model's. For the
+sparse-FFN issue (docs/QUALITY.md, "A ReLU-fied base"); the model it writes
+is not shipped, but Kiln serves it (below).
 
 Why: MoEfication splits the FFN of ReLU models, where most activations are
 exactly zero, so a token loses little by computing only its top groups. On
@@ -28,7 +28,13 @@ calibrated here) against its own dense embedding and against the teacher's.
 
 --out DIR writes the student as a model folder (the base folder's files,
 with config.json's hidden_act "relu" and the new model.safetensors), so
-that the partition tools (--model DIR) can work on it.
+that the partition tools (--model DIR) can work on it and `kiln serve
+--model=DIR` serves it. Its ffn_partition brick: the --partition it trained
+over, rebased onto it without the fill (it trained with skipped neurons at
+zero):
+  python3 tools/rebase_partition.py --model DIR --out BRICKS/ffn-e16/1 --drop-fill
+  build/bin/kiln serve --model=DIR --brick_dir=BRICKS
+(bench/sparse_ffn.sh with RELU_MODEL=DIR measures it served.)
 
 --mrr adds MRR@10 on the three tasks' whole test splits (plain texts, no
 instructions, PyTorch): the GELU model dense and at --mrr-fraction with its

@@ -14,13 +14,11 @@ LoRA on output.dense sees zero there, as in the engine.
 import json
 import math
 import os
-import shutil
-import tempfile
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from calibration_args import TASKS
+from calibration_args import TASKS, write_version_folder
 
 
 def read_texts(sets, split, per_task=None, start=0):
@@ -40,22 +38,11 @@ def read_texts(sets, split, per_task=None, start=0):
 
 
 def write_partition(tensors, manifest, out):
-    """Writes an ffn_partition version folder `out` (replacing it) through a
-    temporary sibling, renamed into place when complete."""
-    parent = os.path.dirname(os.path.normpath(out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.normpath(out))}.")
-    save_file(tensors, os.path.join(tmp, "ffn_partition.safetensors"),
-              metadata={"format": "kiln.ffn_partition"})
-    with open(os.path.join(tmp, "brick.json"), "w") as f:
-        json.dump(manifest, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; a brick folder is not
-    for name in os.listdir(tmp):
-        os.chmod(os.path.join(tmp, name), 0o644)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    """Writes an ffn_partition version folder `out` (replacing it) with
+    these tensors and manifest (calibration_args.write_version_folder)."""
+    write_version_folder(
+        out, lambda path: save_file(tensors, path, metadata={"format": "kiln.ffn_partition"}),
+        manifest)
 
 
 def counted_tokens(enc, tok, count_special=False):

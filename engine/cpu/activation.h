@@ -19,6 +19,10 @@ inline void ActivateInPlace(Activation act, float* y, int64_t n) {
   } else if (act == Activation::kGeluTanh) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) y[i] = GeluTanh(y[i]);
+  } else if (act == Activation::kRelu) {
+    // Written so that a NaN stays NaN (NaN < 0 is false), as torch.relu.
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = y[i] < 0.0f ? 0.0f : y[i];
   }
 }
 

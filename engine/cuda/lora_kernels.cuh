@@ -62,6 +62,7 @@ __device__ __forceinline__ float Activate(Activation act, float v) {
   if (act == Activation::kGeluTanh) {
     return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
   }
+  if (act == Activation::kRelu) return v < 0.0f ? 0.0f : v;  // NaN stays NaN, as on the CPU
   return v;
 }
 

@@ -246,9 +246,11 @@ absl::StatusOr<EncoderConfig> ParseEncoderConfig(const json& j, const std::strin
   ASSIGN_OR_RETURN(const std::string act, StringField(j, file, "hidden_act", "gelu"));
   if (act == "gelu") {
     c.hidden_act = Activation::kGelu;
+  } else if (act == "relu") {
+    c.hidden_act = Activation::kRelu;
   } else {
     return absl::InvalidArgumentError(
-        absl::StrCat(file, ": hidden_act '", act, "' is not supported (supported: gelu)"));
+        absl::StrCat(file, ": hidden_act '", act, "' is not supported (supported: gelu, relu)"));
   }
   return c;
 }

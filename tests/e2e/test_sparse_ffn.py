@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
 
-from kiln_e2e import expect_rpc_error, REPO, KilnServer, max_abs_diff, parse_metrics, pb
+from kiln_e2e import (expect_rpc_error, REPO, KilnServer, max_abs_diff, model_dir,
+                      parse_metrics, pb)
 
 DEPLOY = REPO / "deploy" / "bricks"
 PARTITION = "ffn-e16"
@@ -201,3 +204,58 @@ def test_fraction_misuse_gets_clear_errors(start_server, tmp_path):
     _expect(lambda: _embed(bare.stub, ffn_fraction=0.5),
             grpc.StatusCode.FAILED_PRECONDITION, "ffn_fraction", "--brick_dir")
     assert _embed(bare.stub, ffn_fraction=1.0).ffn_fraction == 1.0
+
+
+def _relu_model(root: Path) -> Path:
+    """The default model's files with config.json's hidden_act set to "relu"
+    (what tools/relufy.py writes, here without its training): the weights
+    are links, the config a copy."""
+    src = Path(model_dir())
+    root.mkdir()
+    for path in src.iterdir():
+        if path.name != "config.json":
+            (root / path.name).symlink_to(path.resolve())
+    config = json.loads((src / "config.json").read_text())
+    assert config["hidden_act"] == "gelu"
+    config["hidden_act"] = "relu"
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    return root
+
+
+def test_a_relu_model_serves_with_its_rebased_partition(start_server, tmp_path):
+    # A ReLU-fied model (hidden_act "relu") is served as the reference runs
+    # it: transformers with hidden_act "relu" on the same weights
+    # (tests/engine/model/testdata/minilm_relu_exits.json; far from the GELU
+    # embeddings, so a server that ran GELU would fail here).
+    relu = _relu_model(tmp_path / "minilm-relu")
+    fixture = json.loads((REPO / "tests" / "engine" / "model" / "testdata"
+                          / "minilm_relu_exits.json").read_text())
+    # The shipped partition is the GELU model's: refused for this one, by
+    # fingerprint, with the server serving on.
+    gelu_bricks = _store(tmp_path / "gelu-bricks", (PARTITION,))
+    refused: KilnServer = start_server(model=relu, brick_dir=gelu_bricks)
+    _expect(lambda: _embed(refused.stub, ffn_fraction=0.5),
+            grpc.StatusCode.FAILED_PRECONDITION, "fingerprint")
+    refused.healthy_embed()
+
+    # tools/rebase_partition.py makes the model's own version of it.
+    bricks = tmp_path / "relu-bricks"
+    subprocess.run([sys.executable, str(REPO / "tools" / "rebase_partition.py"), "--model", str(relu),
+                    "--partition", str(DEPLOY / PARTITION / str(LATEST)),
+                    "--out", str(bricks / PARTITION / "1"), "--drop-fill"], check=True)
+    server: KilnServer = start_server(model=relu, brick_dir=bricks)
+    info = server.stub.Info(pb.InfoRequest(), timeout=30)
+    assert (info.model_id, info.ffn_experts) == ("minilm-relu", 16)
+    texts = [t for t, ids in zip(fixture["texts"], fixture["input_ids"]) if len(ids) < 256]
+    want = [v for v, ids in zip(fixture["exits"]["6"], fixture["input_ids"]) if len(ids) < 256]
+    assert len(texts) >= 8
+    dense = server.stub.Embed(pb.EmbedRequest(inputs=texts, routing=pb.ROUTING_NONE), timeout=120)
+    for text, got, ref in zip(texts, dense.embeddings, want):
+        assert _cos(got.values, ref) >= 0.99999, text
+    half = server.stub.Embed(pb.EmbedRequest(inputs=texts, routing=pb.ROUTING_NONE,
+                                             ffn_fraction=0.5), timeout=120)
+    assert half.ffn_fraction == 0.5
+    cosines = [_cos(a.values, b.values) for a, b in zip(dense.embeddings, half.embeddings)]
+    # Sparse changes the vectors (the partition ran) but keeps their direction;
+    # this untrained copy is not what the quality numbers are about.
+    assert all(0.5 < c < 0.99999 for c in cosines), cosines

@@ -98,6 +98,39 @@ inline std::vector<float> QuantisedVector(size_t n, uint32_t seed) {
 
 inline double Gelu(double v) { return 0.5 * v * (1.0 + std::erf(v / std::sqrt(2.0))); }
 
+// The reference of each Activation in double, and the largest slope by which
+// an error in its input can grow.
+inline double Activate(Activation act, double v) {
+  switch (act) {
+    case Activation::kGelu:
+      return Gelu(v);
+    case Activation::kGeluTanh:
+      return 0.5 * v * (1.0 + std::tanh(std::sqrt(2.0 / M_PI) * (v + 0.044715 * v * v * v)));
+    case Activation::kRelu:
+      return v < 0.0 ? 0.0 : v;
+    case Activation::kNone:
+      break;
+  }
+  return v;
+}
+inline double MaxSlope(Activation act) {
+  return act == Activation::kGelu || act == Activation::kGeluTanh ? kGeluMaxSlope : 1.0;
+}
+
+inline const char* ActivationName(Activation act) {
+  switch (act) {
+    case Activation::kGelu:
+      return "gelu";
+    case Activation::kGeluTanh:
+      return "gelu_tanh";
+    case Activation::kRelu:
+      return "relu";
+    case Activation::kNone:
+      break;
+  }
+  return "none";
+}
+
 // |got - want| <= tol * (1 + |want|) + gemm_rel * mag[i] for every element
 // (mag empty: no GEMM term).
 inline void ExpectClose(const std::vector<float>& got, const std::vector<float>& want, float tol,

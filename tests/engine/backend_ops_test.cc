@@ -29,6 +29,10 @@ struct Expected {
   std::vector<double> mag;
 };
 
+// Every Activation a model config can name, and none.
+constexpr Activation kActivations[] = {Activation::kNone, Activation::kGelu, Activation::kGeluTanh,
+                                       Activation::kRelu};
+
 // act(x w^T + bias + LoRA deltas) in double; bias may be empty.
 Expected ReferenceLinear(const std::vector<float>& x, int rows, int in, const std::vector<float>& w,
                          const std::vector<float>& bias, int out, Activation act,
@@ -73,12 +77,8 @@ Expected ReferenceLinear(const std::vector<float>& x, int rows, int in, const st
   }
   Expected e{std::vector<float>(pre.size()), std::move(mag)};
   for (size_t i = 0; i < pre.size(); ++i) {
-    if (act == Activation::kGelu) {
-      e.want[i] = static_cast<float>(Gelu(pre[i]));
-      e.mag[i] *= kGeluMaxSlope;
-    } else {
-      e.want[i] = static_cast<float>(pre[i]);
-    }
+    e.want[i] = static_cast<float>(Activate(act, pre[i]));
+    e.mag[i] *= MaxSlope(act);
   }
   return e;
 }
@@ -95,7 +95,7 @@ HostLora RandomLora(int row_begin, int row_end, int col, int cols, int in, int r
           .b = RandomVector(static_cast<size_t>(cols) * rank, seed + 1, 0.3f)};
 }
 
-TEST_P(BackendOpsTest, LinearMatchesReferenceWithBiasAndGelu) {
+TEST_P(BackendOpsTest, LinearMatchesReferenceWithBiasAndEachActivation) {
   // Few rows (the CPU's skinny kernel, row and column counts that leave every
   // tile remainder, an `in` that is not a multiple of 8), a small shape, one
   // above the CPU's parallel threshold, a 1536-long dot product (the FFN's
@@ -111,9 +111,9 @@ TEST_P(BackendOpsTest, LinearMatchesReferenceWithBiasAndGelu) {
     const auto x = RandomVector(static_cast<size_t>(rows) * in, 1),
                w = RandomVector(static_cast<size_t>(out) * in, 2, 0.2f), b = RandomVector(out, 3);
     for (const bool with_bias : {true, false}) {
-      for (Activation act : {Activation::kNone, Activation::kGelu}) {
+      for (Activation act : kActivations) {
         SCOPED_TRACE(testing::Message() << rows << "x" << in << "->" << out << " bias=" << with_bias
-                                        << " gelu=" << (act == Activation::kGelu));
+                                        << " act=" << ActivationName(act));
         const Expected e =
             ReferenceLinear(x, rows, in, w, with_bias ? b : std::vector<float>{}, out, act);
         // y starts as garbage: without a bias it must be overwritten, not added to.
@@ -125,6 +125,24 @@ TEST_P(BackendOpsTest, LinearMatchesReferenceWithBiasAndGelu) {
       }
     }
   }
+}
+
+TEST_P(BackendOpsTest, ReluZeroesNegativesExactlyAndKeepsNaN) {
+  // Row 0: pre-activations -3, -0.5, 0, 0.5, 3 (x = 1, w = identity-like
+  // column, bias the value); row 1: x = NaN, so every output is NaN before
+  // the activation and must stay NaN after it, as torch.relu keeps NaN.
+  const int rows = 2, in = 1, out = 5;
+  const std::vector<float> x = {1.0f, std::nanf("")}, w = {1, 1, 1, 1, 1},
+                           b = {-4.0f, -1.5f, -1.0f, -0.5f, 2.0f};
+  auto dx = Up(x), dw = Up(w), db = Up(b), dy = Zeros(rows * out);
+  backend_->Linear(dx.get(), rows, in, dw.get(), db.get(), out, Activation::kRelu, dy.get());
+  const auto y = Down(dy, rows * out);
+  EXPECT_EQ(y[0], 0.0f);
+  EXPECT_EQ(y[1], 0.0f);
+  EXPECT_EQ(y[2], 0.0f);
+  EXPECT_EQ(y[3], 0.5f);
+  EXPECT_EQ(y[4], 3.0f);
+  for (int o = 0; o < out; ++o) EXPECT_TRUE(std::isnan(y[out + o])) << "column " << o;
 }
 
 TEST_P(BackendOpsTest, LinearWithZeroRowsIsANoOp) {
@@ -162,8 +180,8 @@ TEST_P(BackendOpsTest, LinearAddsLoraDeltasBeforeTheActivation) {
     }
     std::vector<DeviceArray> keep;
     const std::vector<LowRankTask> tasks = UploadTasks(loras, &keep);
-    for (Activation act : {Activation::kNone, Activation::kGelu}) {
-      SCOPED_TRACE(testing::Message() << rows << " rows, gelu=" << (act == Activation::kGelu));
+    for (Activation act : kActivations) {
+      SCOPED_TRACE(testing::Message() << rows << " rows, act=" << ActivationName(act));
       const Expected e = ReferenceLinear(x, rows, in, w, bias, out, act, loras);
       auto dx = Up(x), dw = Up(w), db = Up(bias), dy = Zeros(e.want.size()),
            tmp = Zeros(static_cast<size_t>(rows) * max_rank);
@@ -192,8 +210,8 @@ TEST_P(BackendOpsTest, LinearLoraTasksMayOverlapInRowsAndColumns) {
       RandomLora(2999, 3000, 2 * hidden, hidden, in, max_rank, 2.0f, 72)};  // V, one row
   std::vector<DeviceArray> keep;
   const std::vector<LowRankTask> tasks = UploadTasks(loras, &keep);
-  for (Activation act : {Activation::kNone, Activation::kGelu}) {
-    SCOPED_TRACE(testing::Message() << "gelu=" << (act == Activation::kGelu));
+  for (Activation act : kActivations) {
+    SCOPED_TRACE(testing::Message() << "act=" << ActivationName(act));
     const Expected e = ReferenceLinear(x, rows, in, w, bias, out, act, loras);
     auto dx = Up(x), dw = Up(w), db = Up(bias), dy = Zeros(e.want.size()),
          tmp = Zeros(static_cast<size_t>(rows) * max_rank);

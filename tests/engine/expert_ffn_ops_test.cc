@@ -30,6 +30,7 @@ struct ExpertCase {
   // Also pass the weights in panels (ExpertFfnWeights::w1_panels / w2_panels)
   // to a backend that reads them.
   bool panels = false;
+  Activation act = Activation::kGelu;
 };
 
 // w1 ([E * g, h], group order) and w2 ([E][h][g]) in the panels of
@@ -167,8 +168,8 @@ void ExpertFfnOpsTest::RunCase(const ExpertCase& c) {
           m += 2.0 * std::fabs(in_scale) * ax[t][q].second * std::fabs(b);
         }
       }
-      mid[n] = Gelu(acc);
-      mid_mag[n] = kGeluMaxSlope * m;
+      mid[n] = Activate(c.act, acc);
+      mid_mag[n] = MaxSlope(c.act) * m;
     }
     std::vector<std::vector<std::pair<double, double>>> hm;
     for (const HostLora* t : out_here) hm.push_back(shrink(*t, mid.data(), mid_mag.data(), ff));
@@ -229,8 +230,7 @@ void ExpertFfnOpsTest::RunCase(const ExpertCase& c) {
                                  .neuron_ids = ids,
                                  .w1_panels = panels ? dp1.get() : nullptr,
                                  .w2_panels = panels ? dp2.get() : nullptr};
-  backend_->ExpertFfn(dx.get(), rows, weights, c.top_k, Activation::kGelu, dy.get(), in_tasks,
-                      out_tasks);
+  backend_->ExpertFfn(dx.get(), rows, weights, c.top_k, c.act, dy.get(), in_tasks, out_tasks);
   ExpectClose(Down(dy, want.size()), want, 1e-4f, mag, gemm_rel());
 }
 
@@ -302,6 +302,32 @@ TEST_P(ExpertFfnOpsTest, WeightsInPanelsGiveTheSameResult) {
       for (const int top_k : {1, c.experts / 2, c.experts}) {
         c.top_k = top_k;
         RunCase(c);
+      }
+    }
+  }
+}
+
+TEST_P(ExpertFfnOpsTest, ReluModelsInEveryPath) {
+  // hidden_act "relu" (a ReLU-fied model): few rows, a small batch and one
+  // above the CPU's parallel threshold, each through the plain and the panel
+  // kernel (groups of 16 or more, which the CPU reads in panels), with and
+  // without a fill, LoRA on some rows and none, at one expert and half.
+  const std::vector<ExpertCase> shapes = {
+      {.rows = 7, .hidden = 48, .experts = 6, .group = 16, .lora_rows = {{0, 3}, {5, 7}}},
+      {.rows = 37, .hidden = 32, .experts = 4, .group = 32},
+      {.rows = 600, .hidden = 256, .experts = 8, .group = 64, .lora_rows = {{100, 500}}}};
+  for (ExpertCase c : shapes) {
+    c.act = Activation::kRelu;
+    for (const bool panels : {false, true}) {
+      for (const bool fill : {false, true}) {
+        c.panels = panels;
+        c.fill = fill;
+        for (const int top_k : {1, c.experts / 2}) {
+          SCOPED_TRACE(testing::Message() << c.rows << " rows, panels=" << panels
+                                          << " fill=" << fill << " top_k=" << top_k);
+          c.top_k = top_k;
+          RunCase(c);
+        }
       }
     }
   }

@@ -9,6 +9,7 @@ one made after.
 """
 import json
 import os
+import struct
 import subprocess
 import sys
 import tempfile
@@ -16,6 +17,7 @@ import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
+from brick_fingerprint import fingerprint  # noqa: E402
 from calibration_args import TASKS  # noqa: E402
 
 BLOCKED = "imported before the arguments were checked"
@@ -23,7 +25,8 @@ BLOCKED_PACKAGES = ("torch", "transformers", "safetensors", "peft", "numpy")
 
 
 class Fixture:
-    """A model folder (config.json only), retrieval sets with two pairs per
+    """A model folder (config.json and a model.safetensors with an empty
+    header: no tensors), retrieval sets with two pairs per
     task and split, a partition version folder, a fake kiln binary and the
     import blockers, in tmp."""
 
@@ -32,6 +35,8 @@ class Fixture:
         self.model = os.path.join(tmp, "model")
         os.makedirs(self.model)
         self.write_config()
+        with open(os.path.join(self.model, "model.safetensors"), "wb") as f:
+            f.write(struct.pack("<Q", 2) + b"{}")
         self.sets = os.path.join(tmp, "sets")
         for task in TASKS:
             os.makedirs(os.path.join(self.sets, task))
@@ -61,12 +66,14 @@ class Fixture:
 
     def brick(self, kind, name="part/ffn-e16/3"):
         """A version folder with an empty ffn_partition.safetensors and a
-        brick.json of this kind."""
+        brick.json of this kind, made for the model as it is now."""
         folder = os.path.join(self.tmp, name)
         os.makedirs(folder)
         open(os.path.join(folder, "ffn_partition.safetensors"), "wb").close()
         with open(os.path.join(folder, "brick.json"), "w") as f:
-            json.dump({"id": "ffn-e16", "version": 3, "kind": kind}, f)
+            json.dump({"id": "ffn-e16", "version": 3, "kind": kind,
+                       "base_model": {"name": "model", "fingerprint": fingerprint(self.model)}},
+                      f)
         return folder
 
     def lora(self, name, r=8, alpha=16):

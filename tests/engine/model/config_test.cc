@@ -94,6 +94,16 @@ TEST_F(ConfigTest, RejectsAnUnsupportedActivation) {
   Edit("config.json", "\"hidden_act\": \"gelu\"", "\"hidden_act\": \"silu\"");
   EXPECT_EQ(Load().status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(Load().status().message(), HasSubstr("hidden_act 'silu' is not supported"));
+  EXPECT_THAT(Load().status().message(), HasSubstr("(supported: gelu, relu)"));
+}
+
+TEST_F(ConfigTest, AcceptsRelu) {
+  // A ReLU-fied BERT (tools/relufy.py writes hidden_act "relu").
+  ASSERT_EQ(Load()->encoder.hidden_act, Activation::kGelu);
+  Edit("config.json", "\"hidden_act\": \"gelu\"", "\"hidden_act\": \"relu\"");
+  const auto config = Load();
+  ASSERT_TRUE(config.ok()) << config.status();
+  EXPECT_EQ(config->encoder.hidden_act, Activation::kRelu);
 }
 
 // A field of the wrong JSON type is an error naming it, never a crash.

@@ -212,5 +212,43 @@ TEST_F(EncoderTest, LoadNamesAMisshapedTensor) {
   EXPECT_THAT(enc.status().message(), HasSubstr("encoder.layer.0.intermediate.dense.weight"));
 }
 
+TEST_F(EncoderTest, ReluMatchesTransformersAtEveryExit) {
+  // The same weights with hidden_act "relu" (what a ReLU-fied model's
+  // config.json says), against transformers run with hidden_act "relu" on
+  // them (tools/make_model_fixture.py --hidden-act relu --every 6, which
+  // writes testdata/minilm_relu_exits.json). The reference is far from the
+  // GELU one (cosine 0.36..0.65 at exit 6), so an activation left at GELU
+  // fails here.
+  const std::string fixture =
+      std::string(KILN_SOURCE_DIR) + "/tests/engine/model/testdata/minilm_relu_exits.json";
+  std::ifstream in(fixture);
+  ASSERT_TRUE(in) << "missing " << fixture;
+  const nlohmann::json j = nlohmann::json::parse(in);
+  ASSERT_EQ(j["hidden_act"], "relu");
+  const auto ids = j["input_ids"].get<std::vector<std::vector<int32_t>>>();
+  ASSERT_GE(ids.size(), 10u);
+
+  EncoderConfig relu = config_->encoder;
+  relu.hidden_act = Activation::kRelu;
+  auto weights = SafetensorsFile::Open(kModelDir + "/model.safetensors");
+  ASSERT_TRUE(weights.ok()) << weights.status();
+  auto enc = Encoder::Load(relu, config_->pooling, **weights, backend_);
+  ASSERT_TRUE(enc.ok()) << enc.status();
+  const int dim = relu.hidden_size;
+  for (int exit = 1; exit <= 6; ++exit) {
+    const auto want = j["exits"][std::to_string(exit)].get<std::vector<std::vector<float>>>();
+    ASSERT_EQ(want.size(), ids.size());
+    std::vector<SequenceInput> seqs;
+    for (const auto& row : ids) seqs.push_back({row, exit});
+    std::vector<float> out(seqs.size() * dim);
+    ASSERT_TRUE((*enc)->Forward(seqs, out.data()).ok());
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const std::vector<float> got(out.begin() + i * dim, out.begin() + (i + 1) * dim);
+      EXPECT_GE(Cosine(got, want[i]), 0.99999) << "exit " << exit << " text " << i;
+      EXPECT_LE(MaxAbsDiff(got, want[i]), 1e-4) << "exit " << exit << " text " << i;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace kiln
