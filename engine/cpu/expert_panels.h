@@ -21,7 +21,8 @@
 
 namespace kiln::cpu {
 
-// Width of a panel: the columns one micro-tile computes (two AVX2 vectors).
+// Width of a panel: the columns one AVX2 micro-tile computes (two AVX2
+// vectors; the AVX-512 tile takes two panels, one vector each).
 inline constexpr int kExpertPanelWidth = 16;
 // Rows one micro-tile computes: 12 accumulators, 2 panel vectors and a
 // broadcast fill AVX2's 16 registers.
@@ -60,10 +61,22 @@ struct PanelLoraOut {
 // (layouts in ExpertFfnWeights). Each output element is its products summed
 // in index order, then added to y. Single-threaded; hbuf holds
 // kExpertTileRows x group floats.
+//
+// `tiles`: kAuto runs two panels at a time in AVX-512 registers where the
+// CPU has AVX-512F (ExpertWideTiles()), one panel at a time in AVX2 ones
+// elsewhere; kAvx2 always runs the latter. Both do the same operations per
+// element in the same order, so the results are identical.
+enum class ExpertTiles { kAuto, kAvx2 };
 void PanelExpertFfn(const float* x, const int32_t* rows, int n, int hidden, int group,
                     const float* w1p, const float* b1, const float* w2p, Activation act, float* y,
                     float* hbuf, absl::Span<const PanelLoraIn> lora_in = {},
-                    absl::Span<const PanelLoraOut> lora_out = {});
+                    absl::Span<const PanelLoraOut> lora_out = {},
+                    ExpertTiles tiles = ExpertTiles::kAuto);
+
+// Whether kAuto takes the AVX-512 tiles: the CPU has AVX-512F, and the
+// environment does not set KILN_EXPERT_TILES=avx2 (which keeps the AVX2
+// tiles, to compare the two on one machine).
+bool ExpertWideTiles();
 
 // Packs rows [0, n) of a row-major [n, k] weight (a Linear's [out, in]) into
 // panels [n / 16][k][16]: dst[p][j][c] = w[p * 16 + c][j]. n % 16 == 0.
