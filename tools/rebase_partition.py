@@ -41,8 +41,8 @@ TOOL = "rebase_partition"
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True,
-                    help="the model folder the new version is for (same layer count and "
-                         "intermediate_size as the partition's)")
+                    help="the model folder the new version is for (its num_hidden_layers, "
+                         "intermediate_size and hidden_size must fit the partition's)")
     ap.add_argument("--partition", default=PARTITION,
                     help="the ffn_partition version folder whose groups and keys to take")
     ap.add_argument("--out", required=True,

@@ -42,8 +42,9 @@ def _cos(a, b) -> float:
 
 
 def _embed(stub, **kw):
-    return stub.Embed(pb.EmbedRequest(inputs=TEXTS, routing=kw.pop("routing", pb.ROUTING_NONE),
-                                      **kw), timeout=120)
+    return stub.Embed(pb.EmbedRequest(inputs=kw.pop("inputs", TEXTS),
+                                      routing=kw.pop("routing", pb.ROUTING_NONE), **kw),
+                      timeout=120)
 
 
 def test_fraction_runs_the_partition_and_composes_with_lora(start_server, tmp_path):
@@ -249,11 +250,10 @@ def test_a_relu_model_serves_with_its_rebased_partition(start_server, tmp_path):
     texts = [t for t, ids in zip(fixture["texts"], fixture["input_ids"]) if len(ids) < 256]
     want = [v for v, ids in zip(fixture["exits"]["6"], fixture["input_ids"]) if len(ids) < 256]
     assert len(texts) >= 8
-    dense = server.stub.Embed(pb.EmbedRequest(inputs=texts, routing=pb.ROUTING_NONE), timeout=120)
+    dense = _embed(server.stub, inputs=texts)
     for text, got, ref in zip(texts, dense.embeddings, want):
         assert _cos(got.values, ref) >= 0.99999, text
-    half = server.stub.Embed(pb.EmbedRequest(inputs=texts, routing=pb.ROUTING_NONE,
-                                             ffn_fraction=0.5), timeout=120)
+    half = _embed(server.stub, inputs=texts, ffn_fraction=0.5)
     assert half.ffn_fraction == 0.5
     cosines = [_cos(a.values, b.values) for a, b in zip(dense.embeddings, half.embeddings)]
     # Sparse changes the vectors (the partition ran) but keeps their direction;
