@@ -30,11 +30,13 @@
 #include <iostream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "bench/bench_texts.h"
@@ -131,7 +133,35 @@ struct PassResult {
   int64_t macs = 0;
 };
 
+// --fractions as numbers, each in (0, 1]; an error names the flag and the value.
+absl::StatusOr<std::vector<float>> ParseFractions(const std::vector<std::string>& flag) {
+  std::vector<float> fractions;
+  for (const std::string& f : flag) {
+    float v = 0;
+    if (!absl::SimpleAtof(f, &v) || !(v > 0.0f && v <= 1.0f)) {  // NaN fails both
+      return absl::InvalidArgumentError(
+          absl::StrCat("--fractions: \"", f, "\" is not a number in (0, 1]"));
+    }
+    fractions.push_back(v);
+  }
+  if (fractions.empty()) return absl::InvalidArgumentError("--fractions: none given");
+  return fractions;
+}
+
 int Run() {
+  auto fractions_or = ParseFractions(absl::GetFlag(FLAGS_fractions));
+  if (!fractions_or.ok()) {
+    std::cerr << "kiln_bench_sparse_ffn: " << fractions_or.status().message() << "\n";
+    return 2;
+  }
+  const std::vector<float> fractions = *std::move(fractions_or);
+  for (const auto& [name, value] : {std::pair<const char*, int>{"rounds", absl::GetFlag(FLAGS_rounds)},
+                                    {"max_batch_tokens", absl::GetFlag(FLAGS_max_batch_tokens)}}) {
+    if (value < 1) {
+      std::cerr << "kiln_bench_sparse_ffn: --" << name << " must be at least 1, got " << value << "\n";
+      return 2;
+    }
+  }
   const std::string dir = absl::GetFlag(FLAGS_model);
   auto backend = CpuBackend::Create({.threads = absl::GetFlag(FLAGS_threads)});
   auto model = EmbeddingModel::Load(dir, backend.get());
@@ -179,12 +209,15 @@ int Run() {
     return 2;
   }
   const std::vector<Encoding>& encs = texts->encodings;
+  if (encs.empty()) {
+    std::cerr << "kiln_bench_sparse_ffn: --input " << absl::GetFlag(FLAGS_input)
+              << " holds no texts\n";
+    return 2;
+  }
   const int64_t tokens = texts->tokens;
   const int budget = absl::GetFlag(FLAGS_max_batch_tokens);
   const std::vector<std::pair<size_t, size_t>> batches = bench::CutByTokenBudget(encs, budget);
 
-  std::vector<float> fractions;
-  for (const std::string& f : absl::GetFlag(FLAGS_fractions)) fractions.push_back(std::stof(f));
   const int dim = (*model)->dim();
   std::vector<std::vector<float>> out(fractions.size(), std::vector<float>(encs.size() * dim));
   auto pass = [&](size_t fi) -> PassResult {

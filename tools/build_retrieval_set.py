@@ -453,6 +453,9 @@ def main():
         elif task == "man-synopsis":
             pairs = man_pairs(args.man_root, args.man_exclude)
         else:
+            if not os.path.isfile(args.dpkg_status):
+                sys.exit(f"build_retrieval_set: --dpkg-status {args.dpkg_status}: no such file "
+                         "(the deb-description task reads dpkg's status database)")
             pairs = deb_pairs(args.dpkg_status)
         raw = len(pairs)
         pairs = dedupe(pairs)

@@ -188,9 +188,9 @@ def derived_partition(tool, partition, out, force):
     fault; returns (the safetensors path, the manifest with its version set
     to out's)."""
     version = check_out(tool, out, force)
+    src, manifest = check_partition(tool, partition)  # exits when it does not exist
     if os.path.exists(out) and os.path.samefile(out, partition):
         sys.exit(f"{tool}: --out {out} is --partition itself; write a new version folder")
-    src, manifest = check_partition(tool, partition)
     manifest["version"] = version
     return src, manifest
 

@@ -178,6 +178,8 @@ def format_brick(b):
 def parse_exits(spec, num_layers):
     """"1,3,6" -> [1, 3, 6] (sorted, unique), each in 1..num_layers; empty or
     None -> every exit 1..num_layers. Raises UsageError."""
+    if num_layers < 1:
+        raise UsageError(f"the server reports {num_layers} layers (Info.num_layers)")
     if not spec:
         return list(range(1, num_layers + 1))
     try:
@@ -424,8 +426,9 @@ def main(argv=None):
         sets, set_info = {}, {}
         for name, path in set_specs:
             full = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
-            if not os.path.exists(full) and not os.path.isabs(path):
-                full = os.path.join(ROOT, path)  # defaults are relative to the repo
+            in_repo = os.path.join(ROOT, path)
+            if not os.path.exists(full) and not os.path.isabs(path) and os.path.exists(in_repo):
+                full = in_repo  # defaults are relative to the repo
             sets[name] = load_pairs(full, args.max_inputs)
             set_info[name] = {"path": os.path.relpath(full, ROOT) if full.startswith(ROOT) else full,
                               "sha256": sha256_file(full), "n": len(sets[name])}

@@ -82,7 +82,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # generate_stubs and KILN_PROTO are re-exported for eval_sparse_ffn.py.
-from kiln_client import KILN_PROTO, ROOT, generate_stubs, open_channel, rpc_error  # noqa: E402,F401
+from kiln_client import (KILN_PROTO, ROOT, generate_stubs, open_channel, rpc_error,  # noqa: E402,F401
+                         stops_run)
 # The inputs; eval_sparse_ffn.py imports several of them from here.
 # The ranking metrics and numpy (None in the e2e venv) are eval_retrieval's;
 # the printed report is routing_report's.
@@ -90,7 +91,7 @@ from eval_retrieval import mrr_at, np, ranks_of_right, recall_at  # noqa: E402
 from routing_report import (AUTO_GAP_TARGET_POINTS, ROUTING_TARGET, print_retrieval,  # noqa: E402
                             print_routing)
 from routing_inputs import (DEFAULT_BRICKS, DEFAULT_INSTRUCTIONS, DEFAULT_SETS,  # noqa: E402
-                            SIDES, TASKS, load_instructions, load_manifests, load_rows,
+                            SIDES, TASKS, load_all_rows, load_instructions, load_manifests,
                             quality_md_reference, self_check)
 
 
@@ -132,9 +133,7 @@ class Evaluator:
         return rpc_error(e)
 
     def stops_run(self, e):
-        """Whether an RpcError means the server is gone or too old for this
-        tool, so the run stops instead of recording it and going on."""
-        return e.code() in (self.grpc.StatusCode.UNIMPLEMENTED, self.grpc.StatusCode.UNAVAILABLE)
+        return stops_run(e)
 
     def connect(self):
         self.grpc.channel_ready_future(self.channel).result(timeout=self.args.connect_timeout)
@@ -269,10 +268,15 @@ class Evaluator:
                     "score_seconds": round(time.time() - t1, 1), "embed": stats})
         return res
 
-    def retrieval(self, tasks, instructions, manifests, ref):
+    def retrieval(self, tasks, instructions, manifests, ref, data):
+        """MRR@10 per task and setting over data[task] (load_all_rows). A
+        call the server refuses is recorded in its setting; when the server
+        is gone or too old (stops_run) the settings left are recorded as
+        skipped."""
         out = {}
+        aborted = None
         for task in tasks:
-            rows = load_rows(self.args.sets, task, self.args.max_inputs)
+            rows = data[task]
             n = len(rows)
             man = manifests[task]
             qp, dp = instructions[task]["query"], instructions[task]["document"]
@@ -286,10 +290,15 @@ class Evaluator:
                     ("auto", para_q, para_d, "auto"),
                     ("explicit-same-text", para_q, para_d, "explicit")]
             for name, qi, di, mode in plan:
-                try:
-                    res = self.score_setting(task, rows, qi, di, mode)
-                except self.grpc.RpcError as e:
-                    res = {"error": self.rpc_error(e)}
+                if aborted:
+                    res = {"error": f"skipped: {aborted}"}
+                else:
+                    try:
+                        res = self.score_setting(task, rows, qi, di, mode)
+                    except self.grpc.RpcError as e:
+                        res = {"error": self.rpc_error(e)}
+                        if self.stops_run(e):
+                            aborted = res["error"]
                 entry["settings"][name] = res
                 show = (f"MRR@10 {res['mrr@10']:.4f}  R@1 {res['recall@1']:.4f}  "
                         f"({res['embed']['calls']} calls, {res['embed_seconds']} s)"
@@ -329,13 +338,19 @@ def main():
 
     if args.self_check:
         problems = self_check(args.instructions, args.bricks)
-        data = load_instructions(args.instructions) if os.path.exists(args.instructions) else {}
+        try:
+            data = load_instructions(args.instructions)
+        except (OSError, ValueError):
+            data = {}  # self_check has said why
         for task in TASKS:
-            if task in data:
+            if isinstance(data, dict) and isinstance(data.get(task), dict):
                 print(f"{task:<16} " + "  ".join(
-                    f"{side} {len(data[task].get(side, []))}" for side in SIDES))
-        _, every = load_manifests(args.bricks)
-        print(f"checked against {len(every)} manifest examples under {args.bricks}")
+                    f"{side} {len(data[task].get(side) or [])}" for side in SIDES))
+        try:
+            _, every = load_manifests(args.bricks)
+            print(f"checked against {len(every)} manifest examples under {args.bricks}")
+        except (OSError, ValueError):
+            pass  # self_check has said why
         try:
             pb, _ = generate_stubs()
             print(f"stubs: generated from {os.path.relpath(KILN_PROTO, ROOT)}; api {api_features(pb)}")
@@ -354,14 +369,22 @@ def main():
     if problems:
         for p in problems:
             print("PROBLEM:", p, file=sys.stderr)
-        sys.exit("routing_instructions.json fails --self-check; fix it first")
+        sys.exit(f"{args.instructions} fails --self-check; fix it first")
+    if args.max_inputs < 0:
+        sys.exit(f"--max-inputs must be >= 0, got {args.max_inputs}")
     instructions = load_instructions(args.instructions)
-    manifests, _ = load_manifests(args.bricks)
-    missing = [t for t in tasks if t not in manifests]
+    manifests, _ = load_manifests(args.bricks)  # self_check has read them
+    missing = [t for t in tasks if t not in manifests or not manifests[t]["query"]
+               or not manifests[t]["document"]]
     if missing:
-        sys.exit(f"no brick manifest under {args.bricks} for {missing}")
+        sys.exit(f"no brick manifest with query and document instructions under {args.bricks} "
+                 f"for {missing}")
+    data = {} if args.skip_retrieval else load_all_rows(args.sets, tasks, args.max_inputs)
 
-    pb, pb_grpc = generate_stubs()
+    try:
+        pb, pb_grpc = generate_stubs()
+    except ImportError as e:
+        sys.exit(f"needs grpcio and grpcio-tools ({e}); use .cache/e2e-venv/bin/python")
     ev = Evaluator(args, pb, pb_grpc)
     try:
         ev.connect()
@@ -432,7 +455,7 @@ def main():
                 missed = True
     if not args.skip_retrieval:
         print("\nembedding ...", file=sys.stderr)
-        results["retrieval"] = ev.retrieval(tasks, instructions, manifests, quality_md_reference())
+        results["retrieval"] = ev.retrieval(tasks, instructions, manifests, quality_md_reference(), data)
         gaps = print_retrieval(results["retrieval"])
         missed |= not gaps or min(gaps) < -AUTO_GAP_TARGET_POINTS
         results["retrieval_summary"] = {

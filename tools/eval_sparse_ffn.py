@@ -63,9 +63,11 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 import eval_routing  # noqa: E402
 from eval_retrieval import fmt  # noqa: E402
+from kiln_client import open_channel, rpc_error, stops_run  # noqa: E402
 from eval_routing import (DEFAULT_BRICKS, DEFAULT_SETS, TASKS,  # noqa: E402
-                          generate_stubs, load_manifests, load_rows, mrr_at_10,
+                          generate_stubs, load_manifests, mrr_at_10,
                           quality_md_reference)
+from routing_inputs import load_all_rows  # noqa: E402
 
 np = eval_routing.np
 SETTINGS = ("base", "brick+instr")
@@ -112,9 +114,7 @@ class SparseEval:
     def __init__(self, args, pb, pb_grpc):
         import grpc
         self.grpc, self.args, self.pb = grpc, args, pb
-        self.channel = grpc.insecure_channel(args.target, options=[
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20)])
+        self.channel = open_channel(args.target)
         self.stub = pb_grpc.KilnStub(self.channel)
         self.batch = max(1, min(args.batch, MAX_BATCH))
         self.info = None
@@ -213,19 +213,25 @@ def main():
 
     fractions = [1.0] + [f for f in args.fractions if f != 1.0]
     added_dense = 1.0 not in args.fractions
-    manifests, _ = load_manifests(args.bricks)
+    if args.max_inputs < 0:
+        sys.exit(f"--max-inputs must be >= 0, got {args.max_inputs}")
+    try:
+        manifests, _ = load_manifests(args.bricks)
+    except (OSError, ValueError) as e:
+        if not args.base_only:
+            sys.exit(f"cannot read the brick manifests under --bricks {args.bricks}: {e}")
+        manifests = {}  # the base setting needs none
     missing = [t for t in TASKS if t not in manifests or not manifests[t]["query"]
                or not manifests[t]["document"]]
     if missing and not args.base_only:
-        sys.exit(f"no brick manifest with query and document instructions under {args.bricks} for {missing}")
-    data = {}
-    for task in TASKS:
-        try:
-            data[task] = load_rows(args.sets, task, args.max_inputs)
-        except OSError as e:
-            sys.exit(f"cannot read the {task} test set: {e} (build it with tools/build_retrieval_set.py)")
+        sys.exit(f"no brick manifest with query and document instructions under {args.bricks} "
+                 f"for {missing} (--base-only runs the base setting alone, without task bricks)")
+    data = load_all_rows(args.sets, TASKS, args.max_inputs)
 
-    pb, pb_grpc = generate_stubs()
+    try:
+        pb, pb_grpc = generate_stubs()
+    except ImportError as e:
+        sys.exit(f"needs grpcio and grpcio-tools ({e}); use .cache/e2e-venv/bin/python")
     if "ffn_fraction" not in pb.EmbedRequest.DESCRIPTOR.fields_by_name:
         sys.exit(f"{eval_routing.KILN_PROTO} has no EmbedRequest.ffn_fraction")
     ev = SparseEval(args, pb, pb_grpc)
@@ -287,8 +293,8 @@ def main():
                 try:
                     q, d, st = ev.run_cell(task, data[task], manifests.get(task), setting, f)
                 except ev.grpc.RpcError as e:
-                    cell["error"] = ev.rpc_error(e)
-                    if ev.stops_run(e):
+                    cell["error"] = rpc_error(e)
+                    if stops_run(e):
                         aborted = cell["error"]
                 except RuntimeError as e:
                     cell["error"] = str(e)

@@ -59,3 +59,10 @@ def open_channel(target):
 def rpc_error(e):
     """"CODE: message" of a grpc.RpcError, the server's status as sent."""
     return f"{e.code().name}: {e.details()}"
+
+
+def stops_run(e):
+    """Whether a grpc.RpcError means the server is gone or too old for the
+    tool (UNAVAILABLE, UNIMPLEMENTED), so a run stops instead of recording
+    the error and going on with the next call."""
+    return e.code().name in ("UNIMPLEMENTED", "UNAVAILABLE")

@@ -115,7 +115,8 @@ def check_shapes(tensors, config, model, source):
         fill = tensors.get(f"layer.{i}.fill", (None, None))[1]
         if len(groups) != 2 or groups[0] * groups[1] != want["intermediate_size"]:
             problems.append(f"layer.{i}.groups of shape {groups}")
-        if keys is None or len(keys) != 2 or keys[1] != want["hidden_size"] or keys[0] != groups[0]:
+        if (keys is None or len(keys) != 2 or keys[1] != want["hidden_size"]
+                or len(groups) != 2 or keys[0] != groups[0]):
             problems.append(f"layer.{i}.centroids of shape {keys}")
         if fill is not None and fill != [want["intermediate_size"]]:
             problems.append(f"layer.{i}.fill of shape {fill}")

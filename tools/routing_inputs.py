@@ -7,7 +7,9 @@ only."""
 import json
 import os
 import re
+import sys
 
+from eval_retrieval import UsageError, load_pairs
 from kiln_client import ROOT
 
 DEFAULT_INSTRUCTIONS = os.path.join(ROOT, "tools", "routing_instructions.json")
@@ -34,7 +36,10 @@ def latest_version_dir(task_dir):
 def load_manifests(bricks_dir):
     """{task: {"version": int, "query": [...], "document": [...]}} (latest
     version of each task's brick) and every example instruction of every
-    version of every brick (for the overlap check)."""
+    version of every brick (for the overlap check). A brick without
+    instructions (a partition, a recovery brick) has empty lists. Raises
+    OSError when bricks_dir cannot be listed and ValueError naming the file
+    when a brick.json is not JSON."""
     latest, every = {}, []
     for brick_id in sorted(os.listdir(bricks_dir)):
         task_dir = os.path.join(bricks_dir, brick_id)
@@ -44,18 +49,27 @@ def load_manifests(bricks_dir):
             path = os.path.join(task_dir, v, "brick.json")
             if not os.path.exists(path):
                 continue
-            with open(path) as f:
-                instr = json.load(f).get("instructions", {})
+            instr = _manifest_instructions(path)
             for side in SIDES:
-                every += [(brick_id, v, side, s) for s in instr.get(side, [])]
+                every += [(brick_id, v, side, s) for s in instr[side]]
         top = latest_version_dir(task_dir)
         if top:
-            with open(os.path.join(top, "brick.json")) as f:
-                m = json.load(f)
-            latest[brick_id] = {"version": int(os.path.basename(top)),
-                                "query": m["instructions"]["query"],
-                                "document": m["instructions"]["document"]}
+            instr = _manifest_instructions(os.path.join(top, "brick.json"))
+            latest[brick_id] = {"version": int(os.path.basename(top)), **instr}
     return latest, every
+
+
+def _manifest_instructions(path):
+    """{"query": [...], "document": [...]} of a brick.json (the strings of
+    each side; empty when it has none)."""
+    with open(path, encoding="utf-8") as f:
+        try:
+            m = json.load(f)
+        except ValueError as e:
+            raise ValueError(f"{path}: not JSON: {e}") from None
+    instr = m.get("instructions") if isinstance(m, dict) else None
+    instr = instr if isinstance(instr, dict) else {}
+    return {side: [s for s in instr.get(side) or [] if isinstance(s, str)] for side in SIDES}
 
 
 def load_instructions(path):
@@ -70,7 +84,12 @@ def self_check(path, bricks_dir):
         data = load_instructions(path)
     except (OSError, ValueError) as e:
         return [f"{path}: cannot read: {e}"]
-    _, every = load_manifests(bricks_dir)
+    if not isinstance(data, dict):
+        return [f"{path}: the top level is not an object"]
+    try:
+        _, every = load_manifests(bricks_dir)
+    except (OSError, ValueError) as e:
+        return [f"--bricks {bricks_dir}: cannot read the brick manifests: {e}"]
     manifest = {norm_instruction(s): f"{b}/{v} {side}: {s!r}" for b, v, side, s in every}
     if not isinstance(data.get("_about"), str) or not data["_about"].strip():
         problems.append('missing "_about" string')
@@ -93,6 +112,9 @@ def self_check(path, bricks_dir):
         if task not in data:
             problems.append(f"{task}: missing")
             continue
+        if not isinstance(data[task], dict):
+            problems.append(f"{task}: not an object of query and document lists")
+            continue
         for side in SIDES:
             items = data[task].get(side)
             if not isinstance(items, list):
@@ -114,10 +136,21 @@ def self_check(path, bricks_dir):
 
 
 def load_rows(sets_dir, task, cap):
-    path = os.path.join(sets_dir, task, "test.jsonl")
-    with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f]
-    return rows[:cap] if cap else rows
+    """The first cap (all when 0) pairs of the task's test set under
+    sets_dir. Raises UsageError naming the file (and line) when it is
+    missing, malformed or empty, and for a negative cap."""
+    if cap < 0:
+        raise UsageError(f"--max-inputs must be >= 0, got {cap}")
+    return load_pairs(os.path.join(sets_dir, task, "test.jsonl"), cap)
+
+
+def load_all_rows(sets_dir, tasks, cap):
+    """{task: rows} of load_rows; exits naming --sets and the tool that
+    builds the sets when one cannot be used."""
+    try:
+        return {task: load_rows(sets_dir, task, cap) for task in tasks}
+    except UsageError as e:
+        sys.exit(f"--sets {sets_dir}: {e} (build the sets with tools/build_retrieval_set.py)")
 
 
 def quality_md_reference():

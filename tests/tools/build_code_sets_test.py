@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -362,6 +363,20 @@ class BuildCodeSetsTest(unittest.TestCase):
         self.assertEqual(base, key('@d\ndef f(x):\n    """Doc."""\n    # c\n    return (x + 1)\n'))
         self.assertNotEqual(base, key("def f(x):\n    return x + 2\n"))
         self.assertNotEqual(base, key("def f(x=0):\n    return x + 1\n"))
+
+
+class BuildRetrievalSetArgsTest(unittest.TestCase):
+    def test_a_missing_dpkg_status_is_named(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            nowhere = os.path.join(tmp, "status")
+            p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_retrieval_set.py"),
+                                "--task", "deb-description", "--dpkg-status", nowhere,
+                                "--out", os.path.join(tmp, "out")],
+                               capture_output=True, text=True, timeout=120)
+            self.assertEqual(p.returncode, 1, p.stderr)
+            self.assertNotIn("Traceback", p.stderr)
+            self.assertIn(f"--dpkg-status {nowhere}: no such file", p.stderr)
+            self.assertFalse(os.path.exists(os.path.join(tmp, "out")))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@
 
 Run from the repo root: python3 tests/tools/eval_retrieval_test.py
 """
+import contextlib
 import gzip
+import io
 import json
 import os
 import sys
@@ -120,6 +122,23 @@ class FlagsTest(unittest.TestCase):
         for bad in ("0", "7", "a", ","):
             with self.subTest(bad=bad), self.assertRaises(er.UsageError):
                 er.parse_exits(bad, 6)
+        for spec in (None, "1"):  # a server that reports no layers
+            with self.subTest(spec=spec), self.assertRaisesRegex(er.UsageError, "Info.num_layers"):
+                er.parse_exits(spec, 0)
+
+    def test_a_missing_set_is_named_as_given(self):
+        # A relative --set is the caller's; the repository is tried only when
+        # it holds the file, so the error names the caller's path.
+        with tempfile.TemporaryDirectory() as tmp:
+            cwd = os.getcwd()
+            os.chdir(tmp)
+            try:
+                with contextlib.redirect_stderr(io.StringIO()) as err:
+                    rc = er.main(["--set", "a=nope.jsonl"])
+            finally:
+                os.chdir(cwd)
+        self.assertEqual(rc, 2)
+        self.assertIn(f"set file not found: {os.path.join(tmp, 'nope.jsonl')}", err.getvalue())
 
     def test_parse_set(self):
         self.assertEqual(er.parse_set("t2c=/a/b=c.jsonl"), ("t2c", "/a/b=c.jsonl"))

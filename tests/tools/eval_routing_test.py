@@ -79,6 +79,78 @@ class SelfCheckTest(unittest.TestCase):
         data["man-synopsis"]["document"] = data["man-synopsis"]["document"][:29]
         self.assertEqual(self.check(data), ["man-synopsis.document: 29 instructions (< 30)"])
 
+    def test_misshapen_files_are_problems_not_crashes(self):
+        problems = self.check([instruction_file()])
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn("the top level is not an object", problems[0])
+        self.assertEqual(self.check(instruction_file(**{"man-synopsis": ["a", "b"]})),
+                         ["man-synopsis: not an object of query and document lists"])
+
+    def test_a_missing_brick_folder_is_a_problem_naming_the_flag(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "instructions.json")
+            with open(path, "w") as f:
+                json.dump(instruction_file(), f)
+            nowhere = os.path.join(tmp, "no-bricks")
+            problems = ri.self_check(path, nowhere)
+        self.assertEqual(len(problems), 1, problems)
+        self.assertIn(f"--bricks {nowhere}: cannot read the brick manifests", problems[0])
+
+
+class ManifestsTest(unittest.TestCase):
+    def test_a_brick_without_instructions_has_empty_lists(self):
+        manifests, _ = ri.load_manifests(BRICKS)
+        self.assertEqual(manifests["ffn-e16"]["query"], [])  # a partition brick
+        self.assertEqual(manifests["ffn-e16"]["document"], [])
+        self.assertTrue(manifests["py-docstring"]["query"])
+
+    def test_a_manifest_that_is_not_json_is_named(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            os.makedirs(os.path.join(tmp, "b", "1"))
+            path = os.path.join(tmp, "b", "1", "brick.json")
+            with open(path, "w") as f:
+                f.write("{kind:")
+            with self.assertRaisesRegex(ValueError, "brick.json: not JSON"):
+                ri.load_manifests(tmp)
+
+
+class LoadRowsTest(unittest.TestCase):
+    def write(self, tmp, text):
+        os.makedirs(os.path.join(tmp, "man-synopsis"))
+        path = os.path.join(tmp, "man-synopsis", "test.jsonl")
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
+    def test_rows_in_order_blank_lines_skipped_and_capped(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            self.write(tmp, "".join(json.dumps({"query": f"q{i}", "document": f"d{i}"}) + "\n\n"
+                                    for i in range(3)))
+            self.assertEqual([r["query"] for r in ri.load_rows(tmp, "man-synopsis", 0)],
+                             ["q0", "q1", "q2"])
+            self.assertEqual([r["query"] for r in ri.load_rows(tmp, "man-synopsis", 2)],
+                             ["q0", "q1"])
+            with self.assertRaisesRegex(ri.UsageError, "--max-inputs must be >= 0"):
+                ri.load_rows(tmp, "man-synopsis", -1)
+
+    def test_unusable_sets_are_named(self):
+        cases = [("", "no pairs"),
+                 ('{"query": "q"}\n', "test.jsonl:1: needs string keys query and document"),
+                 ('{"query": "q", "document": "d"}\nnot json\n', "test.jsonl:2: not JSON")]
+        for text, fragment in cases:
+            with self.subTest(fragment=fragment), tempfile.TemporaryDirectory() as tmp:
+                path = self.write(tmp, text)
+                with self.assertRaises(ri.UsageError) as cm:
+                    ri.load_rows(tmp, "man-synopsis", 0)
+                self.assertIn(path if fragment == "no pairs" else fragment, str(cm.exception))
+                with self.assertRaises(SystemExit) as cm:
+                    ri.load_all_rows(tmp, ["man-synopsis"], 0)
+                self.assertIn(f"--sets {tmp}: ", str(cm.exception))
+                self.assertIn("tools/build_retrieval_set.py", str(cm.exception))
+        with tempfile.TemporaryDirectory() as tmp, self.assertRaises(SystemExit) as cm:
+            ri.load_all_rows(tmp, ["py-docstring"], 0)
+        self.assertIn(os.path.join(tmp, "py-docstring", "test.jsonl"), str(cm.exception))
+
 
 def route_response(plan, scores):
     """A RouteResponse stand-in: bricks in the plan, candidates best first."""
@@ -133,6 +205,47 @@ class UnrelatedRoutesTest(unittest.TestCase):
         # A server that is gone stops the run rather than fill it with errors.
         with self.assertRaises(FakeRpcError):
             ev.unrelated_routes(["tweet:", "gone", "SQL:"])
+
+
+class RetrievalStopsTest(unittest.TestCase):
+    def test_a_server_that_is_gone_skips_the_settings_left(self):
+        codes = types.SimpleNamespace(**{c: types.SimpleNamespace(name=c) for c in (
+            "INVALID_ARGUMENT", "UNAVAILABLE")})
+
+        class FakeRpcError(Exception):
+            def code(self):
+                return self.args[0]
+
+            def details(self):
+                return "connection refused"
+
+        calls = []
+
+        def score_setting(task, rows, qi, di, mode):
+            calls.append((task, mode))
+            if len(calls) == 2:
+                raise FakeRpcError(codes.INVALID_ARGUMENT)  # recorded, the run goes on
+            if len(calls) == 3:
+                raise FakeRpcError(codes.UNAVAILABLE)  # the run stops here
+            return {"mrr@10": 0.5, "recall@1": 0.25, "embed": {"calls": 1}, "embed_seconds": 0.1}
+
+        ev = object.__new__(evr.Evaluator)
+        ev.args = types.SimpleNamespace()
+        ev.grpc = types.SimpleNamespace(RpcError=FakeRpcError, StatusCode=codes)
+        ev.score_setting = score_setting
+        tasks = ["py-docstring", "man-synopsis"]
+        manifests = {t: {"version": 1, "query": ["q:"], "document": ["d:"]} for t in tasks}
+        instructions = {t: {"query": ["a:"], "document": ["b:"]} for t in tasks}
+        data = {t: [{"query": "q", "document": "d"}] for t in tasks}
+        out = evr.Evaluator.retrieval(ev, tasks, instructions, manifests, {}, data)
+        self.assertEqual(len(calls), 3)
+        s = out["py-docstring"]["settings"]
+        self.assertEqual(s["explicit-manifest"]["mrr@10"], 0.5)
+        self.assertEqual(s["auto"], {"error": "INVALID_ARGUMENT: connection refused"})
+        self.assertEqual(s["explicit-same-text"], {"error": "UNAVAILABLE: connection refused"})
+        for name, res in out["man-synopsis"]["settings"].items():
+            self.assertEqual(res, {"error": "skipped: UNAVAILABLE: connection refused"}, name)
+        self.assertIsNone(out["py-docstring"]["auto_minus_explicit_same_text_points"])
 
 
 if __name__ == "__main__":

@@ -137,6 +137,10 @@ class ToolRefusalTest(ToolTestCase):
                 self.assertIn("--force", result.stderr)
             with self.subTest(tool=tool, case="out exists, --force"):
                 self.assertPassedChecks(self.derived(tool, "--out", lora, "--force"))
+            with self.subTest(tool=tool, case="out exists, --force, no partition"):
+                nowhere = os.path.join(self.tmp, "no-partition", "2")
+                self.assertRefused(self.derived(tool, "--partition", nowhere, "--out", lora,
+                                                "--force"), nowhere, "--partition")
             with self.subTest(tool=tool, case="out is the partition, --force"):
                 result = self.derived(tool, "--out", self.fx.partition + "/", "--force")
                 self.assertEqual(result.returncode, 1, result.stderr)
@@ -298,8 +302,13 @@ class RebasePartitionTest(ToolTestCase):
         self.assertRefused(self.rebase(), "hidden_size 5", "layer.1.centroids of shape [2, 3]")
         self.fx.write_config(num_hidden_layers=2, intermediate_size=4, hidden_size=3,
                              hidden_act="relu")
-        # A partition whose data is cut short: refused naming the file.
         path = os.path.join(self.fx.partition, "ffn_partition.safetensors")
+        # A groups tensor that is a scalar: refused naming it.
+        with open(path, "wb") as f:
+            f.write(safetensors_bytes({**self.tensors,
+                                       "layer.1.groups": ("I32", [], struct.pack("<i", 0))}))
+        self.assertRefused(self.rebase(), "layer.1.groups of shape []")
+        # A partition whose data is cut short: refused naming the file.
         with open(path, "wb") as f:
             f.write(safetensors_bytes(self.tensors)[:-4])
         self.assertRefused(self.rebase(), "ffn_partition.safetensors", "data_offsets")
