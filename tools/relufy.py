@@ -36,13 +36,24 @@ zero):
   build/bin/kiln serve --model=DIR --brick_dir=BRICKS
 (bench/sparse_ffn.sh with RELU_MODEL=DIR measures it served.)
 
+--rank R trains a low-rank change instead of every weight: each of the six
+linears of every layer (query, key, value, attention output, FFN in, FFN
+out) computes with W + (alpha / R) B A, W frozen, A [R, in] and B [out, R]
+trained (B starts at zero, as a LoRA), while the biases and LayerNorm
+weights train as in the full run, at --lr x --rank-other-lr. The model
+written by --out has the change folded into its weights; the factors and
+the trained biases and LayerNorm weights are also written there
+(relu_delta.safetensors), and their size printed. The point:
+a change this small could be shipped with the repository, where a fully
+trained model (90 MB) cannot.
+
 --mrr adds MRR@10 on the three tasks' whole test splits (plain texts, no
 instructions, PyTorch): the GELU model dense and at --mrr-fraction with its
 partition's fill (what Kiln serves), and the student dense and sparse.
 
 Usage: nice -n 10 .venv/bin/python tools/relufy.py [--steps 200] [--batch 64]
          [--lr 1e-4] [--train-fraction 1] [--precision auto] [--student DIR] [--mrr]
-         [--out DIR] [--force]
+         [--rank R [--alpha A] [--rank-other-lr 0.1]] [--out DIR] [--force]
 
 Precision: bf16 autocast for training on CPUs that multiply bf16 natively
 (as tools/train_sparse_recovery.py); the 200-step runs in docs/QUALITY.md
@@ -100,6 +111,14 @@ def parse_args():
                          "fill, as served), the student dense and sparse (no fill)")
     ap.add_argument("--mrr-fraction", type=float, default=0.5,
                     help="the ffn_fraction of the MRR report, in (0, 1)")
+    ap.add_argument("--rank", type=int, default=0,
+                    help="train a rank-R change of the six linears of every layer (plus the "
+                         "biases and LayerNorms) instead of every weight; 0 = every weight")
+    ap.add_argument("--alpha", type=float, default=0.0,
+                    help="scale of the low-rank change is alpha / rank (default 2 x rank)")
+    ap.add_argument("--rank-other-lr", type=float, default=0.1,
+                    help="with --rank: the biases' and LayerNorms' learning rate as a share "
+                         "of --lr")
     ap.add_argument("--out", help="write the ReLU model folder here")
     ap.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = ap.parse_args()
@@ -108,6 +127,11 @@ def parse_args():
     check_positive(TOOL, "--lr", args.lr)
     check_warmup(TOOL, args.warmup)
     check_non_negative(TOOL, "--hidden-weight", args.hidden_weight)
+    check_at_least(TOOL, "--rank", args.rank, 0)
+    check_non_negative(TOOL, "--alpha", args.alpha)
+    check_positive(TOOL, "--rank-other-lr", args.rank_other_lr)
+    if args.alpha == 0:
+        args.alpha = 2.0 * args.rank
     if not 0 < args.train_fraction <= 1:
         sys.exit(f"{TOOL}: --train-fraction must be in (0, 1], got {args.train_fraction}")
     check_at_least(TOOL, "--threads", args.threads, 1)
@@ -156,6 +180,75 @@ def relu_student(model_dir, relu_dir=None):
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("encoder."))
     return tok, model
+
+
+LINEARS = ("attention.self.query", "attention.self.key", "attention.self.value",
+           "attention.output.dense", "intermediate.dense", "output.dense")
+
+
+class LowRankDelta(torch.nn.Module):
+    """A parametrization of a linear's weight: W + scale x B A, A [rank, in]
+    (LoRA's initialisation) and B [out, rank] (zero) trained."""
+
+    def __init__(self, out_features, in_features, rank, scale):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.empty(rank, in_features))
+        torch.nn.init.kaiming_uniform_(self.a, a=5 ** 0.5)
+        self.b = torch.nn.Parameter(torch.zeros(out_features, rank))
+        self.scale = scale
+
+    def forward(self, w):
+        return w + self.scale * (self.b @ self.a).to(w.dtype)
+
+
+def add_low_rank_delta(model, rank, alpha):
+    """Freezes the six linears' weights of every layer behind a LowRankDelta;
+    returns {module name: LowRankDelta}."""
+    from torch.nn.utils import parametrize
+    deltas = {}
+    for i, layer in enumerate(model.encoder.layer):
+        for name in LINEARS:
+            lin = layer.get_submodule(name)
+            delta = LowRankDelta(lin.out_features, lin.in_features, rank, alpha / rank)
+            parametrize.register_parametrization(lin, "weight", delta)
+            lin.parametrizations.weight.original.requires_grad_(False)
+            deltas[f"encoder.layer.{i}.{name}"] = delta
+    return deltas
+
+
+def fold_low_rank_delta(model, deltas):
+    """Folds the factors into the weights; returns, for
+    relu_delta.safetensors, the factors by module name (NAME.a, and NAME.b
+    with the scale folded in) and the trained biases and LayerNorm weights
+    by parameter name (their new values): with the base model's weights,
+    all it takes to rebuild the model."""
+    from torch.nn.utils import parametrize
+    factor_ids = {id(p) for d in deltas.values() for p in (d.a, d.b)}
+    tensors = {name: p.detach().float().contiguous() for name, p in model.named_parameters()
+               if p.requires_grad and id(p) not in factor_ids}
+    for name, d in deltas.items():
+        tensors[f"{name}.a"] = d.a.detach().float().contiguous()
+        tensors[f"{name}.b"] = (d.b.detach().float() * d.scale).contiguous()
+        parametrize.remove_parametrizations(model.get_submodule(name), "weight",
+                                            leave_parametrized=True)
+    return tensors
+
+
+def low_rank_optimizer(model, deltas, args):
+    """AdamW as train_brick.optimizer (weight decay 0.01, warm-up then
+    linear decay), the factors at --lr and the other trainable weights
+    (biases, LayerNorms) at --lr x --rank-other-lr."""
+    factors = [p for d in deltas.values() for p in (d.a, d.b)]
+    ids = {id(p) for p in factors}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    opt = torch.optim.AdamW([{"params": factors, "lr": args.lr},
+                             {"params": others, "lr": args.lr * args.rank_other_lr}],
+                            weight_decay=0.01)
+    warm = max(1, int(args.steps * args.warmup))
+    decay = max(1, args.steps - warm)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (args.steps - s) / decay))
+    return opt, sched
 
 
 def report(label, student, sparse, tok, texts, fractions, max_length, teacher_dense):
@@ -219,18 +312,21 @@ def main(args):
     for p in teacher.parameters():
         p.requires_grad_(False)
     _, student = relu_student(args.model, args.student)
+    deltas = add_low_rank_delta(student, args.rank, args.alpha) if args.rank else {}
     sparse = SparseFfn(student.encoder.layer, args.partition, use_fill=False)
     teacher_dense = embed_all(teacher, tok, eval_texts, args.max_length)
     bf16 = train_in_bf16(args.precision)
     print(f"{TOOL}: {len(texts)} train texts, {args.steps} steps x {args.batch}, lr {args.lr}, "
           f"train fraction {args.train_fraction:g}, hidden weight {args.hidden_weight}, "
+          f"{f'rank {args.rank} (alpha {args.alpha:g}, others at lr x {args.rank_other_lr:g})' if args.rank else 'every weight'}, "
           f"{'bf16' if bf16 else 'fp32'}, {args.threads} threads; "
           f"report on {len(eval_texts)} test texts over "
           f"{args.partition} (no fill)", file=sys.stderr)
     report("before", student, sparse, tok, eval_texts, args.eval_fractions, args.max_length,
            teacher_dense)
     if args.steps > 0:
-        opt, sched = optimizer(student, args)
+        opt, sched = (low_rank_optimizer(student, deltas, args) if deltas
+                      else optimizer(student, args))
 
         def step_loss(idx):
             batch = [texts[i] for i in idx]
@@ -247,8 +343,17 @@ def main(args):
               file=sys.stderr)
         report("after", student, sparse, tok, eval_texts, args.eval_fractions,
                args.max_length, teacher_dense)
+    factors = fold_low_rank_delta(student, deltas) if deltas else {}
+    if factors:
+        n = sum(t.numel() for t in factors.values())
+        print(f"{TOOL}: the rank-{args.rank} factors with the biases and LayerNorms hold "
+              f"{n:,} numbers ({n * 2 / 1e6:.1f} MB in 16 bits); folded into the weights",
+              file=sys.stderr)
     if args.out:
         write_model(student, args.model, args.out)
+        if factors:
+            from safetensors.torch import save_file
+            save_file(factors, os.path.join(args.out, "relu_delta.safetensors"))
         print(f"{TOOL}: wrote {args.out}", file=sys.stderr)
     if args.mrr:
         _, gelu = load_base(args.model)  # a second copy: the teacher stays unmasked

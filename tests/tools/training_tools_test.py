@@ -202,6 +202,7 @@ class TrainerRefusalTest(ToolTestCase):
         with open(os.path.join(relu, "config.json"), "w") as f:
             json.dump({"max_position_embeddings": 512, "hidden_act": "relu"}, f)
         self.assertPassedChecks(run("--student", relu, "--mrr", "--steps", "0"))
+        self.assertPassedChecks(run("--rank", "32", "--alpha", "16", "--rank-other-lr", "0.5"))
         for precision in ("fp32", "bf16", "auto"):
             self.assertPassedChecks(run("--precision", precision))
         result = run("--precision", "fp16")  # argparse's choices: exit 2, nothing written
@@ -226,6 +227,9 @@ class TrainerRefusalTest(ToolTestCase):
             (["--partition", self.fx.model], ["--partition", "ffn_partition.safetensors"]),
             (["--sets", os.path.join(self.tmp, "nowhere")], ["--sets"]),
             (["--mrr-fraction", "1"], ["--mrr-fraction"]),
+            (["--rank", "-1"], ["--rank must be >= 0"]),
+            (["--rank", "8", "--alpha", "-1"], ["--alpha"]),
+            (["--rank", "8", "--rank-other-lr", "0"], ["--rank-other-lr"]),
             (["--student", self.fx.model], ["--student", "hidden_act is 'gelu', not 'relu'"]),
             (["--student", self.fx.partition], ["--student", "cannot read config.json"]),
         ]
