@@ -166,7 +166,7 @@ import torch  # noqa: E402
 from build_retrieval_set import load_split  # noqa: E402
 from eval_bricks_torch import load_base, ranking_metrics  # noqa: E402
 from sparse_ffn_torch import SparseFfn, read_texts  # noqa: E402
-from train_brick import optimizer, seed_everything, train_loop  # noqa: E402
+from train_brick import optimizer, schedule, seed_everything, train_loop  # noqa: E402
 from train_sparse_recovery import distillation_terms, embed_all, encode  # noqa: E402
 
 
@@ -244,11 +244,7 @@ def low_rank_optimizer(model, deltas, args):
     opt = torch.optim.AdamW([{"params": factors, "lr": args.lr},
                              {"params": others, "lr": args.lr * args.rank_other_lr}],
                             weight_decay=0.01)
-    warm = max(1, int(args.steps * args.warmup))
-    decay = max(1, args.steps - warm)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (args.steps - s) / decay))
-    return opt, sched
+    return opt, schedule(opt, args)
 
 
 def report(label, student, sparse, tok, texts, fractions, max_length, teacher_dense):

@@ -130,11 +130,16 @@ def optimizer(model, args):
     linear warm-up over --warmup of the steps, then linear decay to 0."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    return opt, schedule(opt, args)
+
+
+def schedule(opt, args):
+    """opt's learning rates: linear warm-up over --warmup of --steps, then
+    linear decay to 0."""
     warm = max(1, int(args.steps * args.warmup))
     decay = max(1, args.steps - warm)  # --steps 1 leaves no decay steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
+    return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (args.steps - s) / decay))
-    return opt, sched
 
 
 def train_loop(args, n_rows, rng, opt, sched, step_loss, batch_iter=None):

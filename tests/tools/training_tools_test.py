@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Tests of the LoRA trainers' argument checks (tools/training_args.py and
 the tools that use it: train_brick.py, train_exits.py,
-train_sparse_recovery.py, relufy.py). Standard library only.
+train_sparse_recovery.py, relufy.py, apply_relu_delta.py). Standard library only.
 
 Each case runs a trainer as a user would, with PyTorch and the packages
 around it blocked (tool_harness.Fixture): a bad argument must be refused
@@ -244,6 +244,35 @@ class TrainerRefusalTest(ToolTestCase):
         os.rmdir(self.out)
         self.fx.write_config(hidden_act="relu")
         self.assertRefused(run(), "config.json", "hidden_act is 'relu', not 'gelu'")
+
+    def test_apply_relu_delta(self):
+        delta = os.path.join(self.tmp, "relu_delta.safetensors")
+        open(delta, "wb").close()
+        half = os.path.join(self.tmp, "half.safetensors")
+
+        def run(*extra):
+            return self.fx.run("apply_relu_delta.py", "--model", self.fx.model, "--delta", delta,
+                               *extra)
+        self.assertPassedChecks(run("--out", self.out))
+        self.assertPassedChecks(run("--dtype", "f16", "--delta-out", half))
+        for extra, names in [
+                (["--out", self.out, "--delta", os.path.join(self.tmp, "none")],
+                 ["--delta", "no such file"]),
+                (["--out", self.out, "--dtype", "f16"], ["--dtype and --delta-out"]),
+                (["--delta-out", half], ["--dtype and --delta-out"]),
+                ([], ["nothing to do"]),
+                (["--out", self.out, "--model", self.fx.partition], ["cannot read config.json"])]:
+            with self.subTest(extra=extra):
+                self.assertRefused(run(*extra), "apply_relu_delta", *names)
+        self.fx.write_config(hidden_act="relu")
+        self.assertRefused(run("--out", self.out), "hidden_act is 'relu', not 'gelu'")
+        self.fx.write_config()
+        os.makedirs(self.out)
+        result = run("--out", self.out)
+        self.assertEqual(result.returncode, 1, result.stderr)
+        self.assertIn(f"--out {self.out} exists", result.stderr)
+        self.assertPassedChecks(run("--out", self.out, "--force"))
+        os.rmdir(self.out)
 
 
 class CheckFunctionsTest(unittest.TestCase):
