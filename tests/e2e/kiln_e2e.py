@@ -280,6 +280,13 @@ class KilnServer:
         assert self.alive()
 
 
+def embed(stub, inputs, routing=None, timeout: float = 120, **kw):
+    """Embed of `inputs`, ROUTING_NONE unless `routing` is given, the other
+    EmbedRequest fields from kw."""
+    return stub.Embed(pb.EmbedRequest(inputs=inputs, routing=pb.ROUTING_NONE if routing is None
+                                      else routing, **kw), timeout=timeout)
+
+
 _ADMIN_LISTENING = re.compile(r"BrickAdmin listening on (\[[^\]]*\]|[^\s:]+):(\d+)")
 
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kiln_e2e import REPO, KilnServer, pb
+from kiln_e2e import REPO, KilnServer, embed
 
 TOOL = REPO / "tools" / "eval_sparse_ffn.py"
 PARTITION = REPO / "deploy" / "bricks" / "ffn-e16"
@@ -62,10 +62,10 @@ def _run(server: KilnServer, tmp: Path, *flags: str) -> tuple[subprocess.Complet
     return proc, (json.loads(out.read_text()) if out.exists() else {})
 
 
-def _embed(stub, texts, fraction):
+def _vectors(stub, texts, fraction):
+    """The base model's vectors at `fraction` (unset at 1, as the tool sends it)."""
     kw = {"ffn_fraction": fraction} if fraction != 1.0 else {}
-    resp = stub.Embed(pb.EmbedRequest(inputs=texts, routing=pb.ROUTING_NONE, **kw), timeout=120)
-    return [list(e.values) for e in resp.embeddings]
+    return [list(e.values) for e in embed(stub, texts, **kw).embeddings]
 
 
 def _cos(a, b) -> float:
@@ -101,8 +101,8 @@ def test_base_only_reports_what_the_server_returns(start_server, tmp_path):
     for task in TASKS:
         queries = [q for q, _ in PAIRS[task]]
         docs = [d for _, d in PAIRS[task]]
-        dense_q, dense_d = _embed(server.stub, queries, 1.0), _embed(server.stub, docs, 1.0)
-        half_q, half_d = _embed(server.stub, queries, 0.5), _embed(server.stub, docs, 0.5)
+        dense_q, dense_d = _vectors(server.stub, queries, 1.0), _vectors(server.stub, docs, 1.0)
+        half_q, half_d = _vectors(server.stub, queries, 0.5), _vectors(server.stub, docs, 0.5)
         dense_mrr, half_mrr = _mrr_at_10(dense_q, dense_d), _mrr_at_10(half_q, half_d)
         dense, half = cells[(task, 1.0)], cells[(task, 0.5)]
         assert dense["setting"] == half["setting"] == "base"

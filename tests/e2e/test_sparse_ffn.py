@@ -16,7 +16,7 @@ from pathlib import Path
 
 import grpc
 
-from kiln_e2e import (expect_rpc_error, REPO, KilnServer, max_abs_diff, model_dir,
+from kiln_e2e import (embed, expect_rpc_error, REPO, KilnServer, max_abs_diff, model_dir,
                       parse_metrics, pb)
 
 DEPLOY = REPO / "deploy" / "bricks"
@@ -42,9 +42,7 @@ def _cos(a, b) -> float:
 
 
 def _embed(stub, **kw):
-    return stub.Embed(pb.EmbedRequest(inputs=kw.pop("inputs", TEXTS),
-                                      routing=kw.pop("routing", pb.ROUTING_NONE), **kw),
-                      timeout=120)
+    return embed(stub, kw.pop("inputs", TEXTS), **kw)
 
 
 def test_fraction_runs_the_partition_and_composes_with_lora(start_server, tmp_path):

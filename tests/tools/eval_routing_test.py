@@ -11,6 +11,7 @@ Run from the repo root: python3 tests/tools/eval_routing_test.py
 """
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import types
@@ -247,6 +248,81 @@ class RetrievalStopsTest(unittest.TestCase):
             self.assertEqual(res, {"error": "skipped: UNAVAILABLE: connection refused"}, name)
         self.assertIsNone(out["py-docstring"]["auto_minus_explicit_same_text_points"])
 
+
+class RefusalsBeforeConnectingTest(unittest.TestCase):
+    """eval_routing.py and eval_sparse_ffn.py run as users run them: what
+    they refuse before they generate stubs or connect, each exit naming the
+    flag or file. grpc_tools is blocked (a package of that name on
+    PYTHONPATH that fails on import), so no server is needed."""
+
+    def setUp(self):
+        self._tmp = tempfile.TemporaryDirectory()
+        self.tmp = self._tmp.name
+        blocker = os.path.join(self.tmp, "blockers", "grpc_tools")
+        os.makedirs(blocker)
+        with open(os.path.join(blocker, "__init__.py"), "w") as f:
+            f.write("raise ImportError('grpc_tools blocked by the test')\n")
+        self.sets = os.path.join(self.tmp, "sets")
+        for task in ri.TASKS:
+            os.makedirs(os.path.join(self.sets, task))
+            with open(os.path.join(self.sets, task, "test.jsonl"), "w") as f:
+                f.write(json.dumps({"query": "q", "document": "d"}) + "\n")
+
+    def tearDown(self):
+        self._tmp.cleanup()
+
+    def run_tool(self, tool, *args):
+        env = dict(os.environ, PYTHONPATH=os.path.join(self.tmp, "blockers"))
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool),
+                            "--target", "127.0.0.1:1", "--sets", self.sets, *args],
+                           capture_output=True, text=True, env=env, timeout=120)
+        self.assertNotIn("Traceback", p.stderr)
+        return p
+
+    def bricks_with_empty_query(self, task):
+        """A copy of deploy/bricks' manifests whose `task` brick has no query
+        instructions."""
+        root = os.path.join(self.tmp, "bricks")
+        manifests, _ = ri.load_manifests(BRICKS)
+        for t in ri.TASKS:
+            folder = os.path.join(root, t, str(manifests[t]["version"]))
+            os.makedirs(folder)
+            with open(os.path.join(BRICKS, t, str(manifests[t]["version"]), "brick.json")) as f:
+                m = json.load(f)
+            if t == task:
+                m["instructions"]["query"] = []
+            with open(os.path.join(folder, "brick.json"), "w") as f:
+                json.dump(m, f)
+        return root
+
+    def assertRefused(self, tool, args, *fragments):
+        p = self.run_tool(tool, *args)
+        self.assertEqual(p.returncode, 1, (args, p.stderr))
+        for fragment in fragments:
+            self.assertIn(fragment, p.stderr, args)
+
+    def test_eval_routing(self):
+        bad = os.path.join(self.tmp, "instructions.json")
+        with open(bad, "w") as f:
+            json.dump(instruction_file(unrelatd=[]), f)
+        bricks = self.bricks_with_empty_query("man-synopsis")
+        for args, fragments in [
+                (["--instructions", bad], [f"{bad} fails --self-check", "unexpected keys"]),
+                (["--max-inputs", "-1"], ["--max-inputs must be >= 0, got -1"]),
+                (["--bricks", bricks], [f"no brick manifest with query and document "
+                                        f"instructions under {bricks} for ['man-synopsis']"]),
+                ([], ["needs grpcio and grpcio-tools", "grpc_tools blocked by the test"])]:
+            with self.subTest(args=args):
+                self.assertRefused("eval_routing.py", args, *fragments)
+
+    def test_eval_sparse_ffn(self):
+        bricks = self.bricks_with_empty_query("deb-description")
+        for args, fragments in [
+                (["--max-inputs", "-2"], ["--max-inputs must be >= 0, got -2"]),
+                (["--bricks", bricks], ["for ['deb-description']", "--base-only"]),
+                (["--base-only"], ["needs grpcio and grpcio-tools"])]:
+            with self.subTest(args=args):
+                self.assertRefused("eval_sparse_ffn.py", args, *fragments)
 
 if __name__ == "__main__":
     unittest.main()
