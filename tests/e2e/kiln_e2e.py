@@ -467,3 +467,58 @@ def brick_files(source: Path, manifest: dict | None = None):
 def bearer(token: str) -> list[tuple[str, str]]:
     """BrickAdmin call metadata for --admin_token_file's token."""
     return [("authorization", f"Bearer {token}")]
+
+
+# --- retrieval sets for the evaluator tools ---------------------------------------
+
+# Five (query, document) pairs per task; query i's right document is i.
+RETRIEVAL_TASKS = ("py-docstring", "man-synopsis", "deb-description")
+RETRIEVAL_PAIRS = {
+    "py-docstring": [
+        ("Return the list of files in a directory.", "def listdir(path):\n    return os.listdir(path)"),
+        ("Join two path components.", "def join(a, b):\n    return a.rstrip('/') + '/' + b"),
+        ("Read a file and return its text.", "def read(p):\n    with open(p) as f:\n        return f.read()"),
+        ("Sum the squares of the numbers.", "def sumsq(xs):\n    return sum(x * x for x in xs)"),
+        ("Parse an integer from a string.", "def parse(s):\n    return int(s.strip())"),
+    ],
+    "man-synopsis": [
+        ("copy files and directories", "cp [OPTION]... SOURCE... DIRECTORY"),
+        ("list directory contents", "ls [OPTION]... [FILE]..."),
+        ("remove files or directories", "rm [OPTION]... [FILE]..."),
+        ("print lines that match patterns", "grep [OPTION...] PATTERNS [FILE...]"),
+        ("change file timestamps", "touch [OPTION]... FILE..."),
+    ],
+    "deb-description": [
+        ("web server", "a small, fast HTTP server with reverse proxy support"),
+        ("compression tool", "compress and decompress files in the gzip format"),
+        ("text editor", "a terminal editor with syntax highlighting"),
+        ("version control", "a distributed revision control system"),
+        ("database", "an object-relational SQL database server"),
+    ],
+}
+
+
+def write_retrieval_sets(root: Path) -> Path:
+    """RETRIEVAL_PAIRS as <root>/<task>/test.jsonl, the layout of
+    tools/build_retrieval_set.py's --out; returns root."""
+    for task, pairs in RETRIEVAL_PAIRS.items():
+        (root / task).mkdir(parents=True, exist_ok=True)
+        with open(root / task / "test.jsonl", "w") as f:
+            for q, d in pairs:
+                f.write(json.dumps({"query": q, "document": d}) + "\n")
+    return root
+
+
+def cosine(a, b) -> float:
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def mrr_at_10(q, d) -> float:
+    """Query i's right document is d[i]; its rank is 1 + the number of other
+    documents scoring at least as high (a tie counts against it)."""
+    total = 0.0
+    for i, qv in enumerate(q):
+        scores = [cosine(qv, dv) for dv in d]
+        rank = 1 + sum(1 for j, s in enumerate(scores) if j != i and s >= scores[i])
+        total += 1.0 / rank if rank <= 10 else 0.0
+    return total / len(q)

@@ -6,57 +6,24 @@ error and exit status 1, not a crash."""
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from kiln_e2e import REPO, KilnServer, embed
+from kiln_e2e import (REPO, RETRIEVAL_PAIRS as PAIRS, RETRIEVAL_TASKS as TASKS, KilnServer, cosine,
+                      embed, mrr_at_10, write_retrieval_sets)
 
 TOOL = REPO / "tools" / "eval_sparse_ffn.py"
 PARTITION = REPO / "deploy" / "bricks" / "ffn-e16"
-TASKS = ("py-docstring", "man-synopsis", "deb-description")
-# Five (query, document) pairs per task; query i's right document is i.
-PAIRS = {
-    "py-docstring": [
-        ("Return the list of files in a directory.", "def listdir(path):\n    return os.listdir(path)"),
-        ("Join two path components.", "def join(a, b):\n    return a.rstrip('/') + '/' + b"),
-        ("Read a file and return its text.", "def read(p):\n    with open(p) as f:\n        return f.read()"),
-        ("Sum the squares of the numbers.", "def sumsq(xs):\n    return sum(x * x for x in xs)"),
-        ("Parse an integer from a string.", "def parse(s):\n    return int(s.strip())"),
-    ],
-    "man-synopsis": [
-        ("copy files and directories", "cp [OPTION]... SOURCE... DIRECTORY"),
-        ("list directory contents", "ls [OPTION]... [FILE]..."),
-        ("remove files or directories", "rm [OPTION]... [FILE]..."),
-        ("print lines that match patterns", "grep [OPTION...] PATTERNS [FILE...]"),
-        ("change file timestamps", "touch [OPTION]... FILE..."),
-    ],
-    "deb-description": [
-        ("web server", "a small, fast HTTP server with reverse proxy support"),
-        ("compression tool", "compress and decompress files in the gzip format"),
-        ("text editor", "a terminal editor with syntax highlighting"),
-        ("version control", "a distributed revision control system"),
-        ("database", "an object-relational SQL database server"),
-    ],
-}
-
-
-def _sets(root: Path) -> Path:
-    for task, pairs in PAIRS.items():
-        (root / task).mkdir(parents=True, exist_ok=True)
-        with open(root / task / "test.jsonl", "w") as f:
-            for q, d in pairs:
-                f.write(json.dumps({"query": q, "document": d}) + "\n")
-    return root
 
 
 def _run(server: KilnServer, tmp: Path, *flags: str) -> tuple[subprocess.CompletedProcess, dict]:
     """Runs the tool on the test sets of PAIRS; its JSON, or {} without one."""
     out = tmp / "eval.json"
+    sets = write_retrieval_sets(tmp / "sets")
     proc = subprocess.run(
-        [sys.executable, str(TOOL), "--target", server.target, "--sets", str(_sets(tmp / "sets")),
+        [sys.executable, str(TOOL), "--target", server.target, "--sets", str(sets),
          "--json", str(out), *flags],
         capture_output=True, text=True, timeout=300)
     return proc, (json.loads(out.read_text()) if out.exists() else {})
@@ -66,21 +33,6 @@ def _vectors(stub, texts, fraction):
     """The base model's vectors at `fraction` (unset at 1, as the tool sends it)."""
     kw = {"ffn_fraction": fraction} if fraction != 1.0 else {}
     return [list(e.values) for e in embed(stub, texts, **kw).embeddings]
-
-
-def _cos(a, b) -> float:
-    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
-
-
-def _mrr_at_10(q, d) -> float:
-    """Query i's right document is d[i]; its rank is 1 + the number of other
-    documents scoring at least as high (a tie counts against it)."""
-    total = 0.0
-    for i, qv in enumerate(q):
-        scores = [_cos(qv, dv) for dv in d]
-        rank = 1 + sum(1 for j, s in enumerate(scores) if j != i and s >= scores[i])
-        total += 1.0 / rank if rank <= 10 else 0.0
-    return total / len(q)
 
 
 def test_base_only_reports_what_the_server_returns(start_server, tmp_path):
@@ -103,13 +55,13 @@ def test_base_only_reports_what_the_server_returns(start_server, tmp_path):
         docs = [d for _, d in PAIRS[task]]
         dense_q, dense_d = _vectors(server.stub, queries, 1.0), _vectors(server.stub, docs, 1.0)
         half_q, half_d = _vectors(server.stub, queries, 0.5), _vectors(server.stub, docs, 0.5)
-        dense_mrr, half_mrr = _mrr_at_10(dense_q, dense_d), _mrr_at_10(half_q, half_d)
+        dense_mrr, half_mrr = mrr_at_10(dense_q, dense_d), mrr_at_10(half_q, half_d)
         dense, half = cells[(task, 1.0)], cells[(task, 0.5)]
         assert dense["setting"] == half["setting"] == "base"
         assert abs(dense["mrr@10"] - dense_mrr) <= 1e-4, (task, dense["mrr@10"], dense_mrr)
         assert abs(half["mrr@10"] - half_mrr) <= 1e-4, (task, half["mrr@10"], half_mrr)
         assert abs(half["delta_mrr_points"] - round((half["mrr@10"] - dense["mrr@10"]) * 100, 2)) <= 1e-9
-        cos = [_cos(a, b) for a, b in zip(half_q + half_d, dense_q + dense_d)]
+        cos = [cosine(a, b) for a, b in zip(half_q + half_d, dense_q + dense_d)]
         assert abs(half["mean_cos_to_dense"] - sum(cos) / len(cos)) <= 1e-5, task
         assert abs(half["min_cos_to_dense"] - min(cos)) <= 1e-5, task
         assert min(cos) < 0.99999  # the fraction was applied
