@@ -47,7 +47,7 @@ Usage:
          [--scale 20] [--exit-weights linear|uniform] [--max-length 128]
          [--seed 1234] [--threads 2] [--out DIR] [--id ID] [--version 1] [--distill 1]
          [--precision auto|bf16|fp32] [--recommended-exit 3] [--force]
-         [--chunks 4] [--teacher self|base] [--name-queries] [--symmetric]
+         [--chunks 4] [--teacher self|base|BRICK_DIR] [--name-queries] [--symmetric]
          [--subset F] [--extra-pairs JSONL] [--module-blocks K]
   .venv/bin/python tools/train_exits.py --eval [BRICK_DIR ...] [--eval-pairs 300]
 The second form prints MRR@10 at exits 1..N of the base model and of each
@@ -66,7 +66,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from build_retrieval_set import TASKS, load_split  # noqa: E402
-from calibration_args import ROOT, check_at_least, is_whole  # noqa: E402
+from calibration_args import ROOT, check_at_least, is_whole, read_json_object  # noqa: E402
 from training_args import (add_precision_arg, add_training_args, check_lora_brick,  # noqa: E402
                            check_new_version, check_non_negative, check_training_args,
                            train_in_bf16)
@@ -95,10 +95,12 @@ def parse_args():
                     help="multi-exit: weight of the self-distillation term (each "
                          "exit l < N learns exit N's in-batch similarity distribution, "
                          "KL, teacher detached); 0 = off")
-    ap.add_argument("--teacher", choices=["self", "base"], default="self",
-                    help="multi-exit: the self-distillation teacher: self = this model's "
+    ap.add_argument("--teacher", default="self", metavar="self|base|BRICK_DIR",
+                    help="multi-exit: the distillation teacher: self = this model's "
                          "own exit N (as it trains), base = the frozen base model's exit N, "
-                         "embedded once before training (adapter off)")
+                         "embedded once before training (adapter off); BRICK_DIR = the base "
+                         "model with that LoRA brick merged, its exit N, each side prefixed "
+                         "with the brick's first instruction for that side, embedded once")
     add_precision_arg(ap)
     ap.add_argument("--chunks", type=int, default=4,
                     help="forward passes per side of a step, texts sorted by length so "
@@ -148,6 +150,7 @@ def parse_args():
         sys.exit(f"{TOOL}: --recommended-exit must be in [1, {layers}] (the model's layers), "
                  f"got {args.recommended_exit}")
     check_non_negative(TOOL, "--distill", args.distill)
+    args.teacher_instructions = teacher_instructions(args.teacher)
     check_at_least(TOOL, "--chunks", args.chunks, 1)
     if not 0 < args.subset <= 1:
         sys.exit(f"{TOOL}: --subset must be in (0, 1], got {args.subset}")
@@ -160,6 +163,27 @@ def parse_args():
     args.out = args.out or default_out
     check_new_version(TOOL, os.path.join(args.out, args.id, str(args.version)), args.force)
     return args
+
+
+def teacher_instructions(teacher):
+    """None for --teacher self or base; for a brick folder, its first
+    (query, document) instructions, "" where a side has none. Exits naming
+    --teacher when the folder is not a LoRA brick."""
+    if teacher in ("self", "base"):
+        return None
+    check_lora_brick(TOOL, "--teacher", teacher)
+    manifest = read_json_object(TOOL, f"--teacher {teacher}", os.path.join(teacher, "brick.json"))
+    found = manifest.get("instructions", {})
+    if not isinstance(found, dict):
+        sys.exit(f"{TOOL}: {os.path.join(teacher, 'brick.json')}: instructions is not an object")
+    first = []
+    for side in ("query", "document"):
+        listed = found.get(side, [])
+        if not isinstance(listed, list) or not all(isinstance(i, str) for i in listed):
+            sys.exit(f"{TOOL}: {os.path.join(teacher, 'brick.json')}: instructions.{side} is "
+                     f"not a list of strings")
+        first.append(listed[0] if listed else "")
+    return tuple(first)
 
 
 def read_extra_pairs(path):
@@ -197,7 +221,8 @@ import torch  # noqa: E402
 from train_brick import (lora_model, optimizer, publish,  # noqa: E402
                          seed_everything, train_loop)
 from batching import group_batches  # noqa: E402
-from eval_bricks_torch import load_base, mean_pool, merge_brick, ranking_metrics  # noqa: E402
+from eval_bricks_torch import (load_base, mean_pool, merge_brick, ranking_metrics,  # noqa: E402
+                               with_instruction)
 
 
 
@@ -263,6 +288,29 @@ def encode_exits(model, tok, texts, max_length, exits, batch=64, bf16=False):
     return {l: torch.stack(v) for l, v in out.items()}
 
 
+def teacher_embeddings(args, model, tok, rows, n):
+    """(queries, documents) of rows at exit n of the frozen teacher
+    (--teacher base or a brick folder), embedded once."""
+    t0, bf16 = time.time(), args.precision == "bf16"
+    queries = [r["query"] for r in rows]
+    documents = [r["document"] for r in rows]
+    if args.teacher == "base":
+        with model.disable_adapter():
+            q = encode_exits(model, tok, queries, args.max_length, [n], bf16=bf16)[n]
+            d = encode_exits(model, tok, documents, args.max_length, [n], bf16=bf16)[n]
+    else:
+        q_instr, d_instr = args.teacher_instructions
+        teacher = merge_brick(load_base(args.model)[1], args.teacher)
+        q = encode_exits(teacher, tok, with_instruction(q_instr, queries), args.max_length, [n],
+                         bf16=bf16)[n]
+        d = encode_exits(teacher, tok, with_instruction(d_instr, documents), args.max_length, [n],
+                         bf16=bf16)[n]
+        del teacher
+    print(f"train_exits: teacher ({args.teacher}) exit-{n} embeddings of {len(rows)} pairs in "
+          f"{time.time() - t0:.0f} s", file=sys.stderr)
+    return q, d
+
+
 def sanity_eval(args):
     """Prints MRR@10 (R@1) per exit for the base model and each brick."""
     torch.set_num_threads(args.threads)
@@ -325,18 +373,12 @@ def main(args):
           f"{ {l: round(w, 3) for l, w in weights.items()} }", file=sys.stderr)
 
     teacher_q = teacher_d = None
-    if args.distill > 0 and args.objective == "multi-exit" and args.teacher == "base":
+    if args.distill > 0 and args.objective == "multi-exit" and args.teacher != "self":
         # The frozen base model's last exit ranks this set well (docs/QUALITY.md)
         # and, never trained on these pairs, stays soft on them, where the
-        # model's own exit N soon fits them nearly one-hot.
-        t0, bf16 = time.time(), args.precision == "bf16"
-        with model.disable_adapter():
-            teacher_q = encode_exits(model, tok, [r["query"] for r in rows], args.max_length, [n],
-                                     bf16=bf16)[n]
-            teacher_d = encode_exits(model, tok, [r["document"] for r in rows], args.max_length, [n],
-                                     bf16=bf16)[n]
-        print(f"train_exits: base exit-{n} teacher embeddings of {len(rows)} pairs in "
-              f"{time.time() - t0:.0f} s", file=sys.stderr)
+        # model's own exit N soon fits them nearly one-hot. A task brick's
+        # last exit (with its instructions) ranks it better still.
+        teacher_q, teacher_d = teacher_embeddings(args, model, tok, rows, n)
 
     opt, sched = optimizer(model, args)
     labels = torch.arange(args.batch)

@@ -84,6 +84,31 @@ class TrainerRefusalTest(ToolTestCase):
         self.assertRefused(self.train("train_sparse_recovery.py", "--batch", "0"),
                            "--batch must be >= 1")
 
+    def test_train_exits_teacher_manifest(self):
+        brick = self.fx.lora("bricks/py-docstring/1")
+        manifest = os.path.join(brick, "brick.json")
+        bad = {
+            "not an object": ("[]", [manifest, "not a JSON object"]),
+            "instructions a list": ('{"instructions": []}', [manifest, "instructions is not"]),
+            "query a string": ('{"instructions": {"query": "q"}}',
+                               [manifest, "instructions.query is not a list of strings"]),
+            "document numbers": ('{"instructions": {"query": [], "document": [1]}}',
+                                 [manifest, "instructions.document"]),
+        }
+        for case, (text, names) in bad.items():
+            with self.subTest(manifest=case):
+                with open(manifest, "w") as f:
+                    f.write(text)
+                self.assertRefused(self.train("train_exits.py", "--teacher", brick),
+                                   "train_exits", *names)
+        for text in ('{"instructions": {"query": ["q:"], "document": ["d:"]}}',
+                     '{"instructions": {"query": [], "document": []}}', '{}'):
+            with self.subTest(manifest=text):
+                with open(manifest, "w") as f:
+                    f.write(text)
+                self.assertPassedChecks(self.train("train_exits.py", "--teacher", brick))
+        self.assertPassedChecks(self.train("train_exits.py", "--teacher", "base"))
+
     def test_existing_version(self):
         existing = {"train_brick.py": "py-docstring/1", "train_exits.py": "py-exits/1",
                     "train_sparse_recovery.py": "ffn-recovery-50/1"}
@@ -119,6 +144,9 @@ class TrainerRefusalTest(ToolTestCase):
             (["--eval", brick, "--eval-pairs", "0"], ["--eval-pairs must be >= 1"]),
             (["--eval", self.fx.partition], ["--eval", "adapter_config.json"]),
             (["--eval", bad_brick], ["adapter_config.json", "r is 0"]),
+            (["--teacher", self.fx.partition], ["--teacher", "adapter_config.json"]),
+            (["--teacher", bad_brick], ["adapter_config.json", "r is 0"]),
+            (["--teacher", brick], ["--teacher", brick, "brick.json"]),  # no manifest
         ]
         for args, names in cases:
             with self.subTest(args=args):
