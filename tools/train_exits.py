@@ -11,7 +11,7 @@ loss of tools/train_brick.py (cross-entropy over cosine(query_i, document_j)
 l = 1..N (N = 6 layers): the output of layer l (hidden_states[l]) mean-pooled
 over the attention mask and L2-normalised, as Kiln pools an early exit. The
 losses are summed with weight l/N (--exit-weights linear; `uniform` weighs
-each 1). --objective last-exit is the baseline with an equal budget: the same
+each 1; `only:K` keeps exit K alone, a ceiling check). --objective last-exit is the baseline with an equal budget: the same
 loss at exit N only, with the same steps, batch, seed, data order, LoRA
 config and lr schedule (both objectives read all hidden states from one
 forward pass per side, so a step costs nearly the same).
@@ -44,7 +44,7 @@ step (PEFT copies the input of every adapted linear).
 Usage:
   nice -n 10 .venv/bin/python tools/train_exits.py --objective multi-exit
          [--steps 300] [--batch 64] [--lr 1e-3] [--rank 8] [--alpha 16]
-         [--scale 20] [--exit-weights linear|uniform] [--max-length 128]
+         [--scale 20] [--exit-weights linear|uniform|only:K] [--max-length 128]
          [--seed 1234] [--threads 2] [--out DIR] [--id ID] [--version 1] [--distill 1]
          [--precision auto|bf16|fp32] [--recommended-exit 3] [--force]
          [--chunks 4] [--teacher self|base|BRICK_DIR] [--name-queries] [--symmetric]
@@ -86,8 +86,9 @@ def parse_args():
     --extra-pairs into args.extra_rows."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--objective", choices=list(OBJECTIVES), default="multi-exit")
-    ap.add_argument("--exit-weights", choices=["linear", "uniform"], default="linear",
-                    help="multi-exit: weight l/N per exit, or 1 each")
+    ap.add_argument("--exit-weights", default="linear", metavar="linear|uniform|only:K",
+                    help="multi-exit: weight l/N per exit, 1 each, or the loss at exit K "
+                         "alone (the most exit K can learn from the data; needs --distill 0)")
     ap.add_argument("--id", help="brick id (default py-exits / py-lastexit)")
     ap.add_argument("--recommended-exit", type=int, default=3,
                     help="the exit brick.json's description recommends")
@@ -150,6 +151,7 @@ def parse_args():
         sys.exit(f"{TOOL}: --recommended-exit must be in [1, {layers}] (the model's layers), "
                  f"got {args.recommended_exit}")
     check_non_negative(TOOL, "--distill", args.distill)
+    check_exit_weights(args.exit_weights, layers, args.distill)
     args.teacher_instructions = teacher_instructions(args.teacher)
     check_at_least(TOOL, "--chunks", args.chunks, 1)
     if not 0 < args.subset <= 1:
@@ -163,6 +165,21 @@ def parse_args():
     args.out = args.out or default_out
     check_new_version(TOOL, os.path.join(args.out, args.id, str(args.version)), args.force)
     return args
+
+
+def check_exit_weights(kind, layers, distill):
+    """Exits naming --exit-weights unless it is linear, uniform or only:K
+    with K in [1, layers] and --distill 0 (only:K computes no other exit to
+    distil from)."""
+    if kind in ("linear", "uniform"):
+        return
+    k = kind[len("only:"):] if kind.startswith("only:") else ""
+    if not k.isdigit() or not 1 <= int(k) <= layers:
+        sys.exit(f"{TOOL}: --exit-weights must be linear, uniform or only:K with K in "
+                 f"[1, {layers}], got {kind!r}")
+    if distill > 0:
+        sys.exit(f"{TOOL}: --exit-weights {kind} trains exit {k} alone; add --distill 0 "
+                 f"(there is no other exit to distil from)")
 
 
 def teacher_instructions(teacher):
@@ -268,9 +285,12 @@ def name_query(document):
 
 
 def exit_weights(objective, kind, n):
-    """{exit: loss weight}: every exit 1..n (l/n or 1), or exit n alone."""
+    """{exit: loss weight}: every exit 1..n (l/n or 1), exit K alone
+    (only:K), or exit n alone (last-exit)."""
     if objective == "last-exit":
         return {n: 1.0}
+    if kind.startswith("only:"):
+        return {int(kind[len("only:"):]): 1.0}
     return {l: (l / n if kind == "linear" else 1.0) for l in range(1, n + 1)}
 
 
@@ -422,7 +442,8 @@ def main(args):
     wall, cpu = train_loop(args, len(rows), rng, opt, sched, step_loss, batch_iter)
 
     if args.objective == "multi-exit":
-        weighting = f"weighted l/{n}" if args.exit_weights == "linear" else "equal weights"
+        weighting = {"linear": f"weighted l/{n}", "uniform": "equal weights"}.get(
+            args.exit_weights, f"exit {args.exit_weights[len('only:'):]} alone")
         description = (f"{TASKS[TASK]['description']} Multi-exit training "
                        f"(ModularStarEncoder-style: contrastive loss at every exit 1..{n}, "
                        f"{weighting}, "

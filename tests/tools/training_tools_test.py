@@ -109,6 +109,12 @@ class TrainerRefusalTest(ToolTestCase):
                 self.assertPassedChecks(self.train("train_exits.py", "--teacher", brick))
         self.assertPassedChecks(self.train("train_exits.py", "--teacher", "base"))
 
+    def test_train_exits_weights(self):
+        for args in (["--exit-weights", "uniform"], ["--exit-weights", "only:3", "--distill", "0"],
+                     ["--exit-weights", "only:6", "--distill", "0"]):
+            with self.subTest(args=args):
+                self.assertPassedChecks(self.train("train_exits.py", *args))
+
     def test_existing_version(self):
         existing = {"train_brick.py": "py-docstring/1", "train_exits.py": "py-exits/1",
                     "train_sparse_recovery.py": "ffn-recovery-50/1"}
@@ -144,6 +150,11 @@ class TrainerRefusalTest(ToolTestCase):
             (["--eval", brick, "--eval-pairs", "0"], ["--eval-pairs must be >= 1"]),
             (["--eval", self.fx.partition], ["--eval", "adapter_config.json"]),
             (["--eval", bad_brick], ["adapter_config.json", "r is 0"]),
+            (["--exit-weights", "square"], ["--exit-weights", "only:K", "[1, 6]"]),
+            (["--exit-weights", "only:0", "--distill", "0"], ["--exit-weights", "'only:0'"]),
+            (["--exit-weights", "only:7", "--distill", "0"], ["--exit-weights", "[1, 6]"]),
+            (["--exit-weights", "only:x", "--distill", "0"], ["--exit-weights"]),
+            (["--exit-weights", "only:3"], ["--exit-weights only:3", "--distill 0"]),
             (["--teacher", self.fx.partition], ["--teacher", "adapter_config.json"]),
             (["--teacher", bad_brick], ["adapter_config.json", "r is 0"]),
             (["--teacher", brick], ["--teacher", brick, "brick.json"]),  # no manifest
