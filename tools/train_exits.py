@@ -12,8 +12,9 @@ l = 1..N (N = 6 layers): the output of layer l (hidden_states[l]) mean-pooled
 over the attention mask and L2-normalised, as Kiln pools an early exit. The
 losses are summed with weight l/N (--exit-weights linear; `uniform` weighs
 each 1; `only:K` keeps exit K alone, a ceiling check). --objective
-last-exit is the baseline with an equal budget: the same loss at exit N only, with the same steps, batch, seed, data order, LoRA
-config and lr schedule (both objectives read all hidden states from one
+last-exit is the baseline with an equal budget: the same loss at exit N
+only, with the same steps, batch, seed, data order, LoRA config and lr
+schedule (both objectives read all hidden states from one
 forward pass per side, so a step costs nearly the same).
 
 Data: the py-docstring train split (.cache/retrieval/py-docstring/train.jsonl,
