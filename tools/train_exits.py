@@ -66,6 +66,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from brick_fingerprint import fingerprint  # noqa: E402
 from build_retrieval_set import TASKS, load_split  # noqa: E402
 from calibration_args import ROOT, check_at_least, is_whole, read_json_object  # noqa: E402
 from training_args import (add_precision_arg, add_training_args, check_lora_brick,  # noqa: E402
@@ -153,7 +154,7 @@ def parse_args():
                  f"got {args.recommended_exit}")
     check_non_negative(TOOL, "--distill", args.distill)
     check_exit_weights(args.exit_weights, layers, args.distill)
-    args.teacher_instructions = teacher_instructions(args.teacher)
+    args.teacher_instructions = teacher_instructions(args.teacher, args.model)
     check_at_least(TOOL, "--chunks", args.chunks, 1)
     if not 0 < args.subset <= 1:
         sys.exit(f"{TOOL}: --subset must be in (0, 1], got {args.subset}")
@@ -183,14 +184,27 @@ def check_exit_weights(kind, layers, distill):
                  f"(there is no other exit to distil from)")
 
 
-def teacher_instructions(teacher):
+def teacher_instructions(teacher, model):
     """None for --teacher self or base; for a brick folder, its first
     (query, document) instructions, "" where a side has none. Exits naming
-    --teacher when the folder is not a LoRA brick."""
+    --teacher when the folder is not a LoRA brick, or when its brick.json
+    names another base model than --model (base_model.fingerprint)."""
     if teacher in ("self", "base"):
         return None
     check_lora_brick(TOOL, "--teacher", teacher)
     manifest = read_json_object(TOOL, f"--teacher {teacher}", os.path.join(teacher, "brick.json"))
+    base = manifest.get("base_model")
+    made_for = base.get("fingerprint") if isinstance(base, dict) else None
+    if made_for is not None:
+        try:
+            fp = fingerprint(model)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            sys.exit(f"{TOOL}: {os.path.join(model, 'model.safetensors')}: cannot read its "
+                     f"header ({e}); --model must be a model folder")
+        if made_for != fp:
+            sys.exit(f"{TOOL}: --teacher {teacher}: brick.json's base_model fingerprint "
+                     f"{str(made_for)[:12]}... is not --model {model}'s ({fp[:12]}...): the "
+                     f"brick was made for another model")
     found = manifest.get("instructions", {})
     if not isinstance(found, dict):
         sys.exit(f"{TOOL}: {os.path.join(teacher, 'brick.json')}: instructions is not an object")

@@ -20,6 +20,7 @@ import unittest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tool_harness import BLOCKED, Fixture, ToolTestCase  # noqa: E402
 import training_args as ta  # noqa: E402  (tool_harness put tools/ on the path)
+from brick_fingerprint import fingerprint  # noqa: E402
 
 TOOLS = ("train_brick.py", "train_exits.py", "train_sparse_recovery.py")  # relufy: its own test
 
@@ -94,6 +95,9 @@ class TrainerRefusalTest(ToolTestCase):
                                [manifest, "instructions.query is not a list of strings"]),
             "document numbers": ('{"instructions": {"query": [], "document": [1]}}',
                                  [manifest, "instructions.document"]),
+            "another model": ('{"base_model": {"fingerprint": "0123456789abcdef"}}',
+                              ["--teacher", brick, "0123456789ab", "--model", self.fx.model,
+                               "another model"]),
         }
         for case, (text, names) in bad.items():
             with self.subTest(manifest=case):
@@ -101,8 +105,9 @@ class TrainerRefusalTest(ToolTestCase):
                     f.write(text)
                 self.assertRefused(self.train("train_exits.py", "--teacher", brick),
                                    "train_exits", *names)
+        made_for = json.dumps({"base_model": {"fingerprint": fingerprint(self.fx.model)}})
         for text in ('{"instructions": {"query": ["q:"], "document": ["d:"]}}',
-                     '{"instructions": {"query": [], "document": []}}', '{}'):
+                     '{"instructions": {"query": [], "document": []}}', '{}', made_for):
             with self.subTest(manifest=text):
                 with open(manifest, "w") as f:
                     f.write(text)
