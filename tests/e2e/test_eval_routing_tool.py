@@ -45,7 +45,8 @@ def _manifest(task: str) -> dict:
     return json.loads((latest / "brick.json").read_text())
 
 
-def _plan(stub, instruction: str) -> list[str]:
+def _routed_ids(stub, instruction: str) -> list[str]:
+    """The brick ids of Route's plan for `instruction` ([] = the base model)."""
     return [b.id for b in stub.Route(pb.RouteRequest(instruction=instruction), timeout=60).bricks]
 
 
@@ -75,7 +76,7 @@ def _with_misroutes(stub, tmp: Path) -> tuple[Path, dict]:
     instructions = json.loads(HELDOUT.read_text())
     for side in ("query", "document"):
         moved = instructions["deb-description"][side].pop(0)
-        assert _plan(stub, moved) == ["deb-description"], (side, moved)
+        assert _routed_ids(stub, moved) == ["deb-description"], (side, moved)
         instructions["man-synopsis"][side].insert(0, moved)
     path = tmp / "instructions.json"
     path.write_text(json.dumps(instructions))
@@ -94,7 +95,7 @@ def test_reports_what_the_server_returns(start_server, tmp_path):
     missed = set()
     for task in TASKS:
         for side in ("query", "document"):
-            plans = [_plan(stub, s) for s in instructions[task][side]]
+            plans = [_routed_ids(stub, s) for s in instructions[task][side]]
             correct = sum(p == [task] for p in plans)
             missed |= {s for s, p in zip(instructions[task][side], plans) if p != [task]}
             got = routing["per_task_side"][f"{task}/{side}"]
@@ -102,7 +103,7 @@ def test_reports_what_the_server_returns(start_server, tmp_path):
     assert {m["instruction"] for m in routing["misroutes"]} == missed
     assert routing["n"] == sum(len(instructions[t][s]) for t in TASKS for s in ("query", "document"))
     assert routing["correct"] == routing["n"] - len(missed)
-    unrelated = [s for s in instructions["unrelated"] if _plan(stub, s)]
+    unrelated = [s for s in instructions["unrelated"] if _routed_ids(stub, s)]
     assert routing["unrelated"]["n"] == len(instructions["unrelated"])
     assert [r["instruction"] for r in routing["unrelated"]["false_routes"]] == unrelated
     assert not routing["errors"]
