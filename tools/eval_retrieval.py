@@ -73,7 +73,7 @@ from operator import mul
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 from brick_fingerprint import sha256_file  # noqa: E402
-from kiln_client import ROOT, generate_stubs, open_channel, rpc_error  # noqa: E402
+from kiln_client import ROOT, generate_stubs, open_channel, rpc_error, server_info  # noqa: E402
 
 DEFAULT_SETS = (
     ("text2code", os.path.join("data", "code-retrieval", "text2code.test.jsonl.gz")),
@@ -262,13 +262,9 @@ class Client:
 
     def connect(self):
         try:
-            self.grpc.channel_ready_future(self.channel).result(timeout=self.args.connect_timeout)
-        except self.grpc.FutureTimeoutError:
-            raise UsageError(f"cannot reach a server at {self.args.target} within "
-                             f"{self.args.connect_timeout:g} s (is `kiln serve` running "
-                             f"on that port?)") from None
-        try:
-            self.info = self.stub.Info(self.pb.InfoRequest(), timeout=30)
+            self.info = server_info(self.stub, self.pb, self.channel, self.args.connect_timeout)
+        except TimeoutError as e:
+            raise UsageError(f"cannot reach a server at {self.args.target}: {e}") from None
         except self.grpc.RpcError as e:
             raise UsageError(f"Info on {self.args.target} failed: {rpc_error(e)}") from None
         cap = self.info.max_client_batch or 64
@@ -410,7 +406,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=0,
                     help="inputs per Embed call (default and cap Info.max_client_batch)")
     ap.add_argument("--deadline", type=float, default=120.0, help="seconds per Embed call")
-    ap.add_argument("--connect-timeout", type=float, default=10.0)
+    ap.add_argument("--connect-timeout", type=float, default=10.0,
+                    help="seconds to wait for the server: its port, then its model warm-up "
+                         "(Info answers UNAVAILABLE until it serves)")
     ap.add_argument("--json", help="write the settings and every number here")
     args = ap.parse_args(argv)
 

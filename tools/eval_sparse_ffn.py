@@ -63,7 +63,7 @@ TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 import eval_routing  # noqa: E402
 from eval_retrieval import fmt  # noqa: E402
-from kiln_client import open_channel, rpc_error, stops_run  # noqa: E402
+from kiln_client import open_channel, rpc_error, server_info, stops_run  # noqa: E402
 from eval_routing import (DEFAULT_BRICKS, DEFAULT_SETS, TASKS,  # noqa: E402
                           generate_stubs, load_manifests, mrr_at_10,
                           quality_md_reference)
@@ -120,8 +120,7 @@ class SparseEval:
         self.info = None
 
     def connect(self):
-        self.grpc.channel_ready_future(self.channel).result(timeout=self.args.connect_timeout)
-        self.info = self.stub.Info(self.pb.InfoRequest(), timeout=30)
+        self.info = server_info(self.stub, self.pb, self.channel, self.args.connect_timeout)
         if self.info.max_client_batch:
             self.batch = max(1, min(self.batch, self.info.max_client_batch))
 
@@ -199,7 +198,9 @@ def main():
     ap.add_argument("--batch", type=int, default=MAX_BATCH,
                     help=f"inputs per Embed call, at most {MAX_BATCH} (and Info.max_client_batch)")
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds per Embed call")
-    ap.add_argument("--connect-timeout", type=float, default=30.0)
+    ap.add_argument("--connect-timeout", type=float, default=30.0,
+                    help="seconds to wait for the server: its port, then its model warm-up "
+                         "(Info answers UNAVAILABLE until it serves)")
     ap.add_argument("--bricks", default=DEFAULT_BRICKS)
     ap.add_argument("--sets", default=DEFAULT_SETS)
     ap.add_argument("--recovery", metavar="ID",

@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROTO_ROOT = os.path.join(ROOT, "proto")
@@ -54,6 +55,31 @@ def open_channel(target):
     return grpc.insecure_channel(target, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+
+
+def server_info(stub, pb, channel, timeout, poll=0.5):
+    """The server's InfoResponse once it serves: waits up to timeout seconds
+    for the connection, then calls Info again while the server answers
+    UNAVAILABLE (it does until its model is loaded and warm: "server is
+    warming up"), until the same deadline. Raises TimeoutError saying what
+    it waited for; any other grpc.RpcError as it came."""
+    import grpc
+    deadline = time.monotonic() + timeout
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+    except grpc.FutureTimeoutError:
+        raise TimeoutError(f"no connection within {timeout:g} s (is `kiln serve` running "
+                           f"on that port?)") from None
+    while True:
+        try:
+            return stub.Info(pb.InfoRequest(), timeout=max(1.0, deadline - time.monotonic()))
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            if time.monotonic() + poll > deadline:
+                raise TimeoutError(f"not serving after {timeout:g} s; Info still answers "
+                                   f"{rpc_error(e)}") from None
+        time.sleep(poll)
 
 
 def rpc_error(e):
