@@ -41,3 +41,24 @@ def group_batches(groups, size, block, rng):
         order = [i for b in blocks for i in b]
         for s in range(0, len(order) - size + 1, size):
             yield order[s:s + size]
+
+
+def length_batches(lengths, size, rng, pool=50):
+    """Endless index batches of rows of similar length (lengths[i]: row i's
+    tokens), so that a padded batch is mostly real tokens: each epoch
+    shuffles the rows, cuts them into pools of pool x size rows, sorts each
+    pool by length, cuts it into whole batches and shuffles all the batches
+    of the epoch. A pool's last rows that do not fill a batch wait for the
+    next epoch's shuffle. A row is in at most one batch per epoch."""
+    check_enough(len(lengths), size)
+    if pool < 1:
+        raise ValueError(f"pool must be >= 1, got {pool}")
+    while True:
+        order = list(range(len(lengths)))
+        rng.shuffle(order)
+        out = []
+        for p in range(0, len(order), pool * size):
+            rows = sorted(order[p:p + pool * size], key=lambda i: lengths[i])
+            out += [rows[s:s + size] for s in range(0, len(rows) - size + 1, size)]
+        rng.shuffle(out)
+        yield from out

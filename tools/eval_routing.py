@@ -8,14 +8,16 @@ Instructions: an instruction file holds, per task (brick id) and side
 send, and optionally "unrelated" ones. None is in any brick manifest (the
 manifests' examples are the router's keys, so testing on them would be
 testing on the training data); --self-check verifies that, case- and
-whitespace-insensitively. Two files: tools/routing_instructions.json (the
-default; its misroutes were read when the manifests' routing examples were
-written on 2026-11-30, so it is no longer held out) and
-tools/routing_instructions_heldout.json (written blind, by a writer who saw
-neither the manifests nor the first file: the honest measure; pass it with
---instructions). The
-instruction file, the brick manifests, the test sets and QUALITY.md's
-reference column are read by tools/routing_inputs.py.
+whitespace-insensitively. Three files: tools/routing_instructions.json (its
+misroutes were read when the manifests' routing examples were written on
+2026-11-30, so it is no longer held out), and two written blind by writers
+who saw neither the manifests nor any other file:
+tools/routing_instructions_heldout.json (2026-11-30) and
+tools/routing_instructions_third.json (2026-12-02). The default pools the
+two blind ones (--instructions takes several files; an instruction an
+earlier file holds is counted once): the honest measure, and a larger
+sample than either. The instruction files, the brick manifests, the test
+sets and QUALITY.md's reference column are read by tools/routing_inputs.py.
 
 (a) Routing accuracy. Every paraphrase is sent to Route. It is correct when
     the plan (RouteResponse.bricks) is exactly [the task's brick] (top-1; a
@@ -66,7 +68,7 @@ pure Python (about 10 s per task and setting at the full test sets).
 Usage: .cache/e2e-venv/bin/python tools/eval_routing.py
          [--target 127.0.0.1:50051] [--task all|TASK ...] [--max-inputs N]
          [--batch 32] [--deadline 600] [--skip-routing] [--skip-retrieval]
-         [--instructions tools/routing_instructions.json]
+         [--instructions FILE ...]  (default: the two blind files, pooled)
          [--bricks deploy/bricks] [--sets .cache/retrieval] [--json OUT]
          [--strict]
        .cache/e2e-venv/bin/python tools/eval_routing.py --self-check
@@ -83,7 +85,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # generate_stubs and KILN_PROTO are re-exported for eval_sparse_ffn.py.
 from kiln_client import (KILN_PROTO, ROOT, generate_stubs, open_channel, rpc_error,  # noqa: E402,F401
-                         stops_run)
+                         server_info, stops_run)
 # The inputs; eval_sparse_ffn.py imports several of them from here.
 # The ranking metrics and numpy (None in the e2e venv) are eval_retrieval's;
 # the printed report is routing_report's.
@@ -92,7 +94,7 @@ from routing_report import (AUTO_GAP_TARGET_POINTS, ROUTING_TARGET, print_retrie
                             print_routing)
 from routing_inputs import (DEFAULT_BRICKS, DEFAULT_INSTRUCTIONS, DEFAULT_SETS,  # noqa: E402
                             SIDES, TASKS, load_all_rows, load_instructions, load_manifests,
-                            quality_md_reference, self_check)
+                            pool_instructions, quality_md_reference, self_check)
 
 
 # --- API ----------------------------------------------------------------------
@@ -136,8 +138,7 @@ class Evaluator:
         return stops_run(e)
 
     def connect(self):
-        self.grpc.channel_ready_future(self.channel).result(timeout=self.args.connect_timeout)
-        self.info = self.stub.Info(self.pb.InfoRequest(), timeout=30)
+        self.info = server_info(self.stub, self.pb, self.channel, self.args.connect_timeout)
         if self.info.max_client_batch:
             self.batch = max(1, min(self.batch, self.info.max_client_batch))
 
@@ -319,14 +320,19 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="127.0.0.1:50051")
     ap.add_argument("--task", nargs="+", default=["all"], choices=["all", *TASKS])
-    ap.add_argument("--instructions", default=DEFAULT_INSTRUCTIONS)
+    ap.add_argument("--instructions", nargs="+", default=list(DEFAULT_INSTRUCTIONS),
+                    metavar="FILE",
+                    help="instruction file(s); several are pooled, an instruction that "
+                         "an earlier file holds counted once")
     ap.add_argument("--bricks", default=DEFAULT_BRICKS)
     ap.add_argument("--sets", default=DEFAULT_SETS)
     ap.add_argument("--max-inputs", type=int, default=0,
                     help="use only the first N test pairs of each task (0 = all)")
     ap.add_argument("--batch", type=int, default=32, help="inputs per Embed call")
     ap.add_argument("--deadline", type=float, default=600.0, help="seconds per RPC")
-    ap.add_argument("--connect-timeout", type=float, default=30.0)
+    ap.add_argument("--connect-timeout", type=float, default=30.0,
+                    help="seconds to wait for the server: its port, then its model warm-up "
+                         "(Info answers UNAVAILABLE until it serves)")
     ap.add_argument("--skip-routing", action="store_true")
     ap.add_argument("--skip-retrieval", action="store_true")
     ap.add_argument("--json", help="write all numbers here")
@@ -337,15 +343,17 @@ def main():
     tasks = list(TASKS) if "all" in args.task else args.task
 
     if args.self_check:
-        problems = self_check(args.instructions, args.bricks)
-        try:
-            data = load_instructions(args.instructions)
-        except (OSError, ValueError):
-            data = {}  # self_check has said why
-        for task in TASKS:
-            if isinstance(data, dict) and isinstance(data.get(task), dict):
-                print(f"{task:<16} " + "  ".join(
-                    f"{side} {len(data[task].get(side) or [])}" for side in SIDES))
+        problems = []
+        for path in args.instructions:
+            problems += [f"{path}: {p}" for p in self_check(path, args.bricks)]
+            try:
+                data = load_instructions(path)
+            except (OSError, ValueError):
+                data = {}  # self_check has said why
+            for task in TASKS:
+                if isinstance(data, dict) and isinstance(data.get(task), dict):
+                    print(f"{os.path.basename(path)}: {task:<16} " + "  ".join(
+                        f"{side} {len(data[task].get(side) or [])}" for side in SIDES))
         try:
             _, every = load_manifests(args.bricks)
             print(f"checked against {len(every)} manifest examples under {args.bricks}")
@@ -365,14 +373,15 @@ def main():
         print("self-check:", "FAILED" if problems else "OK")
         return 1 if problems else 0
 
-    problems = self_check(args.instructions, args.bricks)
-    if problems:
-        for p in problems:
-            print("PROBLEM:", p, file=sys.stderr)
-        sys.exit(f"{args.instructions} fails --self-check; fix it first")
+    for path in args.instructions:
+        problems = self_check(path, args.bricks)
+        if problems:
+            for p in problems:
+                print("PROBLEM:", p, file=sys.stderr)
+            sys.exit(f"{path} fails --self-check; fix it first")
     if args.max_inputs < 0:
         sys.exit(f"--max-inputs must be >= 0, got {args.max_inputs}")
-    instructions = load_instructions(args.instructions)
+    instructions = pool_instructions([load_instructions(p) for p in args.instructions])
     manifests, _ = load_manifests(args.bricks)  # self_check has read them
     missing = [t for t in tasks if t not in manifests or not manifests[t]["query"]
                or not manifests[t]["document"]]
@@ -394,6 +403,7 @@ def main():
     api = ev.api
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "target": args.target, "tasks": tasks, "max_inputs": args.max_inputs or None,
+               "instructions": [os.path.relpath(p, ROOT) for p in args.instructions],
                "batch": ev.batch,
                "info": {"model_id": info.model_id, "version": info.version,
                         "device": info.device, "dimensions": info.dimensions,

@@ -1,6 +1,6 @@
 """The inputs of the routing evaluation (tools/eval_routing.py, and of
 tools/eval_sparse_ffn.py through it): the hand-written instruction file
-(tools/routing_instructions.json) and its self-check, the brick manifests
+(tools/routing_instructions*.json) and its self-check, the brick manifests
 under deploy/bricks, the held-out test sets under .cache/retrieval, and
 docs/QUALITY.md's "brick + instructions" MRR@10 column. Standard library
 only."""
@@ -12,7 +12,9 @@ import sys
 from eval_retrieval import UsageError, load_pairs
 from kiln_client import ROOT
 
-DEFAULT_INSTRUCTIONS = os.path.join(ROOT, "tools", "routing_instructions.json")
+# The blind-written instruction files, pooled by default (tools/eval_routing.py).
+DEFAULT_INSTRUCTIONS = tuple(os.path.join(ROOT, "tools", f"routing_instructions_{name}.json")
+                             for name in ("heldout", "third"))
 DEFAULT_BRICKS = os.path.join(ROOT, "deploy", "bricks")
 DEFAULT_SETS = os.path.join(ROOT, ".cache", "retrieval")
 QUALITY_MD = os.path.join(ROOT, "docs", "QUALITY.md")
@@ -75,6 +77,32 @@ def _manifest_instructions(path):
 def load_instructions(path):
     with open(path) as f:
         return json.load(f)
+
+
+def pool_instructions(files):
+    """One instruction set from several (each already self-checked): per task
+    and side, and for "unrelated", the files' lists in order, an instruction
+    that an earlier file already holds (as norm_instruction compares them)
+    kept once. Two blind-written files pooled are a larger sample of how
+    clients phrase an instruction, not one instruction counted twice."""
+    pooled = {task: {side: [] for side in SIDES} for task in TASKS}
+    pooled["unrelated"] = []
+    seen = {}
+
+    def add(key, items):
+        have = seen.setdefault(key, set())
+        for s in items:
+            if norm_instruction(s) not in have:
+                have.add(norm_instruction(s))
+                target = pooled[key[0]][key[1]] if key[1] else pooled[key[0]]
+                target.append(s)
+
+    for data in files:
+        for task in TASKS:
+            for side in SIDES:
+                add((task, side), data.get(task, {}).get(side, []))
+        add(("unrelated", None), data.get("unrelated", []))
+    return pooled
 
 
 def self_check(path, bricks_dir):

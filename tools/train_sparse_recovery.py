@@ -155,13 +155,17 @@ def encode(model, tok, texts, max_length, bf16, grad):
     return pooled, hidden, enc["attention_mask"].bool()
 
 
-def distillation_terms(s_pooled, s_hidden, t_pooled, t_hidden, mask):
+def distillation_terms(s_pooled, s_hidden, t_pooled, t_hidden, mask, token_norm=None):
     """(mean 1 - cosine of the student's pooled embeddings to the teacher's,
     mean over layers of the mean 1 - cosine of their token states under
-    mask): the two terms of the loss, from encode()'s outputs."""
+    mask): the two terms of the loss, from encode()'s outputs. With
+    token_norm, each layer's token sum is divided by it instead of by the
+    batch's token count: a constant weight per token, for batches whose
+    token counts differ by design (tools/batching.py length_batches)."""
     emb = (1 - (s_pooled * t_pooled).sum(-1)).mean()
-    per_layer = [(1 - torch.nn.functional.cosine_similarity(s[mask], t[mask], dim=-1)).mean()
+    per_layer = [1 - torch.nn.functional.cosine_similarity(s[mask], t[mask], dim=-1)
                  for s, t in zip(s_hidden, t_hidden)]
+    per_layer = [d.sum() / token_norm if token_norm else d.mean() for d in per_layer]
     return emb, sum(per_layer) / len(per_layer)
 
 

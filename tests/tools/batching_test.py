@@ -11,7 +11,7 @@ import unittest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from batching import batches, group_batches  # noqa: E402
+from batching import batches, group_batches, length_batches  # noqa: E402
 
 
 def take(it, k):
@@ -91,6 +91,42 @@ class GroupBatchesTest(unittest.TestCase):
         self.assertEqual(a, b)
         self.assertNotEqual(a, c)
 
+
+
+class LengthBatchesTest(unittest.TestCase):
+    # 1000 rows of 1-128 tokens, most short, as the ReLU-fication's texts.
+    LENGTHS = [min(128, 1 + int(random.Random(i).expovariate(1 / 50))) for i in range(1000)]
+
+    def padded_share(self, batch_list):
+        """Real tokens over padded tokens (each batch padded to its longest)."""
+        real = sum(self.LENGTHS[i] for b in batch_list for i in b)
+        return real / sum(max(self.LENGTHS[i] for i in b) * len(b) for b in batch_list)
+
+    def test_whole_batches_and_no_row_repeats_within_an_epoch(self):
+        # pools of 5 x 32 = 160 rows: 6 full pools (5 batches each) and one of 40 (1).
+        epoch = take(length_batches(self.LENGTHS, 32, random.Random(3), pool=5), 31)
+        self.assertTrue(all(len(b) == 32 for b in epoch))
+        flat = [i for b in epoch for i in b]
+        self.assertEqual(len(flat), len(set(flat)))
+
+    def test_batches_hold_similar_lengths(self):
+        rng = random.Random(4)
+        by_length = take(length_batches(self.LENGTHS, 32, rng, pool=10), 31)
+        shuffled = take(batches(len(self.LENGTHS), 32, random.Random(4)), 31)
+        self.assertGreater(self.padded_share(by_length), 0.85)
+        self.assertLess(self.padded_share(shuffled), 0.6)
+
+    def test_epochs_differ_and_the_same_seed_repeats(self):
+        a = take(length_batches(self.LENGTHS, 32, random.Random(5)), 62)
+        b = take(length_batches(self.LENGTHS, 32, random.Random(5)), 62)
+        self.assertEqual(a, b)
+        self.assertNotEqual(sorted(map(sorted, a[:31])), sorted(map(sorted, a[31:])))
+
+    def test_bad_sizes_are_refused(self):
+        with self.assertRaisesRegex(ValueError, "3 rows cannot fill one batch of 4"):
+            next(length_batches([1, 2, 3], 4, random.Random(0)))
+        with self.assertRaisesRegex(ValueError, "pool must be >= 1, got 0"):
+            next(length_batches([1, 2, 3], 2, random.Random(0), pool=0))
 
 if __name__ == "__main__":
     unittest.main()

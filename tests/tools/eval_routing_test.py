@@ -45,7 +45,8 @@ class SelfCheckTest(unittest.TestCase):
             return ri.self_check(path, BRICKS)
 
     def test_committed_files_pass_against_the_committed_manifests(self):
-        for name in ("routing_instructions.json", "routing_instructions_heldout.json"):
+        for name in ("routing_instructions.json", "routing_instructions_heldout.json",
+                     "routing_instructions_third.json"):
             path = os.path.join(ROOT, "tools", name)
             self.assertEqual(ri.self_check(path, BRICKS), [], name)
             data = ri.load_instructions(path)
@@ -96,6 +97,33 @@ class SelfCheckTest(unittest.TestCase):
             problems = ri.self_check(path, nowhere)
         self.assertEqual(len(problems), 1, problems)
         self.assertIn(f"--bricks {nowhere}: cannot read the brick manifests", problems[0])
+
+
+class PoolTest(unittest.TestCase):
+    def test_files_pool_in_order_and_an_instruction_counts_once(self):
+        a = instruction_file(unrelated=["Represent the tweet:", "query:"])
+        b = instruction_file(unrelated=["QUERY", "Represent the recipe:"])
+        b["man-synopsis"]["query"] = ["man-synopsis query paraphrase number 2",  # a's, as normed
+                                      "Which command is this?"]
+        pooled = ri.pool_instructions([a, b])
+        self.assertEqual(pooled["man-synopsis"]["query"],
+                         a["man-synopsis"]["query"] + ["Which command is this?"])
+        self.assertEqual(pooled["py-docstring"]["document"], a["py-docstring"]["document"])
+        self.assertEqual(pooled["unrelated"],
+                         ["Represent the tweet:", "query:", "Represent the recipe:"])
+
+    def test_the_same_text_on_another_side_is_kept(self):
+        a = instruction_file()
+        b = instruction_file()
+        b["deb-description"]["document"] = ["py-docstring query paraphrase number 0:"]
+        pooled = ri.pool_instructions([a, b])
+        self.assertEqual(pooled["deb-description"]["document"][-1],
+                         "py-docstring query paraphrase number 0:")
+        self.assertEqual(len(pooled["deb-description"]["document"]), 31)
+
+    def test_the_default_is_the_blind_files(self):
+        self.assertEqual([os.path.basename(p) for p in ri.DEFAULT_INSTRUCTIONS],
+                         ["routing_instructions_heldout.json", "routing_instructions_third.json"])
 
 
 class ManifestsTest(unittest.TestCase):
@@ -308,6 +336,8 @@ class RefusalsBeforeConnectingTest(unittest.TestCase):
         bricks = self.bricks_with_empty_query("man-synopsis")
         for args, fragments in [
                 (["--instructions", bad], [f"{bad} fails --self-check", "unexpected keys"]),
+                (["--instructions", os.path.join(ROOT, "tools", "routing_instructions_third.json"),
+                  bad], [f"{bad} fails --self-check"]),
                 (["--max-inputs", "-1"], ["--max-inputs must be >= 0, got -1"]),
                 (["--bricks", bricks], [f"no brick manifest with query and document "
                                         f"instructions under {bricks} for ['man-synopsis']"]),
