@@ -17,8 +17,13 @@ committed; the low-rank change of one is a few MB (docs/QUALITY.md).
 bf16; the factors are trained in float32) to --delta-out, to measure what
 storing it in 16 bits costs.
 
+Every run first checks, from the two files' headers, that the delta fits
+--model (factor pairs, shapes, tensor names), before PyTorch loads; --check
+does only that (standard library).
+
 Usage: .venv/bin/python tools/apply_relu_delta.py --delta FILE --out DIR
          [--model models/all-MiniLM-L6-v2] [--force]
+       python3 tools/apply_relu_delta.py --delta FILE --check
        .venv/bin/python tools/apply_relu_delta.py --delta FILE --dtype f16 --delta-out FILE2
 """
 import argparse
@@ -28,10 +33,53 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from brick_fingerprint import safetensors_header  # noqa: E402
 from calibration_args import model_config  # noqa: E402
 from training_args import DEFAULT_MODEL  # noqa: E402
 
 TOOL = "apply_relu_delta"
+
+
+def tensor_shapes(path):
+    """{tensor name: shape} of a safetensors file, from its header."""
+    return {k: v.get("shape") for k, v in safetensors_header(path).items()
+            if k != "__metadata__" and isinstance(v, dict)}
+
+
+def delta_problem(model_dir, delta_path):
+    """Why the delta file does not fit the model, from the two files'
+    headers alone (no tensor data, no PyTorch); None when it fits: every
+    NAME.a [rank, in] has its NAME.b [out, rank] and the model a NAME.weight
+    [out, in], and every other tensor is one of the model's, of its shape."""
+    model_path = os.path.join(model_dir, "model.safetensors")
+    try:
+        delta = tensor_shapes(delta_path)
+    except (OSError, ValueError) as e:
+        return f"--delta {delta_path}: not a safetensors file: {e}"
+    try:
+        model = tensor_shapes(model_path)
+    except (OSError, ValueError) as e:
+        return f"--model {model_path}: not a safetensors file: {e}"
+    if not delta:
+        return f"--delta {delta_path}: holds no tensors"
+    for key, shape in sorted(delta.items()):
+        module, side = key[:-2], key[-1]
+        if key.endswith((".a", ".b")):
+            partner = f"{module}.{'b' if side == 'a' else 'a'}"
+            if partner not in delta:
+                return f"--delta {delta_path}: {key} has no partner factor {partner}"
+            weight = model.get(f"{module}.weight")
+            if weight is None:
+                return f"--delta {delta_path}: {key}: the model has no {module}.weight"
+            a, b = (shape, delta[partner]) if side == "a" else (delta[partner], shape)
+            if len(a) != 2 or len(b) != 2 or b[1] != a[0] or [b[0], a[1]] != list(weight):
+                return (f"--delta {delta_path}: {module}.b {b} @ .a {a} does not fit "
+                        f"{module}.weight {weight}")
+        elif key not in model:
+            return f"--delta {delta_path}: {key} is not a tensor of the model"
+        elif list(shape) != list(model[key]):
+            return f"--delta {delta_path}: {key} has shape {shape}, the model's {model[key]}"
+    return None
 
 
 def parse_args():
@@ -44,13 +92,16 @@ def parse_args():
     ap.add_argument("--dtype", choices=["f16", "bf16", "f32"],
                     help="with --delta-out: the float type to write the delta file in")
     ap.add_argument("--delta-out", help="write the delta file in --dtype here")
+    ap.add_argument("--check", action="store_true",
+                    help="only check that --delta fits --model (their headers; standard "
+                         "library, no PyTorch) and exit 0, or 1 saying why not")
     args = ap.parse_args()
     if not os.path.isfile(args.delta):
         sys.exit(f"{TOOL}: --delta {args.delta}: no such file")
     if bool(args.dtype) != bool(args.delta_out):
         sys.exit(f"{TOOL}: --dtype and --delta-out go together")
-    if not args.out and not args.delta_out:
-        sys.exit(f"{TOOL}: nothing to do: give --out (a model folder) or --delta-out")
+    if not args.out and not args.delta_out and not args.check:
+        sys.exit(f"{TOOL}: nothing to do: give --out (a model folder), --delta-out or --check")
     config, _ = model_config(TOOL, args.model)
     if config.get("hidden_act") != "gelu":
         sys.exit(f"{TOOL}: {os.path.join(args.model, 'config.json')}: hidden_act is "
@@ -58,6 +109,12 @@ def parse_args():
     for flag, path in (("--out", args.out), ("--delta-out", args.delta_out)):
         if path and os.path.exists(path) and not args.force:
             sys.exit(f"{TOOL}: {flag} {path} exists (use --force or another path)")
+    problem = delta_problem(args.model, args.delta)
+    if problem:
+        sys.exit(f"{TOOL}: {problem}")
+    if args.check:
+        print(f"{TOOL}: {args.delta} fits {args.model}", file=sys.stderr)
+        sys.exit(0)
     return args
 
 
@@ -69,31 +126,18 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 
-def apply_delta(base, delta, delta_path):
-    """The base state dict with the delta applied (float32); exits naming
-    the tensor when the delta does not fit the base."""
+def apply_delta(base, delta):
+    """The base state dict with the delta applied (float32); parse_args has
+    checked that it fits (delta_problem)."""
     out = dict(base)
     for key, value in delta.items():
-        if key.endswith(".a") or key.endswith(".b"):
-            module, side = key[:-2], key[-1]
-            other = delta.get(f"{module}.{'b' if side == 'a' else 'a'}")
-            weight = base.get(f"{module}.weight")
-            if other is None or weight is None:
-                sys.exit(f"{TOOL}: {delta_path}: {key} has no "
-                         f"{'partner factor' if other is None else 'weight ' + module + '.weight in the model'}")
-            if side == "b":
-                continue  # applied with its .a
-            a, b = value.float(), other.float()
-            if b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != tuple(weight.shape):
-                sys.exit(f"{TOOL}: {delta_path}: {module}.b {list(b.shape)} @ .a {list(a.shape)} "
-                         f"does not fit {module}.weight {list(weight.shape)}")
-            out[f"{module}.weight"] = (weight.float() + b @ a).contiguous()
+        if key.endswith(".b"):
+            continue  # applied with its .a
+        if key.endswith(".a"):
+            module = key[:-2]
+            a, b = value.float(), delta[f"{module}.b"].float()
+            out[f"{module}.weight"] = (base[f"{module}.weight"].float() + b @ a).contiguous()
         else:
-            if key not in base:
-                sys.exit(f"{TOOL}: {delta_path}: {key} is not a tensor of the model")
-            if tuple(value.shape) != tuple(base[key].shape):
-                sys.exit(f"{TOOL}: {delta_path}: {key} has shape {list(value.shape)}, the "
-                         f"model's {list(base[key].shape)}")
             out[key] = value.float().contiguous()
     return out
 
@@ -124,8 +168,7 @@ def main(args):
         print(f"{TOOL}: wrote {args.delta_out} ({os.path.getsize(args.delta_out):,} bytes, "
               f"{args.dtype})", file=sys.stderr)
     if args.out:
-        state = apply_delta(load_file(os.path.join(args.model, "model.safetensors")), delta,
-                            args.delta)
+        state = apply_delta(load_file(os.path.join(args.model, "model.safetensors")), delta)
         write_model(args.model, state, args.out)
         print(f"{TOOL}: wrote {args.out} ({len(delta)} tensors of {args.delta} applied)",
               file=sys.stderr)

@@ -13,6 +13,7 @@ Run from the repo root: python3 tests/tools/training_tools_test.py
 import argparse
 import json
 import os
+import struct
 import sys
 import tempfile
 import unittest
@@ -23,6 +24,21 @@ import training_args as ta  # noqa: E402  (tool_harness put tools/ on the path)
 from brick_fingerprint import fingerprint  # noqa: E402
 
 TOOLS = ("train_brick.py", "train_exits.py", "train_sparse_recovery.py")  # relufy: its own test
+
+
+def write_header(path, shapes):
+    """A safetensors file of float32 tensors {name: shape}: its header, then
+    zero bytes for the data."""
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        n = 4
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + bytes(offset))
 
 
 class TrainerRefusalTest(ToolTestCase):
@@ -290,8 +306,11 @@ class TrainerRefusalTest(ToolTestCase):
         self.assertRefused(run(), "config.json", "hidden_act is 'relu', not 'gelu'")
 
     def test_apply_relu_delta(self):
+        q = "encoder.layer.0.attention.self.query"
+        write_header(os.path.join(self.fx.model, "model.safetensors"),
+                     {f"{q}.weight": [384, 384], f"{q}.bias": [384]})
         delta = os.path.join(self.tmp, "relu_delta.safetensors")
-        open(delta, "wb").close()
+        write_header(delta, {f"{q}.a": [4, 384], f"{q}.b": [384, 4], f"{q}.bias": [384]})
         half = os.path.join(self.tmp, "half.safetensors")
 
         def run(*extra):
@@ -317,6 +336,28 @@ class TrainerRefusalTest(ToolTestCase):
         self.assertIn(f"--out {self.out} exists", result.stderr)
         self.assertPassedChecks(run("--out", self.out, "--force"))
         os.rmdir(self.out)
+        checked = run("--check")
+        self.assertEqual(checked.returncode, 0, checked.stderr)
+        self.assertIn(f"{delta} fits {self.fx.model}", checked.stderr)
+        self.assertNotIn(BLOCKED, checked.stderr)
+        for tensors, names in [
+                ({}, ["holds no tensors"]),
+                ({f"{q}.a": [4, 384]}, [f"{q}.a has no partner factor {q}.b"]),
+                ({f"{q}.a": [4, 384], f"{q}.b": [1536, 4]},
+                 [f"{q}.b [1536, 4] @ .a [4, 384] does not fit {q}.weight [384, 384]"]),
+                ({f"{q}.a": [4, 384], f"{q}.b": [384, 8]}, ["does not fit"]),
+                ({"encoder.layer.9.output.dense.a": [4, 1536],
+                  "encoder.layer.9.output.dense.b": [384, 4]},
+                 ["the model has no encoder.layer.9.output.dense.weight"]),
+                ({"pooler.dense.bias": [384]}, ["pooler.dense.bias is not a tensor of the model"]),
+                ({f"{q}.bias": [1536]}, [f"{q}.bias has shape [1536], the model's [384]"])]:
+            with self.subTest(tensors=tensors):
+                write_header(delta, tensors)
+                for extra in (["--check"], ["--out", self.out]):
+                    self.assertRefused(run(*extra), "apply_relu_delta", f"--delta {delta}",
+                                       *names)
+        open(delta, "wb").close()
+        self.assertRefused(run("--check"), f"--delta {delta}: not a safetensors file")
 
 
 class CheckFunctionsTest(unittest.TestCase):
