@@ -61,8 +61,8 @@ partition's fill (what Kiln serves), and the student dense and sparse.
 
 Usage: nice -n 10 .venv/bin/python tools/relufy.py [--steps 200] [--batch 64]
          [--lr 1e-4] [--train-fraction 1] [--precision auto] [--student DIR] [--mrr]
-         [--rank R [--alpha A] [--rank-other-lr 0.1]] [--cache-teacher] [--out DIR]
-         [--force]
+         [--rank R [--alpha A] [--rank-other-lr 0.1]] [--cache-teacher] [--length-batches]
+         [--out DIR] [--force]
 
 Precision: bf16 autocast for training on CPUs that multiply bf16 natively
 (as tools/train_sparse_recovery.py); the 200-step runs in docs/QUALITY.md
@@ -131,7 +131,7 @@ def parse_args():
                          "of --lr")
     ap.add_argument("--cache-teacher", action="store_true",
                     help="run the teacher once over the train texts before training and keep "
-                         "its outputs in memory (float16, about 0.4 MB a text) instead of "
+                         "its outputs in memory (float16, about 0.25 MB a text) instead of "
                          "running it on every batch: the same loss, each step faster")
     ap.add_argument("--length-batches", action="store_true",
                     help="batches of texts of similar length (tools/batching.py "
