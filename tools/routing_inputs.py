@@ -87,21 +87,19 @@ def pool_instructions(files):
     clients phrase an instruction, not one instruction counted twice."""
     pooled = {task: {side: [] for side in SIDES} for task in TASKS}
     pooled["unrelated"] = []
-    seen = {}
 
-    def add(key, items):
-        have = seen.setdefault(key, set())
+    def add(target, items):
+        have = {norm_instruction(s) for s in target}
         for s in items:
             if norm_instruction(s) not in have:
                 have.add(norm_instruction(s))
-                target = pooled[key[0]][key[1]] if key[1] else pooled[key[0]]
                 target.append(s)
 
     for data in files:
         for task in TASKS:
             for side in SIDES:
-                add((task, side), data.get(task, {}).get(side, []))
-        add(("unrelated", None), data.get("unrelated", []))
+                add(pooled[task][side], data.get(task, {}).get(side, []))
+        add(pooled["unrelated"], data.get("unrelated", []))
     return pooled
 
 
